@@ -1,0 +1,491 @@
+"""Datasets, prompts, slate shuffling, participant splits and per-rank batches for GRAIL.
+
+A row follows the upstream GRAIL schema (see data/README.md). `load_examples` turns any source into
+validated rows: JSON-string columns are decoded, the gold option is checked against the slate, and a
+bad row is skipped and counted by reason, never dropped silently.
+
+    python data.py FILE_OR_ID [...] [--max_history=K]   # validate and summarise a dataset
+"""
+import hashlib
+import json
+import math
+import random
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+BUNDLED_FILES = ("gun_control.jsonl", "minimum_wage.jsonl")
+MAX_OPTIONS = 50  # a larger slate is a broken row, not a recommendation list
+OPINION_LABELS = ("increase", "decrease", "no_change")
+TEXT_FIELDS = ("viewer_profile_sentence", "initial_viewpoint", "survey_highlights", "current_video_id",
+               "current_video_title", "current_video_channel", "issue", "participant_study",
+               "participant_key", "next_video_id", "opinion_direction", "state_text", "id")
+
+# The upstream GRAIL training prompt (recipes/Qwen2.5-1.5B-Instruct/grpo/config_grail_*.yaml):
+# think, then the option number, then the opinion direction.
+SYSTEM_PROMPT = """You are choosing EXACTLY ONE item from the list of OPTIONS for a specific VIEWER.
+
+Input you will see:
+  • Viewer profile and optional context/history
+  • An "OPTIONS:" list with items numbered 1..N
+    – Each item is shown as either a title (preferred) or an id
+
+Your job:
+  • Think briefly in <think>…</think> using the viewer’s profile, context, and options.
+  • Compare the top 2–3 candidates, then choose the single best option.
+  • Never invent new items; choose only from the given OPTIONS list.
+
+Output format (STRICT):
+  - Always include these tags in order: <think>…</think>, <answer>…</answer>, <opinion>…</opinion>.
+  - First output your hidden reasoning in <think>…</think>.
+    - Reference candidates by their numbers and names (or ids) to justify the choice.
+  - Next output ONLY the chosen option’s NUMBER inside <answer>…</answer>.
+    - Do NOT output the name, id, or any extra text—ONLY the number.
+    - Do NOT include punctuation, quotes, or a period after the number.
+  - Finally output <opinion>…</opinion> with exactly one of: increase, decrease, or no_change.
+
+Example of valid output:
+  <think>
+  WHY YOU THINK THIS IS THE RIGHT CHOICE
+  </think>
+  <answer>
+  3
+  </answer>
+  <opinion>
+  increase
+  </opinion>
+
+INVALID patterns (never do these):
+  <answer>3.</answer>                 ← trailing period
+  <answer>"3"</answer>                ← quoted
+  <answer>Option 3</answer>           ← extra words
+  <answer>Parkland …</answer>         ← name instead of number
+  <opinion>maybe</opinion>            ← not one of the allowed direction tokens
+"""
+
+# Answer-only mode: the assistant turn is opened with ANSWER_PREFIX, so even a small model's first
+# tokens are the option number. This is what gives a 135M model reward spread from the first step.
+ANSWER_SYSTEM_PROMPT = """You predict which recommended video a specific YouTube VIEWER clicks next.
+Read the viewer's profile, what they are watching, their history and the numbered OPTIONS.
+Reply with ONLY the chosen option's number inside answer tags, for example: <answer>2</answer>"""
+ANSWER_PREFIX = "<answer>"
+
+
+class BadRow(ValueError):
+    """A row that cannot be used; `reason` is the counter key."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _decode_list(row, field, required):
+    value = row.get(field)
+    if value is None:
+        if required:
+            raise BadRow(f"missing_field:{field}")
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise BadRow(f"malformed_json:{field}") from None
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise BadRow(f"wrong_type:{field}")
+    return value
+
+
+def _check_item(item, field, text_keys, int_keys, needs_label):
+    for key in text_keys:
+        if item.get(key) is not None and not isinstance(item[key], str):
+            raise BadRow(f"wrong_type:{field}.{key}")
+    for key in int_keys:
+        value = item.get(key)
+        # bool is an int subclass in Python; a boolean view count is a broken row.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise BadRow(f"wrong_type:{field}.{key}")
+    if needs_label and not (item.get("title") or item.get("id")):
+        raise BadRow(f"missing_field:{field}.title")  # an option must be nameable
+
+
+def _gold_index(row, slate):
+    """1-based gold position from `gold_index` and/or `next_video_id`; both must agree when present."""
+    index = row.get("gold_index")
+    if index is not None:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise BadRow("wrong_type:gold_index")
+        if not 1 <= index <= len(slate):
+            raise BadRow("gold_index_out_of_range")
+    gold_id = row.get("next_video_id")
+    if gold_id is None:
+        if index is None:
+            raise BadRow("missing_field:next_video_id")
+        return index
+    matches = [i + 1 for i, item in enumerate(slate) if item.get("id") == gold_id]
+    if not matches:
+        raise BadRow("gold_not_in_slate")
+    if index is None:
+        if len(matches) > 1:
+            raise BadRow("gold_ambiguous")
+        return matches[0]
+    if index not in matches:
+        raise BadRow("gold_mismatch")
+    return index
+
+
+MALFORMED_LINE = {"__malformed_json_line__": True}
+
+
+def clean_row(row):
+    """Validated copy of a raw row: lists decoded, `gold_index` set, `participant_key` filled in."""
+    if row is MALFORMED_LINE:
+        raise BadRow("malformed_json:line")
+    if not isinstance(row, dict):
+        raise BadRow("wrong_type:row")
+    for field in TEXT_FIELDS:
+        if row.get(field) is not None and not isinstance(row[field], str):
+            raise BadRow(f"wrong_type:{field}")
+    slate = _decode_list(row, "slate_items_json", required=True)
+    history = _decode_list(row, "watched_detailed_json", required=False)
+    if not slate:
+        raise BadRow("empty_slate")
+    if len(slate) > MAX_OPTIONS:
+        raise BadRow("slate_too_large")
+    for item in slate:
+        _check_item(item, "slate_items_json", ("id", "title", "channel_title"),
+                    ("length_seconds", "view_count", "like_count", "comment_count"), needs_label=True)
+    for item in history:
+        _check_item(item, "watched_detailed_json", ("id", "title", "channel"),
+                    ("watch_seconds", "total_length", "watch_percent"), needs_label=False)
+    gold = _gold_index(row, slate)
+    opinion = row.get("opinion_direction")
+    if opinion is not None and opinion not in OPINION_LABELS:
+        raise BadRow("bad_opinion_direction")
+    out = dict(row)
+    out.update(slate_items_json=slate, watched_detailed_json=history, gold_index=gold,
+               n_options=len(slate), participant_key=participant_key(row))
+    return out
+
+
+def participant_key(row):
+    """The row's participant: `participant_key`, else a hash of the viewer fields (as upstream)."""
+    if row.get("participant_key"):
+        return row["participant_key"]
+    text = "\n".join(row.get(f) or "" for f in ("viewer_profile_sentence", "initial_viewpoint",
+                                                "survey_highlights"))
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def clean_rows(raw_rows, split_name="data"):
+    """Validate every row: (good rows, Counter of skip reasons). Prints one summary line."""
+    good, skipped = [], Counter()
+    for raw in raw_rows:
+        try:
+            good.append(clean_row(raw))
+        except BadRow as bad:
+            skipped[bad.reason] += 1
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
+    print(f"[data] {split_name}: {len(good)} rows kept, {sum(skipped.values())} skipped ({reasons})")
+    if not good:
+        raise ValueError(f"{split_name}: every row is bad ({reasons}); nothing to train or evaluate on")
+    return good, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_raw(source):
+    """Raw rows per split from a hub id, a `save_to_disk` folder, a folder of files, or files.
+
+    `source` may be a list or a comma-separated string of files; '' means the bundled data.
+    Returns {split_name: list of dicts}.
+    """
+    import datasets  # heavy import: only where a source is actually read
+
+    if not source:
+        source = [str(DATA_DIR / name) for name in BUNDLED_FILES]
+    if isinstance(source, str):
+        source = [part for part in source.split(",") if part]
+    paths = [Path(p) for p in source]
+    if len(paths) == 1 and paths[0].is_dir():
+        folder = paths[0]
+        if (folder / "dataset_dict.json").exists() or (folder / "dataset_info.json").exists():
+            loaded = datasets.load_from_disk(str(folder))
+            return _as_splits(loaded)
+        paths = sorted(p for p in folder.iterdir() if p.suffix in (".jsonl", ".json", ".parquet"))
+        if not paths:
+            raise FileNotFoundError(f"{folder}: no .jsonl/.json/.parquet files and not a save_to_disk folder")
+    if all(p.exists() for p in paths):
+        kinds = {"parquet" if p.suffix == ".parquet" else "json" for p in paths}
+        if len(kinds) > 1:
+            raise ValueError(f"mixed file types in {source}: use one of .jsonl/.json or .parquet")
+        return {"train": _rows_from_files(paths, kinds.pop())}
+    missing = [str(p) for p in paths if not p.exists()]
+    if len(paths) > 1 or any(p.suffix in (".jsonl", ".json", ".parquet") for p in paths):
+        raise FileNotFoundError(f"data files not found: {missing}")
+    return _as_splits(datasets.load_dataset(str(paths[0])))  # a hub dataset id
+
+
+def _rows_from_files(paths, kind):
+    """Rows from local files. JSON lines are read here (one bad line is a counted bad row, where
+    `datasets` would reject the whole file or force one schema on mixed-type columns)."""
+    if kind == "parquet":
+        import datasets
+
+        return list(datasets.load_dataset("parquet", data_files=[str(p) for p in paths], split="train"))
+    rows = []
+    for path in paths:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            rows.extend(json.loads(text))
+            continue
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                rows.append(MALFORMED_LINE)  # counted as 'malformed_json:line' by clean_row
+    return rows
+
+
+def _as_splits(loaded):
+    import datasets
+
+    if isinstance(loaded, datasets.DatasetDict):
+        return {name: list(split) for name, split in loaded.items()}
+    return {"train": list(loaded)}
+
+
+VALIDATION_SPLIT_NAMES = ("validation", "eval", "test")
+
+
+def load_examples(source, val_fraction, seed):
+    """(train rows, validation rows) of a source, validated.
+
+    A source that ships a validation split keeps it; otherwise the rows are split by participant.
+    """
+    splits = load_raw(source)
+    val_name = next((name for name in VALIDATION_SPLIT_NAMES if name in splits), None)
+    if val_name is not None:
+        train = [row for name, rows in splits.items() if name != val_name for row in rows]
+        train_rows, _ = clean_rows(train, "train")
+        val_rows, _ = clean_rows(splits[val_name], val_name)
+        return train_rows, val_rows
+    rows, _ = clean_rows([row for rows in splits.values() for row in rows], "all")
+    train_rows, val_rows = split_by_participant(rows, val_fraction, seed)
+    print(f"[data] participant split (seed {seed}): train {len(train_rows)} rows, "
+          f"validation {len(val_rows)} rows")
+    return train_rows, val_rows
+
+
+def split_by_participant(rows, val_fraction, seed):
+    """Hold out about `val_fraction` of the participants of each (issue, study); no participant on
+    both sides. The shuffle depends only on the seed and the participant keys, not on row order."""
+    strata = {}
+    for row in rows:
+        stratum = (row.get("issue") or "", row.get("participant_study") or "")
+        strata.setdefault(stratum, set()).add(row["participant_key"])
+    held_out = set()
+    for stratum in sorted(strata):
+        keys = sorted(strata[stratum])
+        random.Random(f"{seed}:{stratum}").shuffle(keys)
+        held_out.update(keys[: round(len(keys) * val_fraction)])
+    train = [row for row in rows if row["participant_key"] not in held_out]
+    val = [row for row in rows if row["participant_key"] in held_out]
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+TITLE_LIMIT = 160  # upstream clips titles to 160 characters ("..." included)
+
+
+def clean_text(value, limit=None):
+    """Whitespace collapsed to single spaces and, with `limit`, clipped as upstream clips titles."""
+    text = " ".join(str(value).split()) if value is not None else ""
+    if limit and len(text) > limit:
+        text = text[: limit - 3].rstrip() + "..."
+    return text
+
+
+def _count(value):
+    number = float(value)
+    return f"{int(round(number)):,}" if abs(number - round(number)) < 1e-6 else f"{number:,.2f}"
+
+
+def _positive(value):
+    return value is not None and value > 0
+
+
+def render_history_item(item):
+    title = clean_text(item.get("title"), TITLE_LIMIT) or "(untitled)"
+    details = []
+    seconds, total = item.get("watch_seconds"), item.get("total_length")
+    if _positive(seconds) and _positive(total):
+        percent = item.get("watch_percent")
+        if percent is None:  # the stored percentage wins: upstream computed it from unrounded seconds
+            percent = round(min(1.0, seconds / total) * 100)
+        details.append(f"watched {round(seconds)}s of {round(total)}s ({int(percent)}% complete)")
+    elif _positive(seconds):
+        details.append(f"watched for {round(seconds)}s")
+    channel = clean_text(item.get("channel"))
+    if channel:
+        details.append(f"from {channel}")
+    return f"{title} ({', '.join(details)})" if details else title
+
+
+def render_option(index, item):
+    title = clean_text(item.get("title"), TITLE_LIMIT)
+    video_id = clean_text(item.get("id"))
+    details = [clean_text(item.get("channel_title"))] if item.get("channel_title") else []
+    if _positive(item.get("length_seconds")):
+        details.append(f"{round(item['length_seconds'])}s long")
+    if video_id and not title:
+        details.append(f"id {video_id}")
+    line = f"{index}. {title or video_id}"
+    if details:
+        line += f" ({', '.join(details)})"
+    engagement = [f"{name} {_count(item[key])}" for name, key in
+                  (("views", "view_count"), ("likes", "like_count"), ("comments", "comment_count"))
+                  if item.get(key) is not None]
+    if engagement:
+        line += " — Engagement: " + ", ".join(engagement)
+    return line
+
+
+def render_current_video(row):
+    title = clean_text(row.get("current_video_title"), TITLE_LIMIT)
+    video_id = clean_text(row.get("current_video_id"))
+    line = title or (f"video id {video_id}" if video_id else "a video")
+    channel = clean_text(row.get("current_video_channel"))
+    if channel:
+        line += f" (from {channel})"
+    if video_id and not title:
+        line += f" [id {video_id}]"
+    return line
+
+
+def issue_label(row):
+    issue = (row.get("issue") or "the issue").replace("_", " ")
+    return issue[:1].upper() + issue[1:]
+
+
+def render_user_prompt(row, max_history=None):
+    """The user turn in the upstream format; equals `state_text` when history is not truncated.
+
+    `max_history=k` keeps the k most recent history entries (renumbered from 1); None or 0 keeps all.
+    Missing fields render as upstream renders them.
+    """
+    profile = row.get("viewer_profile_sentence") or "(profile information unavailable)"
+    lines = [f"VIEWER {profile}"]
+    if row.get("initial_viewpoint"):
+        lines.append(f"Initial Viewpoint: {row['initial_viewpoint']}")
+    lines += ["", f"CURRENTLY WATCHING {render_current_video(row)}"]
+    history = row["watched_detailed_json"]
+    if max_history and max_history > 0:
+        history = history[-max_history:]
+    lines += ["", "RECENTLY WATCHED (NEWEST LAST)"]
+    if history:
+        lines += [f"{i}. {render_history_item(item)}" for i, item in enumerate(history, 1)]
+    else:
+        lines.append("(no recently watched videos available)")
+    if row.get("survey_highlights"):
+        lines += ["", "SURVEY HIGHLIGHTS", row["survey_highlights"]]
+    lines += ["", "OPTIONS"]
+    lines += [render_option(i, item) for i, item in enumerate(row["slate_items_json"], 1)]
+    lines += ["", "QUESTIONS", "1. Which option number will the viewer watch next?",
+              f"2. After this recommendation, will the viewer's opinion on {issue_label(row)} "
+              "increase, decrease, or stay the same?"]
+    return "\n".join(lines)
+
+
+def build_messages(row, system_prompt, max_history=None):
+    return [{"role": "system", "content": system_prompt},
+            {"role": "user", "content": render_user_prompt(row, max_history)}]
+
+
+def shuffle_slate(row, rng):
+    """A copy of `row` with its options permuted by `rng` and `gold_index` remapped to follow the
+    clicked item, so a policy cannot score by answering a fixed position."""
+    order = list(range(len(row["slate_items_json"])))
+    rng.shuffle(order)
+    out = dict(row)
+    out["slate_items_json"] = [row["slate_items_json"][i] for i in order]
+    out["gold_index"] = order.index(row["gold_index"] - 1) + 1
+    out.pop("state_text", None)  # the original prompt no longer describes this slate
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def step_prompts(n_rows, prompts_per_step, step, seed):
+    """Row indices of the global batch of `step`: epochs are seeded permutations laid end to end,
+    so the batch is a pure function of (seed, step) and a resumed run sees the same data."""
+    out = []
+    position = step * prompts_per_step
+    while len(out) < prompts_per_step:
+        epoch, offset = divmod(position, n_rows)
+        order = list(range(n_rows))
+        random.Random(f"{seed}:epoch{epoch}").shuffle(order)
+        take = min(prompts_per_step - len(out), n_rows - offset)
+        out += order[offset:offset + take]
+        position += take
+    return out
+
+
+def rank_share(global_batch, rank, world_size):
+    """This rank's disjoint share of a global batch of prompts (its G samples stay with it)."""
+    if len(global_batch) % world_size:
+        raise ValueError(f"prompts_per_step={len(global_batch)} must be divisible by the "
+                         f"world size {world_size}")
+    return global_batch[rank::world_size]
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _summarise(name, raw, max_history):
+    rows, skipped = clean_rows(raw, name)
+    groups = Counter((row.get("issue"), row.get("participant_study")) for row in rows)
+    for (issue, study), count in sorted(groups.items(), key=str):
+        print(f"  {issue} / {study}: {count} rows")
+    print(f"  skipped by reason: {dict(sorted(skipped.items())) or 'none'}")
+    lengths = [len(render_user_prompt(row, max_history)) for row in rows]
+    print(f"  user prompt chars: min {min(lengths)}, median {int(statistics.median(lengths))}, "
+          f"max {max(lengths)}")
+    with_text = [row for row in rows if row.get("state_text")]
+    if with_text:
+        matches = sum(render_user_prompt(row, max_history) == row["state_text"] for row in with_text)
+        print(f"render_match: {matches}/{len(with_text)}")
+
+
+def main(argv):
+    max_history = None
+    sources = []
+    for arg in argv:
+        if arg.startswith("--max_history="):
+            max_history = int(arg.split("=", 1)[1])
+        elif arg.startswith("--"):
+            raise SystemExit(f"unknown option {arg}; usage: python data.py FILE_OR_ID [...] [--max_history=K]")
+        else:
+            sources.append(arg)
+    for name, raw in load_raw(sources).items():
+        _summarise(name, raw, max_history)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,106 @@
+"""Rewards for one batch of completions: every component returned for logging, plus their weighted sum.
+
+- accuracy: the option number in `<answer>N</answer>` (a bare integer, one answer tag) equals the
+  clicked option -> 1, else 0. Where the prompt asks for the opinion and the row has a label, the
+  `<opinion>` part is scored too and the two are averaged, as upstream's `pure_accuracy_reward` does.
+- format: the whole completion has the tags in the strict order the prompt asks for.
+The discriminator's reward joins here as one more component (GAIL, disc.py).
+"""
+import re
+from collections import Counter
+
+from data import ANSWER_PREFIX, OPINION_LABELS
+
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
+OPINION_TAG = re.compile(r"<opinion>(.*?)</opinion>", re.S)
+BARE_INTEGER = re.compile(r"[0-9]+")  # ASCII digits only: no sign, no punctuation, no words
+THINK_FORMAT = re.compile(
+    r"\s*<think>(?:(?!</?(?:think|answer|opinion)>).)+</think>\s*"
+    r"<answer>\s*[0-9]+\s*</answer>\s*"
+    r"<opinion>\s*(?:increase|decrease|no_change)\s*</opinion>\s*", re.S)
+ANSWER_FORMAT = re.compile(r"<answer>\s*[0-9]+\s*</answer>\s*", re.S)
+
+# Upstream recipe names map onto ours, so their `reward_funcs` lists run unchanged.
+REWARD_ALIASES = {"pure_accuracy_reward": "accuracy", "accuracy_reward": "accuracy",
+                  "format_reward": "format", "formating": "format"}
+REWARD_NAMES = ("accuracy", "format")
+
+
+def canonical_reward_names(names):
+    out = [REWARD_ALIASES.get(name, name) for name in names]
+    unknown = [name for name in out if name not in REWARD_NAMES]
+    if unknown:
+        raise ValueError(f"unknown reward function(s) {unknown}; known: {list(REWARD_NAMES)} "
+                         f"and upstream aliases {sorted(REWARD_ALIASES)}")
+    return out
+
+
+def full_text(completion, answer_only, truncated):
+    """The assistant turn as the reward sees it. In answer-only mode the turn was opened with
+    ANSWER_PREFIX by the prompt, and a turn that ended right after the number closes the tag."""
+    if not answer_only:
+        return completion
+    text = ANSWER_PREFIX + completion
+    if not truncated and "</answer>" not in completion:
+        text += "</answer>"
+    return text
+
+
+def parse_answer(text):
+    """(option number or None, reason). Exactly one answer tag holding a bare integer."""
+    tags = ANSWER_TAG.findall(text)
+    if not tags:
+        return None, "no_answer_tag"
+    if len(tags) > 1:
+        return None, "several_answer_tags"
+    payload = tags[0].strip()
+    if not BARE_INTEGER.fullmatch(payload):
+        return None, "not_a_bare_integer"
+    return int(payload), "parsed"
+
+
+def parse_opinion(text):
+    tags = OPINION_TAG.findall(text)
+    if len(tags) != 1 or tags[0].strip() not in OPINION_LABELS:
+        return None
+    return tags[0].strip()
+
+
+def accuracy_reward(text, row, ask_opinion, counts):
+    answer, reason = parse_answer(text)
+    if answer is not None and not 1 <= answer <= row["n_options"]:
+        answer, reason = None, "out_of_range"
+    counts[reason] += 1
+    parts = [float(answer == row["gold_index"])]
+    label = row.get("opinion_direction")
+    if ask_opinion and label:
+        opinion = parse_opinion(text)
+        counts["opinion_labelled"] += 1
+        counts["opinion_parsed"] += opinion is not None
+        counts["opinion_correct"] += opinion == label
+        parts.append(float(opinion == label))
+    return sum(parts) / len(parts)
+
+
+def format_reward(text, answer_only):
+    pattern = ANSWER_FORMAT if answer_only else THINK_FORMAT
+    return float(pattern.fullmatch(text) is not None)
+
+
+def score(completions, rows, truncated, answer_only, reward_funcs, reward_weights):
+    """Rewards of completions[i] against rows[i].
+
+    Returns (total rewards, {component: rewards}, Counter of parse outcomes).
+    """
+    if len(reward_funcs) != len(reward_weights):
+        raise ValueError(f"reward_funcs {reward_funcs} and reward_weights {reward_weights} differ in length")
+    counts = Counter()
+    texts = [full_text(c, answer_only, t) for c, t in zip(completions, truncated)]
+    # Both components are always computed and logged; the weights decide what is optimised.
+    components = {
+        "accuracy": [accuracy_reward(t, row, not answer_only, counts) for t, row in zip(texts, rows)],
+        "format": [format_reward(t, answer_only) for t in texts],
+    }
+    total = [sum(w * components[name][i] for name, w in zip(reward_funcs, reward_weights))
+             for i in range(len(texts))]
+    return total, components, counts

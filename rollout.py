@@ -1,0 +1,65 @@
+"""Rollouts with HF `generate`: a batch of chat prompts -> G sampled (or greedy) completions each."""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor       # [B, P] left-padded
+    prompt_mask: torch.Tensor      # [B, P]
+    completion_ids: torch.Tensor   # [B*G, C], sample j of prompt i at row i*G + j
+    completion_mask: torch.Tensor  # [B*G, C] 1 up to and including the first end-of-turn token
+    texts: list                    # [B*G] decoded completions (special tokens removed)
+    truncated: torch.Tensor        # [B*G] bool: no end-of-turn token within the budget
+    num_generations: int
+
+
+def unwrap(model):
+    """The bare HF model under a DDP (or similar) wrapper; `generate` lives there."""
+    return model.module if hasattr(model, "module") else model
+
+
+def stop_token_ids(model, tokenizer):
+    """Every token that ends a turn: the tokenizer's EOS plus the generation config's (chat models
+    such as Qwen2.5 list several)."""
+    ids = {tokenizer.eos_token_id}
+    configured = unwrap(model).generation_config.eos_token_id
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def encode_prompts(tokenizer, prompt_texts, device):
+    """Left-padded token ids: every prompt ends at the same column, so generation appends in place.
+    The chat template already holds the special tokens, so none are added here."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompt_texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def completion_mask(completion_ids, stop_ids):
+    """1 for every token up to and including the first stop token, 0 after it."""
+    is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=completion_ids.device))
+    stops_before = is_stop.long().cumsum(dim=1) - is_stop.long()  # stops strictly before each token
+    return (stops_before == 0).long(), ~is_stop.any(dim=1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_texts, num_generations, max_new_tokens,
+             temperature=1.0, top_p=1.0, greedy=False):
+    """G completions per prompt. Greedy mode (evaluation) takes the argmax and ignores G's sampling."""
+    policy = unwrap(model)
+    device = next(policy.parameters()).device
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompt_texts, device)
+    stop_ids = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=0)
+    out = policy.generate(
+        input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+        do_sample=not greedy, num_return_sequences=num_generations, eos_token_id=stop_ids,
+        pad_token_id=pad_id, **sampling)
+    completion_ids = out[:, prompt_ids.shape[1]:]
+    mask, truncated = completion_mask(completion_ids, stop_ids)
+    completion_ids = completion_ids.masked_fill(mask == 0, pad_id)
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, texts, truncated, num_generations)

