@@ -73,6 +73,10 @@ Reply with ONLY the chosen option's number inside answer tags, for example: <ans
 ANSWER_PREFIX = "<answer>"
 
 
+class DataError(ValueError):
+    """A dataset that cannot be used at all."""
+
+
 class BadRow(ValueError):
     """A row that cannot be used; `reason` is the counter key."""
 
@@ -183,8 +187,8 @@ def participant_key(row):
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
-def clean_rows(raw_rows, split_name="data"):
-    """Validate every row: (good rows, Counter of skip reasons). Prints one summary line."""
+def clean_rows(raw_rows, split_name="data", log=print):
+    """Validate every row: (good rows, Counter of skip reasons). Logs one summary line."""
     good, skipped = [], Counter()
     for raw in raw_rows:
         try:
@@ -192,9 +196,9 @@ def clean_rows(raw_rows, split_name="data"):
         except BadRow as bad:
             skipped[bad.reason] += 1
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
-    print(f"[data] {split_name}: {len(good)} rows kept, {sum(skipped.values())} skipped ({reasons})")
+    log(f"[data] {split_name}: {len(good)} rows kept, {sum(skipped.values())} skipped ({reasons})")
     if not good:
-        raise ValueError(f"{split_name}: every row is bad ({reasons}); nothing to train or evaluate on")
+        raise DataError(f"{split_name}: every row is bad ({reasons}); nothing to train or evaluate on")
     return good, skipped
 
 
@@ -268,7 +272,7 @@ def _as_splits(loaded):
 VALIDATION_SPLIT_NAMES = ("validation", "eval", "test")
 
 
-def load_examples(source, val_fraction, seed):
+def load_examples(source, val_fraction, seed, log=print):
     """(train rows, validation rows) of a source, validated.
 
     A source that ships a validation split keeps it; otherwise the rows are split by participant.
@@ -277,12 +281,12 @@ def load_examples(source, val_fraction, seed):
     val_name = next((name for name in VALIDATION_SPLIT_NAMES if name in splits), None)
     if val_name is not None:
         train = [row for name, rows in splits.items() if name != val_name for row in rows]
-        train_rows, _ = clean_rows(train, "train")
-        val_rows, _ = clean_rows(splits[val_name], val_name)
+        train_rows, _ = clean_rows(train, "train", log)
+        val_rows, _ = clean_rows(splits[val_name], val_name, log)
         return train_rows, val_rows
-    rows, _ = clean_rows([row for rows in splits.values() for row in rows], "all")
+    rows, _ = clean_rows([row for rows in splits.values() for row in rows], "all", log)
     train_rows, val_rows = split_by_participant(rows, val_fraction, seed)
-    print(f"[data] participant split (seed {seed}): train {len(train_rows)} rows, "
+    log(f"[data] participant split (seed {seed}): train {len(train_rows)} rows, "
           f"validation {len(val_rows)} rows")
     return train_rows, val_rows
 

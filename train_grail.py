@@ -583,7 +583,7 @@ def format_eval(metrics):
 def run_eval(model, tokenizer, rows, train_rows, cfg, ctx, step):
     t0 = time.time()
     metrics, samples = evaluate(model, tokenizer, rows, train_rows, cfg, ctx)
-    metrics.update(step=step, seconds=round(time.time() - t0, 1), model=cfg.model_name_or_path,
+    metrics.update(step=step, seconds=round(time.time() - t0, 1), model=cfg.eval_only or cfg.model_name_or_path,
                    dataset=cfg.dataset or "bundled data/")
     if ctx.is_main:
         out = Path(cfg.output_dir)
@@ -734,7 +734,7 @@ def train(cfg, ctx, ignored_keys=()):
     random.seed(cfg.seed + ctx.rank)
     if ignored_keys:
         log(ctx, f"[config] ignored recipe keys with no meaning here: {', '.join(sorted(ignored_keys))}")
-    train_rows, val_rows = data.load_examples(cfg.dataset, cfg.val_fraction, cfg.seed)
+    train_rows, val_rows = data.load_examples(cfg.dataset, cfg.val_fraction, cfg.seed, lambda msg: log(ctx, msg))
     if cfg.max_steps <= 0:
         cfg.max_steps = math.ceil(cfg.num_train_epochs * len(train_rows) / cfg.prompts_per_step)
     if cfg.eval_max_rows and cfg.eval_max_rows < len(val_rows):  # a seeded sample keeps every study in
@@ -845,6 +845,8 @@ def main():
     ctx = setup_distributed(cfg.dist_timeout_minutes)
     try:
         train(cfg, ctx, ignored)
+    except (data.DataError, FileNotFoundError) as err:  # a bad dataset is a message, not a traceback
+        raise SystemExit(f"[data] {err}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -94,7 +94,7 @@ def test_each_bad_row_kind_is_skipped_and_counted(reason, bundled, capsys):
 
 
 def test_all_bad_dataset_stops_with_reasons():
-    with pytest.raises(ValueError, match="every row is bad.*empty_slate=1.*gold_not_in_slate=1"):
+    with pytest.raises(data.DataError, match="every row is bad.*empty_slate=1.*gold_not_in_slate=1"):
         data.clean_rows([BAD_ROWS["empty_slate"], BAD_ROWS["gold_not_in_slate"]], "bad")
 
 

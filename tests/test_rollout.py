@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+import rollout
+import train_grail as tg
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return tg.load_model(str(tiny_model_dir), torch.device("cpu"), trainable=False), tg.load_tokenizer(str(tiny_model_dir))
+
+
+def chat(tokenizer, text):
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+
+
+def test_completion_mask_stops_after_first_stop_token():
+    ids = torch.tensor([[5, 6, 2, 7, 2], [5, 5, 5, 5, 5], [2, 9, 9, 9, 9]])
+    mask, truncated = rollout.completion_mask(ids, [2])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert truncated.tolist() == [False, True, False]
+
+
+def test_generate_shapes_padding_and_masks(tiny):
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    prompts = [chat(tokenizer, "OPTIONS 1. a"), chat(tokenizer, "VIEWER a much longer prompt " * 5)]
+    out = rollout.generate(model, tokenizer, prompts, num_generations=3, max_new_tokens=12, temperature=1.0)
+    assert out.prompt_ids.shape[0] == 2 and out.completion_ids.shape[0] == 6
+    assert out.prompt_mask[0, 0] == 0 and out.prompt_mask[:, -1].all()  # left padding
+    eos = tokenizer.eos_token_id
+    for row, mask, cut in zip(out.completion_ids, out.completion_mask, out.truncated):
+        n = int(mask.sum())
+        stops = (row[:n] == eos).nonzero().flatten().tolist()
+        assert stops == ([] if cut else [n - 1])  # nothing after the first EOS is kept
+        assert (row[n:] == tokenizer.pad_token_id).all()
+    assert len(out.texts) == 6
+
+
+class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def test_greedy_is_deterministic_and_works_through_a_wrapper(tiny):
+    model, tokenizer = tiny
+    prompts = [chat(tokenizer, "VIEWER x"), chat(tokenizer, "OPTIONS 1. y 2. z")]
+    a = rollout.generate(model, tokenizer, prompts, 1, 10, greedy=True)
+    b = rollout.generate(Wrapper(model), tokenizer, prompts, 1, 10, greedy=True)
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
+
+
+def test_training_logprobs_match_generation_under_left_padding(tiny):
+    """The training forward (positions from the attention mask) scores the same tokens the same way
+    `generate` did, for prompts of different lengths."""
+    model, tokenizer = tiny
+    prompts = [chat(tokenizer, "short"), chat(tokenizer, "a considerably longer prompt " * 6)]
+    prompt_ids, prompt_mask = rollout.encode_prompts(tokenizer, prompts, torch.device("cpu"))
+    gen = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=8, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, eos_token_id=-1,
+                         pad_token_id=tokenizer.pad_token_id)
+    completion_ids = gen.sequences[:, prompt_ids.shape[1]:]
+    want = torch.stack([torch.log_softmax(step.float(), -1) for step in gen.logits], dim=1)
+    want = want.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    batch = tg.sequence_batch(prompt_ids, prompt_mask, completion_ids, torch.ones_like(completion_ids), 1)
+    with torch.no_grad():
+        got = tg.completion_logprobs(model, batch, temperature=1.0)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()

@@ -1,0 +1,177 @@
+"""Config handling and end-to-end runs of train_grail.py on a tiny random model."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_grail as tg
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = tg.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def small_cfg(model_dir, out_dir, **overrides):
+    values = dict(model_name_or_path=str(model_dir), output_dir=str(out_dir), prompt_mode="answer", max_steps=2,
+                  prompts_per_step=2, num_generations=3, max_completion_length=6, eval_max_rows=6,
+                  eval_batch_size=6, save_steps=2, learning_rate=1e-3, log_completions_steps=1)
+    values.update(overrides)
+    return tg.Config(**values)
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+def test_precedence_defaults_file_env_cli(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 3.0e-5\ngrail_max_history: 4\nnum_generations: 6\n")
+    cfg, ignored = tg.parse_config([f"--config={path}", "--num_generations=8"], {"GRAIL_MAX_HISTORY": "2"})
+    assert (cfg.learning_rate, cfg.grail_max_history, cfg.num_generations) == (3e-5, 2, 8)
+    assert cfg.max_steps == tg.Config().max_steps and ignored == []
+    cfg, _ = tg.parse_config(["--config", str(path), "--grail_max_history=7"], {"GRAIL_MAX_HISTORY": "2"})
+    assert cfg.grail_max_history == 7 and cfg.learning_rate == 3e-5
+
+
+def test_json_config_lists_and_bools(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"reward_funcs": ["pure_accuracy_reward"], "reward_weights": [2],
+                                "shuffle_slates": False}))
+    cfg, _ = tg.parse_config([f"--config={path}", "--gradient_checkpointing=true"], {})
+    assert cfg.reward_funcs == ["accuracy"] and cfg.reward_weights == [2.0]
+    assert cfg.shuffle_slates is False and cfg.gradient_checkpointing is True
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--no_such_key=1"], {}, "unknown config key 'no_such_key'"),
+    (["--max_steps=ten"], {}, "bad config value"),
+    (["--loss_type=ppo"], {}, "loss_type='ppo'"),
+    (["--reward_weights=1,2,3"], {}, "same length"),
+    (["--shuffle_slates=maybe"], {}, "not a boolean"),
+    ([], {"GAIL_USE": "1"}, "GAIL_USE=1: the GAIL discriminator"),
+])
+def test_bad_config_stops_with_a_clear_message(argv, env, message):
+    with pytest.raises(SystemExit, match=message):
+        tg.parse_config(argv, env)
+
+
+def test_upstream_recipe_loads_with_one_warning_list():
+    recipe = ROOT / "tests" / "fixtures" / "upstream_config_grail_gun.yaml"
+    cfg, ignored = tg.parse_config([f"--config={recipe}"], {})
+    assert cfg.dataset == "od2961/grail-gun" and cfg.reward_funcs == ["accuracy"]
+    assert cfg.system_prompt.startswith("You are choosing EXACTLY ONE item") and cfg.max_steps == -1
+    assert {"use_vllm", "kl_target", "per_device_train_batch_size", "hub_model_id"} <= set(ignored)
+
+
+def test_shipped_recipes_parse():
+    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
+        cfg, ignored = tg.parse_config([f"--config={recipe}"], {})
+        assert ignored == [], recipe
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+def run_cli(args, nproc=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("GAIL_USE", None)
+    launcher = [sys.executable] if nproc is None else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run(launcher + ["train_grail.py"] + args, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def tiny_args(model_dir, out_dir):
+    return [f"--model_name_or_path={model_dir}", f"--output_dir={out_dir}", "--prompt_mode=answer",
+            "--max_steps=2", "--prompts_per_step=2", "--num_generations=3", "--max_completion_length=6",
+            "--eval_max_rows=6", "--save_steps=2", "--learning_rate=1e-3"]
+
+
+def test_two_step_run_writes_metrics_eval_and_a_loadable_checkpoint(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = run_cli(tiny_args(tiny_model_dir, tmp_path) + ["--beta=0.04", "--num_iterations=2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    for key in ("reward/total/mean", "reward/accuracy/std", "reward/format/mean", "frac_reward_zero_std", "kl",
+                "clip_ratio", "completion_length/mean", "lr", "grad_norm", "step_seconds", "tokens_per_second"):
+        assert key in lines[0], key
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("accuracy_overall", "parsed_rate", "format_rate", "by_n_options", "group_metrics",
+                "gold_index_distribution", "baseline_most_frequent_gold_index", "random_baseline_expected_accuracy",
+                "baseline_always_first", "baseline_always_last", "most_common_answer_share"):
+        assert key in ev, key
+    assert ev["n_total"] == 6 and ev["step"] == 2
+    assert (tmp_path / "evals" / "step_000000.json").exists()
+    assert (tmp_path / "completions.jsonl").read_text().strip()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["config"]["beta"] == 0.04 and config["environment"]["world_size"] == 1
+    assert config["environment"]["torch"] == torch.__version__
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-000002")
+    assert model.config.vocab_size > 0
+    assert "[eval step 0" in result.stdout and "baselines: random" in result.stdout
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    straight = tmp_path / "straight"
+    tg.train(small_cfg(tiny_model_dir, straight, max_steps=4, save_steps=2), CPU)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    import shutil
+
+    shutil.copytree(straight / "checkpoint-000002", resumed / "checkpoint-000002")
+    tg.train(small_cfg(tiny_model_dir, resumed, max_steps=4, save_steps=2), CPU)
+    a = load_file(straight / "checkpoint-000004" / "model.safetensors")
+    b = load_file(resumed / "checkpoint-000004" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    opt_a = torch.load(straight / "checkpoint-000004" / "optimizer.pt", weights_only=True)
+    opt_b = torch.load(resumed / "checkpoint-000004" / "optimizer.pt", weights_only=True)
+    for key, state in opt_a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], opt_b["optimizer"]["state"][key]["exp_avg"])
+    steps_a = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()][2:]
+    steps_b = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [m["reward/total/mean"] for m in steps_a] == [m["reward/total/mean"] for m in steps_b]
+    assert [m["loss"] for m in steps_a] == [m["loss"] for m in steps_b]
+
+
+def test_eval_only_on_a_checkpoint_folder(tiny_model_dir, tmp_path):
+    tg.train(small_cfg(tiny_model_dir, tmp_path / "run", max_steps=1, save_steps=1), CPU)
+    out = tmp_path / "eval"
+    metrics = tg.train(small_cfg(tiny_model_dir, out, eval_only=str(tmp_path / "run" / "checkpoint-000001")), CPU)
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["accuracy_overall"] == metrics["accuracy_overall"]
+    assert saved["model"] == str(tmp_path / "run" / "checkpoint-000001")
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_torchrun_two_processes_train(tiny_model_dir, tmp_path):
+    result = run_cli(tiny_args(tiny_model_dir, tmp_path), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    assert json.loads((tmp_path / "config.json").read_text())["environment"]["world_size"] == 2
+    assert result.stdout.count("[eval step 2") == 1  # rank 0 prints, the others stay quiet
+    assert result.stdout.count("[data] all:") == 1
+
+
+def test_all_bad_dataset_stops_with_one_clear_message(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"slate_items_json": [], "next_video_id": "a"}\n{broken\n', encoding="utf-8")
+    result = run_cli([f"--dataset={bad}", f"--output_dir={tmp_path / 'out'}", "--model_name_or_path=unused"])
+    assert result.returncode == 1
+    assert "every row is bad (empty_slate=1, malformed_json:line=1)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_upstream_recipe_runs(tiny_model_dir, tmp_path):
+    recipe = ROOT / "tests" / "fixtures" / "upstream_config_grail_gun.yaml"
+    result = run_cli([f"--config={recipe}", f"--model_name_or_path={tiny_model_dir}",
+                      "--dataset=data/gun_control.jsonl", f"--output_dir={tmp_path}", "--max_steps=1",
+                      "--prompts_per_step=2", "--max_completion_length=8", "--eval_max_rows=4",
+                      "--gradient_accumulation_steps=2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = [line for line in result.stdout.splitlines() if line.startswith("[config] ignored")]
+    assert len(warning) == 1 and "use_vllm" in warning[0] and "kl_target" in warning[0]
+    assert (tmp_path / "checkpoint-000001").exists()
