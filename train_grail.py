@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -433,21 +434,33 @@ def micro_batches(batch, n_prompts, num_generations, n_micro):
         yield {key: value[rows] for key, value in batch.items()}
 
 
+def autocast(cfg, ctx):
+    """bf16 autocast on CUDA. Every log-prob pass (policy, old policy, reference) uses the same one,
+    or precision alone would move the importance ratio away from 1."""
+    if cfg.bf16 and ctx.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def no_grad_logprobs(model, batch, n_prompts, cfg, ctx):
+    with torch.no_grad(), autocast(cfg, ctx):
+        return torch.cat([completion_logprobs(model, chunk, cfg.temperature) for chunk in
+                          micro_batches(batch, n_prompts, cfg.num_generations, cfg.gradient_accumulation_steps)])
+
+
 def grpo_update(model, optimizer, scheduler, batch, n_prompts, cfg, ctx):
     """One optimizer step per iteration on a batch of rollouts: batch holds the sequence tensors,
     `advantages` [N], optional `old_logp` and `ref_logp` [N, C]. Returns step statistics."""
     normaliser = loss_normaliser(cfg.loss_type, batch["completion_mask"], cfg.max_completion_length)
     world = ctx.world_size
     stats = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0.0, "tokens": 0.0, "skipped_updates": 0}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and ctx.device.type == "cuda" \
-        else nullcontext()
     for _ in range(cfg.num_iterations):
         chunks = list(micro_batches(batch, n_prompts, cfg.num_generations, cfg.gradient_accumulation_steps))
         for i, chunk in enumerate(chunks):
             # DDP all-reduces gradients only on the last micro-batch.
             last = i == len(chunks) - 1 or not hasattr(model, "no_sync")
             with nullcontext() if last else model.no_sync():
-                with autocast:
+                with autocast(cfg, ctx):
                     logp = completion_logprobs(model, chunk, cfg.temperature)
                 old = chunk["old_logp"] if "old_logp" in chunk else logp.detach()
                 token_loss, kl, clipped = per_token_loss(logp, old, chunk.get("ref_logp"), chunk["advantages"],
@@ -497,8 +510,6 @@ def rate(numerator, denominator):
 
 def eval_metrics(rows, texts, truncated, train_rows, answer_only):
     """Greedy predictions on evaluation rows next to the positional baselines."""
-    from collections import Counter
-
     n = len(rows)
     predictions, correct, formatted = [], [], []
     for row, text, cut in zip(rows, texts, truncated):
@@ -797,15 +808,10 @@ def train(cfg, ctx, ignored_keys=()):
         advantages = group_advantages(rewards_t, cfg.scale_rewards, cfg.std_floor).view(-1)
         batch = sequence_batch(out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask, G)
         batch["advantages"] = advantages
-        with torch.no_grad():
-            if cfg.num_iterations > 1:  # the sampling policy, before this step's updates
-                batch["old_logp"] = torch.cat([completion_logprobs(model, chunk, cfg.temperature)
-                                               for chunk in micro_batches(batch, len(rows), G,
-                                                                          cfg.gradient_accumulation_steps)])
-            if ref_model is not None:
-                batch["ref_logp"] = torch.cat([completion_logprobs(ref_model, chunk, cfg.temperature)
-                                               for chunk in micro_batches(batch, len(rows), G,
-                                                                          cfg.gradient_accumulation_steps)])
+        if cfg.num_iterations > 1:  # the sampling policy, before this step's updates
+            batch["old_logp"] = no_grad_logprobs(model, batch, len(rows), cfg, ctx)
+        if ref_model is not None:
+            batch["ref_logp"] = no_grad_logprobs(ref_model, batch, len(rows), cfg, ctx)
         lr = scheduler.get_last_lr()[0]
         stats = grpo_update(model, optimizer, scheduler, batch, len(rows), cfg, ctx)
         seconds = time.time() - t0
