@@ -29,6 +29,21 @@ def stop_token_ids(model, tokenizer):
     return sorted(i for i in ids if i is not None)
 
 
+def mask_positions(attention_mask):
+    """Position ids that count only real tokens, as `generate` computes them under left padding."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
+
+
+def prefill(policy, prompt_ids, prompt_mask, num_generations):
+    """KV cache of every prompt but its last token, computed once and repeated G times; `generate`
+    then runs only the last prompt token per sample instead of the whole prompt."""
+    out = policy(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
+                 position_ids=mask_positions(prompt_mask[:, :-1]), use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(num_generations)
+    return cache
+
+
 def encode_prompts(tokenizer, prompt_texts, device):
     """Left-padded token ids: every prompt ends at the same column, so generation appends in place.
     The chat template already holds the special tokens, so none are added here."""
@@ -46,18 +61,23 @@ def completion_mask(completion_ids, stop_ids):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_texts, num_generations, max_new_tokens,
-             temperature=1.0, top_p=1.0, greedy=False):
-    """G completions per prompt. Greedy mode (evaluation) takes the argmax and ignores G's sampling."""
+             temperature=1.0, top_p=1.0, greedy=False, shared_prefix=True):
+    """G completions per prompt. Greedy mode (evaluation) takes the argmax.
+
+    With `shared_prefix` each prompt is prefilled once and its cache expanded G ways, where
+    `num_return_sequences=G` would prefill every prompt G times."""
     policy = unwrap(model)
     device = next(policy.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompt_texts, device)
     stop_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=0)
-    out = policy.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-        do_sample=not greedy, num_return_sequences=num_generations, eos_token_id=stop_ids,
-        pad_token_id=pad_id, **sampling)
+    inputs = dict(input_ids=prompt_ids.repeat_interleave(num_generations, 0),
+                  attention_mask=prompt_mask.repeat_interleave(num_generations, 0))
+    if shared_prefix and num_generations > 1 and prompt_ids.shape[1] > 1:
+        inputs["past_key_values"] = prefill(policy, prompt_ids, prompt_mask, num_generations)
+    out = policy.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=not greedy, eos_token_id=stop_ids,
+                          pad_token_id=pad_id, **sampling)
     completion_ids = out[:, prompt_ids.shape[1]:]
     mask, truncated = completion_mask(completion_ids, stop_ids)
     completion_ids = completion_ids.masked_fill(mask == 0, pad_id)

@@ -44,6 +44,7 @@ class Config:
     grail_max_history: int = 12   # most recent history entries in the prompt (0 = all); env GRAIL_MAX_HISTORY
     val_fraction: float = 0.1     # participants held out when the dataset has no validation split
     shuffle_slates: bool = True   # permute each training slate (gold remapped): position carries no reward
+    shared_prefix: bool = True    # compute each prompt once for its G samples (rollouts and training forward)
     # --- GRPO ---
     max_steps: int = 200          # <= 0: num_train_epochs passes over the training rows
     num_train_epochs: float = 1.0  # used only when max_steps <= 0 (upstream recipes set max_steps: -1)
@@ -406,32 +407,71 @@ def selective_log_softmax(logits, token_ids):
     return torch.stack(out)
 
 
-def completion_logprobs(model, batch, temperature):
-    """Per-token log-probs [N, C] of the completions under `model` (temperature-scaled, as sampled)."""
+PROMPT_KEYS = ("prompt_ids", "prompt_mask")  # [B, P]; every other batch tensor has one row per sample
+
+
+def full_sequence_logprobs(model, batch, temperature):
+    """Per-token log-probs [N, C] from G full prompt+completion rows per prompt (the naive forward:
+    each prompt is computed G times). Kept as the reference and for gradient checkpointing."""
+    G = batch["completion_ids"].shape[0] // batch["prompt_ids"].shape[0]
     completion_ids = batch["completion_ids"]
+    input_ids = torch.cat([batch["prompt_ids"].repeat_interleave(G, 0), completion_ids], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"].repeat_interleave(G, 0), batch["completion_mask"]], dim=1)
     C = completion_ids.shape[1]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False)
-    logits = out.logits[:, :-1] / temperature
-    return selective_log_softmax(logits, completion_ids)
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=rollout.mask_positions(attention_mask), logits_to_keep=C + 1, use_cache=False)
+    return selective_log_softmax(out.logits[:, :-1] / temperature, completion_ids)
 
 
-def sequence_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, num_generations):
-    """Prompt + completion rows for a training forward. Position ids come from the attention mask,
-    as in `generate`, so left padding does not shift positions."""
-    input_ids = torch.cat([prompt_ids.repeat_interleave(num_generations, 0), completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask.repeat_interleave(num_generations, 0), completion_mask], dim=1)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
-    return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                completion_ids=completion_ids, completion_mask=completion_mask)
+def shared_prefix_logprobs(model, batch, temperature):
+    """Per-token log-probs [N, C] computing each prompt once: the prompt pass builds a KV cache
+    (with grad), the cache is repeated G ways, and the completions attend to it. Autograd then
+    flows into each prompt once, with the sum of its G completions' gradients."""
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+    completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
+    G = completion_ids.shape[0] // prompt_ids.shape[0]
+    prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                       position_ids=rollout.mask_positions(prompt_mask), use_cache=True, logits_to_keep=1)
+    cache = prompt_out.past_key_values
+    cache.batch_repeat_interleave(G)
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask], dim=1)
+    C = completion_ids.shape[1]
+    positions = prompt_mask.sum(dim=1, keepdim=True).repeat_interleave(G, 0) + torch.arange(
+        C, device=completion_ids.device)
+    completion_out = model(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions,
+                           past_key_values=cache, use_cache=True, logits_to_keep=C)
+    # Token 0 is predicted by the last prompt position, token t by completion position t - 1.
+    logits = torch.cat([prompt_out.logits[:, -1:].repeat_interleave(G, 0), completion_out.logits[:, :-1]], dim=1)
+    return selective_log_softmax(logits / temperature, completion_ids)
 
 
-def micro_batches(batch, n_prompts, num_generations, n_micro):
-    """Split by prompt (its G rows together) into at most n_micro chunks."""
+def completion_logprobs(model, batch, temperature, shared_prefix=True):
+    # HF drops the KV cache inside checkpointed layers, so checkpointing takes the full-sequence path.
+    if shared_prefix and not (getattr(model, "is_activation_checkpointing", False) and model.training):
+        return shared_prefix_logprobs(model, batch, temperature)
+    return full_sequence_logprobs(model, batch, temperature)
+
+
+class Policy(torch.nn.Module):
+    """The module DDP wraps. The shared-prefix forward makes two model calls (prompts, then
+    completions on their cache); inside one module call DDP sees one forward per backward."""
+
+    def __init__(self, model, shared_prefix):
+        super().__init__()
+        self.model = model
+        self.shared_prefix = shared_prefix
+
+    def forward(self, batch, temperature):
+        return completion_logprobs(self.model, batch, temperature, self.shared_prefix)
+
+
+def micro_batches(batch, n_micro):
+    """Split by prompt (its G sample rows stay with it) into at most n_micro chunks."""
+    n_prompts = batch["prompt_ids"].shape[0]
+    G = batch["completion_ids"].shape[0] // n_prompts
     bounds = torch.linspace(0, n_prompts, min(n_micro, n_prompts) + 1).round().long().tolist()
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        rows = slice(lo * num_generations, hi * num_generations)
-        yield {key: value[rows] for key, value in batch.items()}
+        yield {key: value[lo:hi] if key in PROMPT_KEYS else value[lo * G:hi * G] for key, value in batch.items()}
 
 
 def autocast(cfg, ctx):
@@ -442,26 +482,27 @@ def autocast(cfg, ctx):
     return nullcontext()
 
 
-def no_grad_logprobs(model, batch, n_prompts, cfg, ctx):
+def no_grad_logprobs(model, batch, cfg, ctx):
     with torch.no_grad(), autocast(cfg, ctx):
-        return torch.cat([completion_logprobs(model, chunk, cfg.temperature) for chunk in
-                          micro_batches(batch, n_prompts, cfg.num_generations, cfg.gradient_accumulation_steps)])
+        return torch.cat([completion_logprobs(model, chunk, cfg.temperature, cfg.shared_prefix)
+                          for chunk in micro_batches(batch, cfg.gradient_accumulation_steps)])
 
 
-def grpo_update(model, optimizer, scheduler, batch, n_prompts, cfg, ctx):
-    """One optimizer step per iteration on a batch of rollouts: batch holds the sequence tensors,
-    `advantages` [N], optional `old_logp` and `ref_logp` [N, C]. Returns step statistics."""
+def grpo_update(policy, optimizer, scheduler, batch, cfg, ctx):
+    """One optimizer step per iteration on a batch of rollouts. `policy` is a Policy (DDP-wrapped
+    under torchrun); batch holds prompt and completion tensors, `advantages` [N], and optionally
+    `old_logp` and `ref_logp` [N, C]. Returns step statistics."""
     normaliser = loss_normaliser(cfg.loss_type, batch["completion_mask"], cfg.max_completion_length)
     world = ctx.world_size
     stats = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0.0, "tokens": 0.0, "skipped_updates": 0}
     for _ in range(cfg.num_iterations):
-        chunks = list(micro_batches(batch, n_prompts, cfg.num_generations, cfg.gradient_accumulation_steps))
+        chunks = list(micro_batches(batch, cfg.gradient_accumulation_steps))
         for i, chunk in enumerate(chunks):
             # DDP all-reduces gradients only on the last micro-batch.
-            last = i == len(chunks) - 1 or not hasattr(model, "no_sync")
-            with nullcontext() if last else model.no_sync():
+            last = i == len(chunks) - 1 or not hasattr(policy, "no_sync")
+            with nullcontext() if last else policy.no_sync():
                 with autocast(cfg, ctx):
-                    logp = completion_logprobs(model, chunk, cfg.temperature)
+                    logp = policy(chunk, cfg.temperature)
                 old = chunk["old_logp"] if "old_logp" in chunk else logp.detach()
                 token_loss, kl, clipped = per_token_loss(logp, old, chunk.get("ref_logp"), chunk["advantages"],
                                                          cfg.epsilon, cfg.epsilon_high, cfg.beta)
@@ -475,7 +516,7 @@ def grpo_update(model, optimizer, scheduler, batch, n_prompts, cfg, ctx):
             stats["clipped"] += (clipped.float() * mask).sum().item()
             if kl is not None:
                 stats["kl_sum"] += (kl.detach() * mask).sum().item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         if torch.isfinite(grad_norm):
             optimizer.step()
         else:  # a NaN/inf gradient would poison the weights: skip this update, keep the step count
@@ -644,7 +685,7 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, step, cfg, ctx):
     barrier()
     torch.save(rng_state(ctx.device), tmp / f"rng_rank{ctx.rank}.pt")
     if ctx.is_main:
-        rollout.unwrap(model).save_pretrained(tmp)
+        model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    tmp / "optimizer.pt")
@@ -719,20 +760,13 @@ def step_metrics(step, ranks, num_generations, grad_norm, lr, seconds):
     out.update({"loss": total("loss"), "kl": total("kl_sum") / tokens if tokens else 0.0,
                 "clip_ratio": total("clipped") / tokens if tokens else 0.0, "grad_norm": grad_norm, "lr": lr,
                 "skipped_updates": ranks[0]["stats"]["skipped_updates"], "step_seconds": seconds,
-                "tokens_per_second": sum(rank["sequence_tokens"] for rank in ranks) / seconds})
+                "tokens_per_second": sum(sum(rank["tokens"].values()) for rank in ranks) / seconds})
     counts = {}
     for rank in ranks:
         for key, value in rank["counts"].items():
             counts[key] = counts.get(key, 0) + value
     out.update({f"parse/{key}": value for key, value in sorted(counts.items())})
     return out
-
-
-def local_step_record(total, components, counts, advantages, out, batch, stats):
-    return {"total": total, "components": components, "counts": dict(counts),
-            "advantages": advantages.tolist(), "lengths": out.completion_mask.sum(dim=1).tolist(),
-            "truncated": out.truncated.tolist(), "stats": stats,
-            "sequence_tokens": int(batch["attention_mask"].sum())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -763,22 +797,22 @@ def train(cfg, ctx, ignored_keys=()):
     resume_from = checkpoints(out_dir)[-1] if cfg.resume and checkpoints(out_dir) else None
     policy_path = str(resume_from) if resume_from else model_path
     tokenizer = load_tokenizer(policy_path)
-    model = load_model(policy_path, ctx.device, trainable=True)
+    model = load_model(policy_path, ctx.device, trainable=True)  # generation and checkpoints use it bare
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref_model = load_model(model_path, ctx.device, trainable=False) if cfg.beta else None
     optimizer, scheduler = make_optimizer(model, cfg)
     start_step = restore_checkpoint(resume_from, optimizer, scheduler, ctx) if resume_from else 0
+    policy = Policy(model, cfg.shared_prefix)
     if dist.is_initialized():
         ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=ids)
 
+    env = environment(ctx)  # every rank: it all-gathers the device names
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / "config.json", {"config": dataclasses.asdict(cfg), "environment": environment(ctx),
+        write_json(out_dir / "config.json", {"config": dataclasses.asdict(cfg), "environment": env,
                                              "resumed_from": str(resume_from) if resume_from else None})
-    else:
-        environment(ctx)  # its all_gather needs every rank
     log(ctx, f"[train] {len(train_rows)} train rows, {len(val_rows)} eval rows, world size {ctx.world_size}, "
              f"steps {start_step}->{cfg.max_steps}" + (f", resumed from {resume_from}" if resume_from else ""))
 
@@ -791,42 +825,17 @@ def train(cfg, ctx, ignored_keys=()):
         progress = tqdm(progress, initial=start_step, total=cfg.max_steps, desc="grpo", dynamic_ncols=True)
     for step in progress:
         t0 = time.time()
-        global_batch = data.step_prompts(len(train_rows), cfg.prompts_per_step, step, cfg.seed)
-        indices = data.rank_share(global_batch, ctx.rank, ctx.world_size)
-        rows = [training_row(train_rows[i], i, step, cfg) for i in indices]
-        prompts = [prompt_text(tokenizer, row, cfg) for row in rows]
-        model.eval()
-        out = rollout.generate(model, tokenizer, prompts, cfg.num_generations, cfg.max_completion_length,
-                               cfg.temperature, cfg.top_p)
-        model.train()
-        G = cfg.num_generations
-        expanded = [row for row in rows for _ in range(G)]
-        total, components, counts = rewards.score(out.texts, expanded, out.truncated.tolist(),
-                                                  cfg.prompt_mode == "answer", cfg.reward_funcs,
-                                                  cfg.reward_weights)
-        rewards_t = torch.tensor(total, dtype=torch.float32, device=ctx.device).view(-1, G)
-        advantages = group_advantages(rewards_t, cfg.scale_rewards, cfg.std_floor).view(-1)
-        batch = sequence_batch(out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask, G)
-        batch["advantages"] = advantages
-        if cfg.num_iterations > 1:  # the sampling policy, before this step's updates
-            batch["old_logp"] = no_grad_logprobs(model, batch, len(rows), cfg, ctx)
-        if ref_model is not None:
-            batch["ref_logp"] = no_grad_logprobs(ref_model, batch, len(rows), cfg, ctx)
+        batch, record, samples = collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, ctx)
         lr = scheduler.get_last_lr()[0]
-        stats = grpo_update(model, optimizer, scheduler, batch, len(rows), cfg, ctx)
+        model.train()
+        stats = grpo_update(policy, optimizer, scheduler, batch, cfg, ctx)
         seconds = time.time() - t0
-
-        ranks = all_gather_list([local_step_record(total, components, counts, advantages, out, batch, stats)])
-        metrics = step_metrics(step + 1, ranks, G, stats["grad_norm"], lr, seconds)
-        samples = [{"step": step + 1, "row_id": row.get("id"), "gold": row["gold_index"], "completion": text,
-                    "reward": r} for row, text, r in zip(expanded, out.texts, total)][:G]
+        record["stats"] = stats
+        metrics = step_metrics(step + 1, all_gather_list([record]), cfg.num_generations, stats["grad_norm"], lr,
+                               seconds)
         if ctx.is_main:
-            with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if cfg.log_completions_steps and (step + 1) % cfg.log_completions_steps == 0 or step == start_step:
-                with open(out_dir / "completions.jsonl", "a", encoding="utf-8") as f:
-                    for sample in samples:
-                        f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+            write_step_logs(out_dir, metrics, samples, step == start_step or (
+                cfg.log_completions_steps and (step + 1) % cfg.log_completions_steps == 0))
             progress.set_postfix(reward=f"{metrics['reward/total/mean']:.3f}",
                                  acc=f"{metrics['reward/accuracy/mean']:.3f}",
                                  zero_std=f"{metrics['frac_reward_zero_std']:.2f}", s=f"{seconds:.1f}")
@@ -841,6 +850,45 @@ def train(cfg, ctx, ignored_keys=()):
     log(ctx, f"[done] outputs in {out_dir}/: metrics.jsonl, completions.jsonl, eval.json, "
              f"evals/, checkpoint-*/")
     return final
+
+
+def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, ctx):
+    """This rank's prompts of `step`, their G samples, rewards and advantages, and the no-grad
+    log-prob passes (old policy, reference). Returns (batch, step record, sample completions)."""
+    indices = data.rank_share(data.step_prompts(len(train_rows), cfg.prompts_per_step, step, cfg.seed),
+                              ctx.rank, ctx.world_size)
+    rows = [training_row(train_rows[i], i, step, cfg) for i in indices]
+    G = cfg.num_generations
+    model.eval()
+    out = rollout.generate(model, tokenizer, [prompt_text(tokenizer, row, cfg) for row in rows], G,
+                           cfg.max_completion_length, cfg.temperature, cfg.top_p, shared_prefix=cfg.shared_prefix)
+    expanded = [row for row in rows for _ in range(G)]
+    total, components, counts = rewards.score(out.texts, expanded, out.truncated.tolist(),
+                                              cfg.prompt_mode == "answer", cfg.reward_funcs, cfg.reward_weights)
+    rewards_bg = torch.tensor(total, dtype=torch.float32, device=ctx.device).view(-1, G)
+    advantages = group_advantages(rewards_bg, cfg.scale_rewards, cfg.std_floor).view(-1)
+    batch = {"prompt_ids": out.prompt_ids, "prompt_mask": out.prompt_mask, "completion_ids": out.completion_ids,
+             "completion_mask": out.completion_mask, "advantages": advantages}
+    if cfg.num_iterations > 1:  # the sampling policy, before this step's updates
+        batch["old_logp"] = no_grad_logprobs(model, batch, cfg, ctx)
+    if ref_model is not None:
+        batch["ref_logp"] = no_grad_logprobs(ref_model, batch, cfg, ctx)
+    record = {"total": total, "components": components, "counts": dict(counts),
+              "advantages": advantages.tolist(), "lengths": out.completion_mask.sum(dim=1).tolist(),
+              "truncated": out.truncated.tolist(),
+              "tokens": {"prompt": int(out.prompt_mask.sum()), "completion": int(out.completion_mask.sum())}}
+    samples = [{"step": step + 1, "row_id": row.get("id"), "gold": row["gold_index"], "completion": text,
+                "reward": r} for row, text, r in zip(expanded, out.texts, total)][:G]
+    return batch, record, samples
+
+
+def write_step_logs(out_dir, metrics, samples, with_samples):
+    with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if with_samples:
+        with open(out_dir / "completions.jsonl", "a", encoding="utf-8") as f:
+            for sample in samples:
+                f.write(json.dumps(sample, ensure_ascii=False) + "\n")
 
 
 def main():

@@ -1,6 +1,6 @@
 """GRPO updates on fixed rollouts, run by test_distributed.py under torchrun or as one process.
 
-    python tests/ddp_worker.py MODEL_DIR OUT_PREFIX LOSS_TYPE [ACCUMULATION]
+    python tests/ddp_worker.py MODEL_DIR OUT_PREFIX LOSS_TYPE ACCUMULATION SHARED_PREFIX(0|1)
 
 Every process builds the same global batch from a seed and trains on its rank's share; each rank
 saves its final weights to OUT_PREFIX.rank{r}.pt.
@@ -25,7 +25,8 @@ def global_batch(step, vocab):
     completion_ids = torch.randint(3, vocab, (N_PROMPTS * G, COMPLETION_LEN), generator=gen)
     lengths = torch.randint(1, COMPLETION_LEN + 1, (N_PROMPTS * G,), generator=gen)
     completion_mask = (torch.arange(COMPLETION_LEN)[None] < lengths[:, None]).long()
-    batch = tg.sequence_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, G)
+    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+             "completion_mask": completion_mask}
     batch["advantages"] = torch.randn(N_PROMPTS * G, generator=gen)
     batch["old_logp"] = -torch.rand(N_PROMPTS * G, COMPLETION_LEN, generator=gen) * 5
     batch["ref_logp"] = -torch.rand(N_PROMPTS * G, COMPLETION_LEN, generator=gen) * 5
@@ -33,28 +34,28 @@ def global_batch(step, vocab):
 
 
 def rank_rows(batch, ctx):
-    prompts = data.rank_share(list(range(N_PROMPTS)), ctx.rank, ctx.world_size)
-    rows = torch.tensor([p * G + j for p in prompts for j in range(G)])
-    return {key: value[rows] for key, value in batch.items()}, len(prompts)
+    prompts = torch.tensor(data.rank_share(list(range(N_PROMPTS)), ctx.rank, ctx.world_size))
+    rows = torch.tensor([p * G + j for p in prompts.tolist() for j in range(G)])
+    return {key: value[prompts] if key in tg.PROMPT_KEYS else value[rows] for key, value in batch.items()}
 
 
-def main(model_dir, out_prefix, loss_type, accumulation=1):
+def main(model_dir, out_prefix, loss_type, accumulation=1, shared_prefix=True):
     ctx = tg.setup_distributed(timeout_minutes=5)
     cfg = tg.Config(loss_type=loss_type, num_generations=G, max_completion_length=COMPLETION_LEN, beta=0.04,
                     num_iterations=2, learning_rate=1e-3, max_steps=2, warmup_ratio=0.0,
-                    gradient_accumulation_steps=accumulation, epsilon_high=0.28)
+                    gradient_accumulation_steps=accumulation, epsilon_high=0.28, shared_prefix=shared_prefix)
     model = tg.load_model(model_dir, ctx.device, trainable=True)
     optimizer, scheduler = tg.make_optimizer(model, cfg)
+    policy = tg.Policy(model, shared_prefix)
     if ctx.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        policy = torch.nn.parallel.DistributedDataParallel(policy)
     for step in range(cfg.max_steps):
-        batch, n_prompts = rank_rows(global_batch(step, model.config.vocab_size if ctx.world_size == 1
-                                                  else model.module.config.vocab_size), ctx)
-        tg.grpo_update(model, optimizer, scheduler, batch, n_prompts, cfg, ctx)
-    torch.save(tg.rollout.unwrap(model).state_dict(), f"{out_prefix}.rank{ctx.rank}.pt")
+        tg.grpo_update(policy, optimizer, scheduler, rank_rows(global_batch(step, model.config.vocab_size), ctx),
+                       cfg, ctx)
+    torch.save(model.state_dict(), f"{out_prefix}.rank{ctx.rank}.pt")
     if ctx.world_size > 1:
         torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 1)
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1")

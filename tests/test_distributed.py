@@ -22,12 +22,13 @@ def weights(path):
     return torch.load(path, weights_only=True)
 
 
-@pytest.mark.parametrize("loss_type, accumulation", [("dapo", 1), ("grpo", 2), ("dr_grpo", 1)])
-def test_two_ranks_equal_one_rank_on_the_same_global_batch(tiny_model_dir, tmp_path, loss_type, accumulation):
+@pytest.mark.parametrize("loss_type, accumulation, shared", [("dapo", 1, "1"), ("grpo", 2, "1"), ("dr_grpo", 1, "0")])
+def test_two_ranks_equal_one_rank_on_the_same_global_batch(tiny_model_dir, tmp_path, loss_type, accumulation,
+                                                           shared):
     worker = str(ROOT / "tests" / "ddp_worker.py")
-    two = run([worker, str(tiny_model_dir), str(tmp_path / "two"), loss_type, str(accumulation)], nproc=2)
+    two = run([worker, str(tiny_model_dir), str(tmp_path / "two"), loss_type, str(accumulation), shared], nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = run([worker, str(tiny_model_dir), str(tmp_path / "one"), loss_type, "1"])
+    one = run([worker, str(tiny_model_dir), str(tmp_path / "one"), loss_type, "1", shared])
     assert one.returncode == 0, one.stderr[-3000:]
     rank0, rank1, single = (weights(tmp_path / f"{name}.rank{r}.pt") for name, r in
                             (("two", 0), ("two", 1), ("one", 0)))

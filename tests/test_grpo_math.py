@@ -107,11 +107,13 @@ def test_selective_log_softmax_matches_log_softmax():
 
 
 def test_micro_batches_keep_groups_together():
-    batch = {"x": torch.arange(12)}
-    chunks = list(tg.micro_batches(batch, n_prompts=3, num_generations=4, n_micro=2))
-    assert [c["x"].tolist() for c in chunks] == [list(range(0, 8)), list(range(8, 12))] or \
-        [c["x"].tolist() for c in chunks] == [list(range(0, 4)), list(range(4, 12))]
-    assert torch.cat([c["x"] for c in chunks]).tolist() == list(range(12))
+    batch = {"prompt_ids": torch.arange(3)[:, None], "prompt_mask": torch.ones(3, 1), "completion_ids": torch.arange(12)}
+    chunks = list(tg.micro_batches(batch, n_micro=2))
+    assert len(chunks) == 2
+    for chunk in chunks:  # each chunk holds whole groups: rows 4p..4p+3 of its prompts p
+        want = [4 * p + j for p in chunk["prompt_ids"].flatten().tolist() for j in range(4)]
+        assert chunk["completion_ids"].tolist() == want
+    assert torch.cat([c["completion_ids"] for c in chunks]).tolist() == list(range(12))
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -63,7 +63,9 @@ def test_training_logprobs_match_generation_under_left_padding(tiny):
     completion_ids = gen.sequences[:, prompt_ids.shape[1]:]
     want = torch.stack([torch.log_softmax(step.float(), -1) for step in gen.logits], dim=1)
     want = want.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    batch = tg.sequence_batch(prompt_ids, prompt_mask, completion_ids, torch.ones_like(completion_ids), 1)
-    with torch.no_grad():
-        got = tg.completion_logprobs(model, batch, temperature=1.0)
-    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+             "completion_mask": torch.ones_like(completion_ids)}
+    for shared in (False, True):
+        with torch.no_grad():
+            got = tg.completion_logprobs(model, batch, temperature=1.0, shared_prefix=shared)
+        assert torch.allclose(got, want, atol=1e-4), (shared, (got - want).abs().max())
