@@ -34,14 +34,35 @@ def mask_positions(attention_mask):
     return (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
 
 
-def prefill(policy, prompt_ids, prompt_mask, num_generations):
-    """KV cache of every prompt but its last token, computed once and repeated G times; `generate`
-    then runs only the last prompt token per sample instead of the whole prompt."""
-    out = policy(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
-                 position_ids=mask_positions(prompt_mask[:, :-1]), use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+def prompt_cache(model, prompt_ids, prompt_mask, num_generations):
+    """Run each prompt once and repeat its KV cache G ways: returns (cache laid out like the
+    left-padded batch, logits of each prompt's last token [B, 1, V]).
+
+    Each prompt runs alone, without its padding, so no compute goes to pad tokens; its keys and
+    values are then left-padded with zeros, which the attention mask hides. Works with grad."""
+    from transformers.cache_utils import DynamicLayer
+
+    P = prompt_ids.shape[1]
+    outs = [model(input_ids=ids[mask.bool()].unsqueeze(0), use_cache=True, logits_to_keep=1)
+            for ids, mask in zip(prompt_ids, prompt_mask)]
+    cache = outs[0].past_key_values
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):  # e.g. sliding-window layers
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=mask_positions(prompt_mask),
+                    use_cache=True, logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits
+    else:
+        for i, layer in enumerate(cache.layers):
+            layers = [out.past_key_values.layers[i] for out in outs]
+            layer.keys = torch.cat([_pad_left(part.keys, P) for part in layers])
+            layer.values = torch.cat([_pad_left(part.values, P) for part in layers])
+        logits = torch.cat([out.logits for out in outs])
     cache.batch_repeat_interleave(num_generations)
-    return cache
+    return cache, logits
+
+
+def _pad_left(states, length):
+    """[1, heads, L, dim] -> [1, heads, length, dim] with zeros in front."""
+    return torch.nn.functional.pad(states, (0, 0, length - states.shape[-2], 0))
 
 
 def encode_prompts(tokenizer, prompt_texts, device):
@@ -75,7 +96,9 @@ def generate(model, tokenizer, prompt_texts, num_generations, max_new_tokens,
     inputs = dict(input_ids=prompt_ids.repeat_interleave(num_generations, 0),
                   attention_mask=prompt_mask.repeat_interleave(num_generations, 0))
     if shared_prefix and num_generations > 1 and prompt_ids.shape[1] > 1:
-        inputs["past_key_values"] = prefill(policy, prompt_ids, prompt_mask, num_generations)
+        # The cache holds all but the last prompt token; `generate` runs that token per sample.
+        inputs["past_key_values"], _ = prompt_cache(policy, prompt_ids[:, :-1], prompt_mask[:, :-1],
+                                                    num_generations)
     out = policy.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=not greedy, eos_token_id=stop_ids,
                           pad_token_id=pad_id, **sampling)
     completion_ids = out[:, prompt_ids.shape[1]:]

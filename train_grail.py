@@ -430,10 +430,7 @@ def shared_prefix_logprobs(model, batch, temperature):
     prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
     completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
     G = completion_ids.shape[0] // prompt_ids.shape[0]
-    prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask,
-                       position_ids=rollout.mask_positions(prompt_mask), use_cache=True, logits_to_keep=1)
-    cache = prompt_out.past_key_values
-    cache.batch_repeat_interleave(G)
+    cache, last_prompt_logits = rollout.prompt_cache(model, prompt_ids, prompt_mask, G)
     attention_mask = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask], dim=1)
     C = completion_ids.shape[1]
     positions = prompt_mask.sum(dim=1, keepdim=True).repeat_interleave(G, 0) + torch.arange(
@@ -441,7 +438,7 @@ def shared_prefix_logprobs(model, batch, temperature):
     completion_out = model(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions,
                            past_key_values=cache, use_cache=True, logits_to_keep=C)
     # Token 0 is predicted by the last prompt position, token t by completion position t - 1.
-    logits = torch.cat([prompt_out.logits[:, -1:].repeat_interleave(G, 0), completion_out.logits[:, :-1]], dim=1)
+    logits = torch.cat([last_prompt_logits.repeat_interleave(G, 0), completion_out.logits[:, :-1]], dim=1)
     return selective_log_softmax(logits / temperature, completion_ids)
 
 

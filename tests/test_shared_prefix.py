@@ -47,6 +47,17 @@ def test_training_forward_matches_naive_on_tiny_model(tiny_model_dir):
     assert_same(model, random_batch(model.config.vocab_size), logp_tol=1e-5, grad_rel_tol=1e-5)
 
 
+def test_sliding_window_cache_takes_the_padded_batch_prefill(tmp_path):
+    import tiny
+    from transformers.cache_utils import DynamicLayer
+
+    model = tg.load_model(str(tiny.make_tiny_model(tmp_path, sliding_window=64)), CPU, trainable=True)
+    batch = random_batch(model.config.vocab_size)
+    cache, _ = rollout.prompt_cache(model, batch["prompt_ids"], batch["prompt_mask"], 4)
+    assert not all(type(layer) is DynamicLayer for layer in cache.layers)
+    assert_same(model, batch, logp_tol=1e-5, grad_rel_tol=1e-5)
+
+
 def test_training_forward_matches_naive_on_the_real_model(embedded_model_dir):
     model = tg.load_model(embedded_model_dir, CPU, trainable=True)
     tokenizer = tg.load_tokenizer(embedded_model_dir)

@@ -17,10 +17,12 @@ def corpus():
     yield data.ANSWER_SYSTEM_PROMPT + data.ANSWER_PREFIX + "</answer><think></think><opinion></opinion>"
 
 
-def make_tiny_model(folder, vocab_size=600, hidden=32, layers=2, seed=0):
+def make_tiny_model(folder, vocab_size=600, hidden=32, layers=2, seed=0, sliding_window=None):
+    """A tiny Llama, or with `sliding_window` a tiny Mistral (its KV cache uses sliding-window layers)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              PreTrainedTokenizerFast)
 
     folder = Path(folder)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -33,13 +35,15 @@ def make_tiny_model(folder, vocab_size=600, hidden=32, layers=2, seed=0):
                                         bos_token="<|im_start|>", unk_token="<|endoftext|>")
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+    config_class = MistralConfig if sliding_window else LlamaConfig
+    extra = {"sliding_window": sliding_window} if sliding_window else {}
+    config = config_class(**extra, vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=4096, tie_word_embeddings=True,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, initializer_range=0.2)
     # A wide init makes greedy outputs vary with the prompt, so equality tests compare real tokens.
-    model = LlamaForCausalLM(config)
+    model = (MistralForCausalLM if sliding_window else LlamaForCausalLM)(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)

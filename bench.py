@@ -1,0 +1,157 @@
+"""Benchmark the shared-prefix paths against the naive ones on the default model (a script, not a test).
+
+    python bench.py [--runs=5] [--prompts=2] [--generations=4] [--new_tokens=32] [--prompt_mode=think]
+                    [--model=PATH_OR_ID] [--threads=N]
+
+Real bundled gun-control prompts. Each phase runs in its own process (so each has its own peak RSS),
+one warm-up, then `runs` timed repetitions; the table shows medians and the ratio to the baseline
+measured in the same invocation:
+  (a) plain `generate` (each prompt prefilled G times) vs shared-prefix generation
+  (b) naive forward+backward (G full prompt+completion rows per prompt) vs shared-prefix
+  (c) one full GRPO step (rollout, rewards, update) with the shared prefix, beta 0 and 0.04
+  (d) peak RSS of each phase, and training tokens processed vs unique
+"""
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import data
+import rollout
+import train_grail as tg
+
+PHASES = {  # name: (label, baseline phase for the ratio)
+    "generate_plain": ("(a) generate, plain (prompt prefilled G times)", None),
+    "generate_shared": ("(a) generate, shared prefix", "generate_plain"),
+    "train_naive": ("(b) forward+backward, naive", None),
+    "train_shared": ("(b) forward+backward, shared prefix", "train_naive"),
+    "step_beta0": ("(c) full GRPO step, beta 0", None),
+    "step_beta004": ("(c) full GRPO step, beta 0.04 (reference model)", None),
+}
+
+
+def parse_args(argv):
+    args = {"runs": 5, "prompts": 2, "generations": 4, "new_tokens": 32, "prompt_mode": "think",
+            "model": tg.EMBEDDED_MODEL, "threads": 0, "phase": ""}
+    for arg in argv:
+        key, _, value = arg.lstrip("-").partition("=")
+        if key not in args:
+            raise SystemExit(f"unknown option {arg}")
+        args[key] = type(args[key])(value)
+    return args
+
+
+def setup(args):
+    if args["threads"]:
+        torch.set_num_threads(args["threads"])
+    ctx = tg.Dist(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    path = tg.resolve_model(args["model"], ctx)
+    cfg = tg.Config(prompt_mode=args["prompt_mode"], num_generations=args["generations"],
+                    max_completion_length=args["new_tokens"], prompts_per_step=args["prompts"],
+                    learning_rate=1e-6, max_steps=1000, dataset=str(data.DATA_DIR / "gun_control.jsonl"))
+    train_rows, _ = data.load_examples(cfg.dataset, cfg.val_fraction, cfg.seed, log=lambda msg: None)
+    return ctx, path, cfg, train_rows
+
+
+def prompts(tokenizer, train_rows, cfg):
+    return [tg.prompt_text(tokenizer, row, cfg) for row in train_rows[:cfg.prompts_per_step]]
+
+
+def timed(fn, runs):
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_phase(args):
+    ctx, path, cfg, train_rows = setup(args)
+    model = tg.load_model(path, ctx.device, trainable=True)
+    tokenizer = tg.load_tokenizer(path)
+    texts = prompts(tokenizer, train_rows, cfg)
+    G, phase = cfg.num_generations, args["phase"]
+    extra = {}
+    if phase.startswith("generate"):
+        model.eval()
+
+        def fn():
+            torch.manual_seed(0)
+            out = rollout.generate(model, tokenizer, texts, G, cfg.max_completion_length, shared_prefix=phase.endswith("shared"))
+            extra["completion_tokens"] = int(out.completion_mask.sum())
+    elif phase.startswith("train"):
+        torch.manual_seed(0)
+        out = rollout.generate(model, tokenizer, texts, G, cfg.max_completion_length)
+        batch = {"prompt_ids": out.prompt_ids, "prompt_mask": out.prompt_mask,
+                 "completion_ids": out.completion_ids, "completion_mask": out.completion_mask}
+        shared = phase.endswith("shared")
+        model.train()
+        prompt_real = int(out.prompt_mask.sum())
+        N, P = out.prompt_ids.shape[0] * G, out.prompt_ids.shape[1]
+        C = out.completion_ids.shape[1]
+        extra["tokens_unique"] = prompt_real + int(out.completion_mask.sum())
+        extra["tokens_processed"] = prompt_real + N * C if shared else N * (P + C)
+        extra["prompt_tokens"] = out.prompt_mask.sum(dim=1).tolist()
+
+        def fn():
+            model.zero_grad(set_to_none=True)
+            logp = tg.completion_logprobs(model, batch, cfg.temperature, shared_prefix=shared)
+            (logp * batch["completion_mask"]).sum().backward()
+    else:
+        cfg.beta = 0.04 if phase == "step_beta004" else 0.0
+        ref_model = tg.load_model(path, ctx.device, trainable=False) if cfg.beta else None
+        optimizer, scheduler = tg.make_optimizer(model, cfg)
+        policy = tg.Policy(model, cfg.shared_prefix)
+        step = iter(range(10 ** 6))
+
+        def fn():
+            batch, _, _ = tg.collect_rollouts(model, ref_model, tokenizer, train_rows, next(step), cfg, ctx)
+            model.train()
+            tg.grpo_update(policy, optimizer, scheduler, batch, cfg, ctx)
+    times = timed(fn, args["runs"])
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"phase": phase, "times": times, "peak_rss_gb": peak_kb / 2 ** 20, **extra}))
+
+
+def main(argv):
+    args = parse_args(argv)
+    if args["phase"]:
+        return run_phase(args)
+    results = {}
+    for phase in PHASES:
+        cmd = [sys.executable, __file__, f"--phase={phase}"] + [a for a in argv if not a.startswith("--phase")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"{phase} failed:\n{proc.stderr[-3000:]}")
+        results[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"[bench] {phase}: median {statistics.median(results[phase]['times']):.2f}s", flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"\nbench.py {' '.join(argv)} | {device} | torch {torch.__version__} | "
+          f"B={args['prompts']} G={args['generations']} new_tokens={args['new_tokens']} "
+          f"prompt_mode={args['prompt_mode']} | median of {args['runs']} runs after 1 warm-up\n")
+    print("| phase | median s | min–max s | vs baseline | peak RSS GB |")
+    print("|---|---:|---:|---:|---:|")
+    for phase, (label, baseline) in PHASES.items():
+        t = results[phase]["times"]
+        ratio = f"{statistics.median(t) / statistics.median(results[baseline]['times']):.2f}×" if baseline else \
+            ("baseline" if phase.endswith(("plain", "naive")) else "—")
+        print(f"| {label} | {statistics.median(t):.2f} | {min(t):.2f}–{max(t):.2f} | {ratio} | "
+              f"{results[phase]['peak_rss_gb']:.2f} |")
+    naive, shared = results["train_naive"], results["train_shared"]
+    print(f"\nprompt tokens {shared['prompt_tokens']}; training tokens processed/unique: "
+          f"naive {naive['tokens_processed']}/{naive['tokens_unique']} = "
+          f"{naive['tokens_processed'] / naive['tokens_unique']:.2f}, shared prefix "
+          f"{shared['tokens_processed']}/{shared['tokens_unique']} = "
+          f"{shared['tokens_processed'] / shared['tokens_unique']:.3f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
