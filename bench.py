@@ -8,7 +8,8 @@ one warm-up, then `runs` timed repetitions; the table shows medians and the rati
 measured in the same invocation:
   (a) plain `generate` (each prompt prefilled G times) vs shared-prefix generation
   (b) naive forward+backward (G full prompt+completion rows per prompt) vs shared-prefix
-  (c) one full GRPO step (rollout, rewards, update) with the shared prefix, beta 0 and 0.04
+  (c) one full GRPO step (rollout, rewards, update) with the shared prefix, beta 0 and 0.04, and
+      with one prompt per micro-batch (gradient accumulation) for a lower peak
   (d) peak RSS of each phase, and training tokens processed vs unique
 """
 import json
@@ -32,6 +33,7 @@ PHASES = {  # name: (label, baseline phase for the ratio)
     "train_shared": ("(b) forward+backward, shared prefix", "train_naive"),
     "step_beta0": ("(c) full GRPO step, beta 0", None),
     "step_beta004": ("(c) full GRPO step, beta 0.04 (reference model)", None),
+    "step_beta0_accum": ("(c) full GRPO step, beta 0, one prompt per micro-batch", None),
 }
 
 
@@ -106,6 +108,8 @@ def run_phase(args):
             (logp * batch["completion_mask"]).sum().backward()
     else:
         cfg.beta = 0.04 if phase == "step_beta004" else 0.0
+        if phase == "step_beta0_accum":  # lower peak memory: activations of one prompt at a time
+            cfg.gradient_accumulation_steps = cfg.prompts_per_step
         ref_model = tg.load_model(path, ctx.device, trainable=False) if cfg.beta else None
         optimizer, scheduler = tg.make_optimizer(model, cfg)
         policy = tg.Policy(model, cfg.shared_prefix)

@@ -431,6 +431,17 @@ def shuffle_slate(row, rng):
     return out
 
 
+def cue_neutral(row):
+    """A copy of `row` whose options show their titles only. Position aside, the bundled gun-control
+    slates give the click away by formatting (the clicked item usually has no duration, often no
+    channel or counts); with every option rendered from the same field, only the content is left."""
+    out = dict(row)
+    out["slate_items_json"] = [{"id": item.get("id"), "title": item.get("title") or item.get("id")}
+                               for item in row["slate_items_json"]]
+    out.pop("state_text", None)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches
 

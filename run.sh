@@ -49,7 +49,10 @@ fi
 
 NGPU=$(gpu_count)
 if [ "$NGPU" -eq 0 ]; then
-  exec "$PY" train_grail.py --config=recipes/cpu_default.yaml "$@"
+  "$PY" train_grail.py --config=recipes/cpu_default.yaml "$@"
+  # The report goes with the run's output_dir (out/default unless overridden).
+  OUT=$(printf '%s\n' "$@" | sed -n 's/^--output_dir=//p' | tail -n 1)
+  exec "$PY" reports.py "${OUT:-out/default}"
 fi
 NNODES="${SLURM_NNODES:-1}"
 if [ "$NNODES" -gt 1 ]; then

