@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -75,6 +75,7 @@ class Config:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+    fsdp: bool = False            # FSDP2 (fully_shard per decoder layer) instead of DDP, for models too big to replicate
     bf16: bool = True             # bf16 autocast on CUDA (weights and optimizer stay fp32)
     # --- evaluation, logging, checkpoints ---
     eval_steps: int = 50          # also evaluated before the first and after the last step; 0 = only those
@@ -470,6 +471,72 @@ class Policy(torch.nn.Module):
         return completion_logprobs(self.model, batch, temperature, self.shared_prefix)
 
 
+def wrap_policy(model, cfg, ctx):
+    """Policy for the update: DDP over replicated weights, or FSDP2 sharding each decoder layer and
+    the root (parameters become DTensors, so the optimizer is built after this)."""
+    policy = Policy(model, cfg.shared_prefix)
+    if not dist.is_initialized():
+        return policy
+    if not cfg.fsdp:
+        ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(policy, device_ids=ids)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return policy
+
+
+def fsdp_modules(model):
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def full_params(model):
+    """Under FSDP2, gather every shard for the duration (generation, no-grad passes): each rank then
+    runs its own forwards with no collectives, so ranks may decode different numbers of tokens."""
+    sharded = fsdp_modules(model) if dist.is_initialized() else []
+    for module in sharded:
+        module.unshard()
+        module.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for module in sharded:
+            module.reshard()
+            module.set_reshard_after_forward(True)
+
+
+def gradient_sync(policy, model, enabled):
+    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch."""
+    if enabled:
+        return nullcontext()
+    if hasattr(policy, "no_sync"):  # DDP
+        return policy.no_sync()
+    sharded = fsdp_modules(model) if dist.is_initialized() else []
+    if not sharded:
+        return nullcontext()
+    return _fsdp_no_sync(sharded)
+
+
+@contextmanager
+def _fsdp_no_sync(sharded):
+    for module in sharded:
+        module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        for module in sharded:
+            module.set_requires_gradient_sync(True)
+
+
 def micro_batches(batch, n_micro):
     """Split by prompt (its G sample rows stay with it) into at most n_micro chunks."""
     n_prompts = batch["prompt_ids"].shape[0]
@@ -493,6 +560,10 @@ def no_grad_logprobs(model, batch, cfg, ctx):
                           for chunk in micro_batches(batch, cfg.gradient_accumulation_steps)])
 
 
+def bare_model(policy):
+    return rollout.unwrap(policy).model
+
+
 def grpo_update(policy, optimizer, scheduler, batch, cfg, ctx):
     """One optimizer step per iteration on a batch of rollouts. `policy` is a Policy (DDP-wrapped
     under torchrun); batch holds prompt and completion tensors, `advantages` [N], and optionally
@@ -503,9 +574,8 @@ def grpo_update(policy, optimizer, scheduler, batch, cfg, ctx):
     for _ in range(cfg.num_iterations):
         chunks = list(micro_batches(batch, cfg.gradient_accumulation_steps))
         for i, chunk in enumerate(chunks):
-            # DDP all-reduces gradients only on the last micro-batch.
-            last = i == len(chunks) - 1 or not hasattr(policy, "no_sync")
-            with nullcontext() if last else policy.no_sync():
+            # Gradients are reduced across ranks only on the last micro-batch.
+            with gradient_sync(policy, bare_model(policy), enabled=i == len(chunks) - 1):
                 with autocast(cfg, ctx):
                     logp = policy(chunk, cfg.temperature)
                 old = chunk["old_logp"] if "old_logp" in chunk else logp.detach()
@@ -522,6 +592,8 @@ def grpo_update(policy, optimizer, scheduler, batch, cfg, ctx):
             if kl is not None:
                 stats["kl_sum"] += (kl.detach() * mask).sum().item()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         if torch.isfinite(grad_norm):
             optimizer.step()
         else:  # a NaN/inf gradient would poison the weights: skip this update, keep the step count
@@ -707,6 +779,11 @@ def evaluate(model, tokenizer, rows, train_rows, cfg, ctx):
     """Greedy accuracy in every view with its baselines, the published checkpoints on the same rows,
     and (eval_samples > 0) simulation quality from sampled answers. Same result on every rank."""
     model.eval()
+    with full_params(model):
+        return evaluate_views(model, tokenizer, rows, train_rows, cfg, ctx)
+
+
+def evaluate_views(model, tokenizer, rows, train_rows, cfg, ctx):
     answer_only = cfg.prompt_mode == "answer"
     metrics, samples = {"views": {}}, []
     for view in cfg.eval_views:
@@ -822,11 +899,11 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, step, cfg, ctx):
         tmp.mkdir(parents=True)
     barrier()
     torch.save(rng_state(ctx.device), tmp / f"rng_rank{ctx.rank}.pt")
+    model_state, optimizer_state = full_state_dicts(model, optimizer)  # collective under FSDP2
     if ctx.is_main:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   tmp / "optimizer.pt")
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         write_json(tmp / "trainer_state.json", {"step": step, "world_size": ctx.world_size,
                                                 "config": dataclasses.asdict(cfg)})
     barrier()
@@ -839,10 +916,26 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, step, cfg, ctx):
     return final
 
 
-def restore_checkpoint(path, optimizer, scheduler, ctx):
+STATE_DICT_OPTIONS = dict(full_state_dict=True, cpu_offload=True)
+
+
+def full_state_dicts(model, optimizer):
+    """Unsharded model and optimizer state (parameter names as keys), the same format with DDP,
+    FSDP2 or one process, so a run can resume under another layout."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(**STATE_DICT_OPTIONS)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def restore_checkpoint(path, model, optimizer, scheduler, ctx):
     """Optimizer, scheduler and this rank's RNG from `path` (the weights load with the model)."""
-    state = torch.load(path / "optimizer.pt", map_location=ctx.device, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     rng_file = path / f"rng_rank{ctx.rank}.pt"
     if rng_file.exists():
@@ -940,12 +1033,9 @@ def train(cfg, ctx, ignored_keys=()):
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref_model = load_model(model_path, ctx.device, trainable=False) if cfg.beta else None
+    policy = wrap_policy(model, cfg, ctx)
     optimizer, scheduler = make_optimizer(model, cfg)
-    start_step = restore_checkpoint(resume_from, optimizer, scheduler, ctx) if resume_from else 0
-    policy = Policy(model, cfg.shared_prefix)
-    if dist.is_initialized():
-        ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
-        policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=ids)
+    start_step = restore_checkpoint(resume_from, model, optimizer, scheduler, ctx) if resume_from else 0
 
     env = environment(ctx)  # every rank: it all-gathers the device names
     if ctx.is_main:
@@ -999,8 +1089,9 @@ def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, ctx):
     rows = [training_row(train_rows[i], i, step, cfg) for i in indices]
     G = cfg.num_generations
     model.eval()
-    out = rollout.generate(model, tokenizer, [prompt_text(tokenizer, row, cfg) for row in rows], G,
-                           cfg.max_completion_length, cfg.temperature, cfg.top_p, shared_prefix=cfg.shared_prefix)
+    with full_params(model):
+        out = rollout.generate(model, tokenizer, [prompt_text(tokenizer, row, cfg) for row in rows], G,
+                               cfg.max_completion_length, cfg.temperature, cfg.top_p, shared_prefix=cfg.shared_prefix)
     expanded = [row for row in rows for _ in range(G)]
     total, components, counts = rewards.score(out.texts, expanded, out.truncated.tolist(),
                                               cfg.prompt_mode == "answer", cfg.reward_funcs, cfg.reward_weights)
@@ -1009,7 +1100,8 @@ def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, ctx):
     batch = {"prompt_ids": out.prompt_ids, "prompt_mask": out.prompt_mask, "completion_ids": out.completion_ids,
              "completion_mask": out.completion_mask, "advantages": advantages}
     if cfg.num_iterations > 1:  # the sampling policy, before this step's updates
-        batch["old_logp"] = no_grad_logprobs(model, batch, cfg, ctx)
+        with full_params(model):
+            batch["old_logp"] = no_grad_logprobs(model, batch, cfg, ctx)
     if ref_model is not None:
         batch["ref_logp"] = no_grad_logprobs(ref_model, batch, cfg, ctx)
     record = {"total": total, "components": components, "counts": dict(counts),

@@ -1,9 +1,9 @@
 """GRPO updates on fixed rollouts, run by test_distributed.py under torchrun or as one process.
 
-    python tests/ddp_worker.py MODEL_DIR OUT_PREFIX LOSS_TYPE ACCUMULATION SHARED_PREFIX(0|1)
+    python tests/ddp_worker.py MODEL_DIR OUT_PREFIX LOSS_TYPE ACCUMULATION SHARED_PREFIX(0|1) FSDP(0|1)
 
 Every process builds the same global batch from a seed and trains on its rank's share; each rank
-saves its final weights to OUT_PREFIX.rank{r}.pt.
+saves its final weights to OUT_PREFIX.rank{r}.pt (under FSDP2 rank 0 saves the gathered weights).
 """
 import sys
 
@@ -39,23 +39,27 @@ def rank_rows(batch, ctx):
     return {key: value[prompts] if key in tg.PROMPT_KEYS else value[rows] for key, value in batch.items()}
 
 
-def main(model_dir, out_prefix, loss_type, accumulation=1, shared_prefix=True):
+def main(model_dir, out_prefix, loss_type, accumulation=1, shared_prefix=True, fsdp=False):
     ctx = tg.setup_distributed(timeout_minutes=5)
     cfg = tg.Config(loss_type=loss_type, num_generations=G, max_completion_length=COMPLETION_LEN, beta=0.04,
                     num_iterations=2, learning_rate=1e-3, max_steps=2, warmup_ratio=0.0,
-                    gradient_accumulation_steps=accumulation, epsilon_high=0.28, shared_prefix=shared_prefix)
+                    gradient_accumulation_steps=accumulation, epsilon_high=0.28, shared_prefix=shared_prefix,
+                    fsdp=fsdp)
     model = tg.load_model(model_dir, ctx.device, trainable=True)
+    policy = tg.wrap_policy(model, cfg, ctx)
     optimizer, scheduler = tg.make_optimizer(model, cfg)
-    policy = tg.Policy(model, shared_prefix)
-    if ctx.world_size > 1:
-        policy = torch.nn.parallel.DistributedDataParallel(policy)
     for step in range(cfg.max_steps):
         tg.grpo_update(policy, optimizer, scheduler, rank_rows(global_batch(step, model.config.vocab_size), ctx),
                        cfg, ctx)
-    torch.save(model.state_dict(), f"{out_prefix}.rank{ctx.rank}.pt")
+    if fsdp:  # gathered, unsharded weights arrive on rank 0
+        state, _ = tg.full_state_dicts(model, optimizer)
+    else:  # each rank's own replica, to check that they agree
+        state = model.state_dict()
+    if ctx.rank == 0 or not fsdp:
+        torch.save(state, f"{out_prefix}.rank{ctx.rank}.pt")
     if ctx.world_size > 1:
         torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1")
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1", sys.argv[6] == "1")

@@ -22,16 +22,18 @@ def weights(path):
     return torch.load(path, weights_only=True)
 
 
-@pytest.mark.parametrize("loss_type, accumulation, shared", [("dapo", 1, "1"), ("grpo", 2, "1"), ("dr_grpo", 1, "0")])
+@pytest.mark.parametrize("loss_type, accumulation, shared, fsdp", [
+    ("dapo", 1, "1", "0"), ("grpo", 2, "1", "0"), ("dr_grpo", 1, "0", "0"), ("dapo", 2, "1", "1")])
 def test_two_ranks_equal_one_rank_on_the_same_global_batch(tiny_model_dir, tmp_path, loss_type, accumulation,
-                                                           shared):
+                                                           shared, fsdp):
     worker = str(ROOT / "tests" / "ddp_worker.py")
-    two = run([worker, str(tiny_model_dir), str(tmp_path / "two"), loss_type, str(accumulation), shared], nproc=2)
+    two = run([worker, str(tiny_model_dir), str(tmp_path / "two"), loss_type, str(accumulation), shared, fsdp],
+              nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = run([worker, str(tiny_model_dir), str(tmp_path / "one"), loss_type, "1", shared])
+    one = run([worker, str(tiny_model_dir), str(tmp_path / "one"), loss_type, "1", shared, "0"])
     assert one.returncode == 0, one.stderr[-3000:]
-    rank0, rank1, single = (weights(tmp_path / f"{name}.rank{r}.pt") for name, r in
-                            (("two", 0), ("two", 1), ("one", 0)))
+    rank0, single = weights(tmp_path / "two.rank0.pt"), weights(tmp_path / "one.rank0.pt")
+    rank1 = rank0 if fsdp == "1" else weights(tmp_path / "two.rank1.pt")  # FSDP2: one gathered copy
     initial = load_file(Path(tiny_model_dir) / "model.safetensors")
     change = max((single[key] - initial[key]).abs().max().item() for key in initial)
     assert change > 1e-4  # the updates did something, so agreeing below is not vacuous

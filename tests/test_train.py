@@ -150,11 +150,19 @@ def test_eval_only_on_a_checkpoint_folder(tiny_model_dir, tmp_path):
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_torchrun_two_processes_train(tiny_model_dir, tmp_path):
-    result = run_cli(tiny_args(tiny_model_dir, tmp_path), nproc=2)
+@pytest.mark.parametrize("fsdp", ["false", "true"])
+def test_torchrun_two_processes_train(tiny_model_dir, tmp_path, fsdp):
+    from transformers import AutoModelForCausalLM
+
+    result = run_cli(tiny_args(tiny_model_dir, tmp_path) + [f"--fsdp={fsdp}", "--num_iterations=2",
+                                                           "--gradient_accumulation_steps=2"], nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
+    AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-000002")
+    resumed = run_cli(tiny_args(tiny_model_dir, tmp_path) + [f"--fsdp={fsdp}", "--max_steps=3"], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and (tmp_path / "checkpoint-000003").exists()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2]
+    assert [m["step"] for m in lines] == [1, 2, 3]
     assert json.loads((tmp_path / "config.json").read_text())["environment"]["world_size"] == 2
     assert result.stdout.count("[eval step 2") == 1  # rank 0 prints, the others stay quiet
     assert result.stdout.count("[data] all:") == 1
