@@ -11,6 +11,8 @@ measured in the same invocation:
   (c) one full GRPO step (rollout, rewards, update) with the shared prefix, beta 0 and 0.04, and
       with one prompt per micro-batch (gradient accumulation) for a lower peak
   (d) peak RSS of each phase, and training tokens processed vs unique
+  (e) scoring B=8 x G completions with the discriminator: disc.py's logit table vs upstream's way
+      (render one text per completion, one pass each of an encoder of the same width and depth)
 """
 import json
 import platform
@@ -34,7 +36,14 @@ PHASES = {  # name: (label, baseline phase for the ratio)
     "step_beta0": ("(c) full GRPO step, beta 0", None),
     "step_beta004": ("(c) full GRPO step, beta 0.04 (reference model)", None),
     "step_beta0_accum": ("(c) full GRPO step, beta 0, one prompt per micro-batch", None),
+    "step_gail": ("(c) full GRPO step, beta 0, with the discriminator (GAIL_USE=1)", None),
 }
+# Scoring one step's completions with the discriminator; both in one process (phase "disc").
+DISC_PHASES = {
+    "disc_upstream": ("(e) disc scoring, upstream way: one text per completion through the encoder", None),
+    "disc_table": ("(e) disc scoring, disc.py: states once, options once, logit table", "disc_upstream"),
+}
+DISC_PROMPTS = 8
 
 
 def parse_args(argv):
@@ -106,22 +115,63 @@ def run_phase(args):
             model.zero_grad(set_to_none=True)
             logp = tg.completion_logprobs(model, batch, cfg.temperature, shared_prefix=shared)
             (logp * batch["completion_mask"]).sum().backward()
+    elif phase == "disc":
+        return run_disc_phase(args, model, tokenizer, train_rows, cfg)
     else:
         cfg.beta = 0.04 if phase == "step_beta004" else 0.0
+        cfg.gail_use = phase == "step_gail"
         if phase == "step_beta0_accum":  # lower peak memory: activations of one prompt at a time
             cfg.gradient_accumulation_steps = cfg.prompts_per_step
         ref_model = tg.load_model(path, ctx.device, trainable=False) if cfg.beta else None
         optimizer, scheduler = tg.make_optimizer(model, cfg)
         policy = tg.Policy(model, cfg.shared_prefix)
+        gail = tg.build_gail(cfg, model, tokenizer, train_rows, ctx) if cfg.gail_use else None
         step = iter(range(10 ** 6))
 
         def fn():
-            batch, _, _ = tg.collect_rollouts(model, ref_model, tokenizer, train_rows, next(step), cfg, ctx)
+            batch, _, _ = tg.collect_rollouts(model, ref_model, tokenizer, train_rows, next(step), cfg, ctx, gail)
             model.train()
             tg.grpo_update(policy, optimizer, scheduler, batch, cfg, ctx)
+            if gail is not None:
+                gail.step()
     times = timed(fn, args["runs"])
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"phase": phase, "times": times, "peak_rss_gb": peak_kb / 2 ** 20, **extra}))
+
+
+def upstream_disc_text(row, choice):
+    """One text per completion, as upstream's discriminator saw it (`_render_disc_text`): viewer,
+    the prompt's state text, the slate's names and the chosen item's name."""
+    names = "\n".join(f"{i}. {data.option_content(item)}" for i, item in enumerate(row["slate_items_json"], 1))
+    return (f"VIEWER: {row.get('viewer_profile_sentence') or ''}\nSTATE:\n{data.render_user_prompt(row)}\n"
+            f"SLATE (names):\n{names}\nACTION_NAME: {data.option_content(row['slate_items_json'][choice - 1])}")
+
+
+def run_disc_phase(args, model, tokenizer, train_rows, cfg):
+    import random
+
+    import disc
+
+    discriminator = disc.build("", model, tokenizer, torch.device("cpu"), seed=0).eval()
+    rows = train_rows[:DISC_PROMPTS]
+    G = cfg.num_generations
+    rng = random.Random(0)
+    choices = [rng.randint(1, rows[i // G]["n_options"]) for i in range(len(rows) * G)]
+    texts = [upstream_disc_text(rows[i // G], c) for i, c in enumerate(choices)]
+
+    def upstream():  # the same encoder and head width, one sequence per completion (512 tokens, as upstream)
+        with torch.no_grad():
+            ids, mask = discriminator.tokenize(texts, 512)
+            pooled = discriminator.encoder(ids, mask[:, :512])
+            return discriminator.head(torch.cat([pooled, pooled, pooled], dim=-1))
+
+    def table():
+        return disc.choice_rewards(discriminator, rows, choices, G, "prob", 1.0, 5.0)
+
+    discriminator.encoder.position = torch.nn.Embedding(512, disc.WIDTH)  # room for 512-token texts
+    results = {"disc_upstream": timed(upstream, args["runs"]), "disc_table": timed(table, args["runs"])}
+    print(json.dumps({"phase": "disc", "results": results,
+                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}))
 
 
 def main(argv):
@@ -129,13 +179,17 @@ def main(argv):
     if args["phase"]:
         return run_phase(args)
     results = {}
-    for phase in PHASES:
+    for phase in list(PHASES) + ["disc"]:
         cmd = [sys.executable, __file__, f"--phase={phase}"] + [a for a in argv if not a.startswith("--phase")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(f"{phase} failed:\n{proc.stderr[-3000:]}")
-        results[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"[bench] {phase}: median {statistics.median(results[phase]['times']):.2f}s", flush=True)
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        parts = {name: {"times": t, "peak_rss_gb": result["peak_rss_gb"]} for name, t in result["results"].items()} \
+            if phase == "disc" else {phase: result}
+        for name, part in parts.items():
+            results[name] = part
+            print(f"[bench] {name}: median {statistics.median(part['times']):.3f}s", flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"\nbench.py {' '.join(argv)} | {device} | torch {torch.__version__} | "
@@ -143,18 +197,19 @@ def main(argv):
           f"prompt_mode={args['prompt_mode']} | median of {args['runs']} runs after 1 warm-up\n")
     print("| phase | median s | min–max s | vs baseline | peak RSS GB |")
     print("|---|---:|---:|---:|---:|")
-    for phase, (label, baseline) in PHASES.items():
+    for phase, (label, baseline) in {**PHASES, **DISC_PHASES}.items():
         t = results[phase]["times"]
         ratio = f"{statistics.median(t) / statistics.median(results[baseline]['times']):.2f}×" if baseline else \
-            ("baseline" if phase.endswith(("plain", "naive")) else "—")
-        print(f"| {label} | {statistics.median(t):.2f} | {min(t):.2f}–{max(t):.2f} | {ratio} | "
+            ("baseline" if phase.endswith(("plain", "naive", "upstream")) else "—")
+        print(f"| {label} | {statistics.median(t):.3f} | {min(t):.3f}–{max(t):.3f} | {ratio} | "
               f"{results[phase]['peak_rss_gb']:.2f} |")
     naive, shared = results["train_naive"], results["train_shared"]
     print(f"\nprompt tokens {shared['prompt_tokens']}; training tokens processed/unique: "
           f"naive {naive['tokens_processed']}/{naive['tokens_unique']} = "
           f"{naive['tokens_processed'] / naive['tokens_unique']:.2f}, shared prefix "
           f"{shared['tokens_processed']}/{shared['tokens_unique']} = "
-          f"{shared['tokens_processed'] / shared['tokens_unique']:.3f}")
+          f"{shared['tokens_processed'] / shared['tokens_unique']:.3f}; discriminator scoring: "
+          f"{DISC_PROMPTS} prompts x {args['generations']} completions")
 
 
 if __name__ == "__main__":

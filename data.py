@@ -385,12 +385,8 @@ def issue_label(row):
     return issue[:1].upper() + issue[1:]
 
 
-def render_user_prompt(row, max_history=None):
-    """The user turn in the upstream format; equals `state_text` when history is not truncated.
-
-    `max_history=k` keeps the k most recent history entries (renumbered from 1); None or 0 keeps all.
-    Missing fields render as upstream renders them.
-    """
+def render_state(row, max_history=None):
+    """The viewer's state: the user prompt up to (not including) its OPTIONS section."""
     profile = row.get("viewer_profile_sentence") or "(profile information unavailable)"
     lines = [f"VIEWER {profile}"]
     if row.get("initial_viewpoint"):
@@ -406,12 +402,28 @@ def render_user_prompt(row, max_history=None):
         lines.append("(no recently watched videos available)")
     if row.get("survey_highlights"):
         lines += ["", "SURVEY HIGHLIGHTS", row["survey_highlights"]]
-    lines += ["", "OPTIONS"]
+    return "\n".join(lines)
+
+
+def render_user_prompt(row, max_history=None):
+    """The user turn in the upstream format; equals `state_text` when history is not truncated.
+
+    `max_history=k` keeps the k most recent history entries (renumbered from 1); None or 0 keeps all.
+    Missing fields render as upstream renders them.
+    """
+    lines = [render_state(row, max_history), "", "OPTIONS"]
     lines += [render_option(i, item) for i, item in enumerate(row["slate_items_json"], 1)]
     lines += ["", "QUESTIONS", "1. Which option number will the viewer watch next?",
               f"2. After this recommendation, will the viewer's opinion on {issue_label(row)} "
               "increase, decrease, or stay the same?"]
     return "\n".join(lines)
+
+
+def option_content(item):
+    """An option as its title only: what the discriminator sees of a choice. Channels, durations and
+    counts are shown for some items and not others, and in the bundled gun-control slates their
+    absence marks the click; a discriminator that saw them would reward that cue, not the viewer."""
+    return clean_text(item.get("title"), TITLE_LIMIT) or clean_text(item.get("id"))
 
 
 def build_messages(row, system_prompt, max_history=None):

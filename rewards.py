@@ -4,7 +4,7 @@
   clicked option -> 1, else 0. Where the prompt asks for the opinion and the row has a label, the
   `<opinion>` part is scored too and the two are averaged, as upstream's `pure_accuracy_reward` does.
 - format: the whole completion has the tags in the strict order the prompt asks for.
-The discriminator's reward joins here as one more component (GAIL, disc.py).
+With GAIL_USE=1 the discriminator's reward (disc.py) joins as one more component, `mix_disc`.
 """
 import re
 from collections import Counter
@@ -104,3 +104,9 @@ def score(completions, rows, truncated, answer_only, reward_funcs, reward_weight
     total = [sum(w * components[name][i] for name, w in zip(reward_funcs, reward_weights))
              for i in range(len(texts))]
     return total, components, counts
+
+
+def mix_disc(base, disc_rewards, gail_weight):
+    """Base and discriminator rewards weighted (1, GAIL_WEIGHT), the weights normalised to sum 1,
+    as upstream: GAIL_WEIGHT 0.5 gives 2/3 base + 1/3 discriminator."""
+    return [(b + gail_weight * d) / (1.0 + gail_weight) for b, d in zip(base, disc_rewards)]

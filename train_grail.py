@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import disc
 import rewards
 import rollout
 
@@ -65,7 +66,22 @@ class Config:
     std_floor: float = 1e-4       # advantages divide by max(std, std_floor)
     reward_funcs: list = field(default_factory=lambda: ["accuracy", "format"])
     reward_weights: list = field(default_factory=lambda: [1.0, 0.2])
-    gail_use: bool = False        # GAIL discriminator reward (disc.py); env GAIL_USE
+    # --- GAIL discriminator (disc.py); every gail_* key is also read from its GAIL_* env var ---
+    gail_use: bool = False        # mix the discriminator's reward into the GRPO reward (0 = pure GRPO)
+    gail_weight: float = 0.5      # base and disc rewards weighted (1, gail_weight), normalised to sum 1
+    gail_alpha: float = 1.0       # r_disc = alpha * f(D)
+    gail_reward: str = "prob"     # f: prob (upstream) | logit: log D - log(1-D) | neglog: -log(1-D)
+    gail_reward_clip: float = 5.0  # |r_disc| bound
+    gail_disc_model: str = ""     # '' = built-in (policy token embeddings + small encoder); or an HF encoder
+    gail_lr: float = 1e-4
+    gail_negatives: str = "all"   # all: every policy sample is a negative (GAIL) | wrong: only choices != gold
+    gail_disc_steps: int = 1      # discriminator updates per policy step
+    gail_disc_batch: int = 32     # pairs per update
+    gail_human_fraction: float = 0.5  # share of human pairs in an update, the rest from the replay buffer
+    gail_buffer_size: int = 2048  # recent policy pairs kept per rank
+    gail_warmup_steps: int = 2    # policy steps whose reward leaves the discriminator out (it trains already)
+    gail_gradient_penalty: float = 0.0  # R1 weight on human states' input embeddings
+    gail_label_smoothing: float = 0.0
     # --- optimisation ---
     gradient_accumulation_steps: int = 1  # micro-batches per rank per optimizer step
     warmup_ratio: float = 0.1
@@ -184,7 +200,8 @@ def _read_config_file(path, kinds, ignored):
 
 def check_config(cfg):
     choices = {"prompt_mode": ("think", "answer"), "loss_type": ("grpo", "dr_grpo", "dapo"),
-               "scale_rewards": ("group", "batch", "none"), "eval_split": ("validation", "train", "all")}
+               "scale_rewards": ("group", "batch", "none"), "eval_split": ("validation", "train", "all"),
+               "gail_reward": disc.REWARD_FORMS, "gail_negatives": ("all", "wrong")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"{key}={getattr(cfg, key)!r}: choose one of {allowed}")
@@ -196,9 +213,6 @@ def check_config(cfg):
                          "must have the same length")
     if cfg.num_generations < 2 and not cfg.eval_only:
         raise SystemExit("num_generations must be >= 2: advantages are relative to the group")
-    if cfg.gail_use:
-        raise SystemExit("GAIL_USE=1: the GAIL discriminator (disc.py) is not built yet. "
-                         "Run pure GRPO with GAIL_USE=0 (the default).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -888,7 +902,7 @@ def rng_state(device):
     return state
 
 
-def save_checkpoint(model, tokenizer, optimizer, scheduler, step, cfg, ctx):
+def save_checkpoint(model, tokenizer, optimizer, scheduler, gail, step, cfg, ctx):
     """model + tokenizer (`save_pretrained`), optimizer, scheduler, per-rank RNG and the step, written
     to `checkpoint-N.tmp` and renamed, so a crash mid-save leaves the previous checkpoint usable.
     Data order and slate shuffles are functions of (seed, step): the step is the data position."""
@@ -899,6 +913,10 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, step, cfg, ctx):
         tmp.mkdir(parents=True)
     barrier()
     torch.save(rng_state(ctx.device), tmp / f"rng_rank{ctx.rank}.pt")
+    if gail is not None:  # identical weights on every rank; each rank's own buffer and sampler
+        write_json(tmp / f"disc_rank{ctx.rank}.json", gail.extra_state())
+        if ctx.is_main:
+            torch.save(gail.state_dict(), tmp / "disc.pt")
     model_state, optimizer_state = full_state_dicts(model, optimizer)  # collective under FSDP2
     if ctx.is_main:
         model.save_pretrained(tmp, state_dict=model_state)
@@ -929,14 +947,21 @@ def full_state_dicts(model, optimizer):
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def restore_checkpoint(path, model, optimizer, scheduler, ctx):
-    """Optimizer, scheduler and this rank's RNG from `path` (the weights load with the model)."""
+def restore_checkpoint(path, model, optimizer, scheduler, gail, ctx):
+    """Optimizer, scheduler, discriminator and this rank's RNG from `path` (the policy weights load
+    with the model)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     set_optimizer_state_dict(model, optimizer, state["optimizer"],
                              options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
+    if gail is not None:
+        if not (path / "disc.pt").exists():
+            raise SystemExit(f"{path} holds no discriminator: it was saved with GAIL_USE=0")
+        extra = path / f"disc_rank{ctx.rank}.json"
+        gail.load(torch.load(path / "disc.pt", map_location=ctx.device, weights_only=True),
+                  json.loads(extra.read_text()) if extra.exists() else {"buffer": [], "rng": None})
     rng_file = path / f"rng_rank{ctx.rank}.pt"
     if rng_file.exists():
         rng = torch.load(rng_file, weights_only=True)
@@ -997,7 +1022,23 @@ def step_metrics(step, ranks, num_generations, grad_norm, lr, seconds):
         for key, value in rank["counts"].items():
             counts[key] = counts.get(key, 0) + value
     out.update({f"parse/{key}": value for key, value in sorted(counts.items())})
+    if ranks[0].get("disc_updates") is not None:
+        out.update(disc_metrics(ranks))
     return out
+
+
+def disc_metrics(ranks):
+    """Discriminator statistics over every rank's updates of this step; mean_d_policy is D on this
+    step's policy choices, scored before the update."""
+    updates = [u for rank in ranks for u in rank["disc_updates"]]
+    human = [d for u in updates for d in u["human_d"]]
+    policy = [d for u in updates for d in u["policy_d"]]
+    d_now = [d for rank in ranks for d in rank["d_policy"]]
+    return {"disc/loss": statistics.mean(u["loss"] for u in updates),
+            "disc/acc_human": statistics.mean(d > 0.5 for d in human),
+            "disc/acc_policy": statistics.mean(d < 0.5 for d in policy) if policy else None,
+            "disc/mean_d_policy": statistics.mean(d_now) if d_now else None,
+            "disc/entropy": statistics.mean(u["entropy"] for u in updates)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1033,9 +1074,10 @@ def train(cfg, ctx, ignored_keys=()):
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref_model = load_model(model_path, ctx.device, trainable=False) if cfg.beta else None
+    gail = build_gail(cfg, model, tokenizer, train_rows, ctx) if cfg.gail_use else None
     policy = wrap_policy(model, cfg, ctx)
     optimizer, scheduler = make_optimizer(model, cfg)
-    start_step = restore_checkpoint(resume_from, model, optimizer, scheduler, ctx) if resume_from else 0
+    start_step = restore_checkpoint(resume_from, model, optimizer, scheduler, gail, ctx) if resume_from else 0
 
     env = environment(ctx)  # every rank: it all-gathers the device names
     if ctx.is_main:
@@ -1054,10 +1096,12 @@ def train(cfg, ctx, ignored_keys=()):
         progress = tqdm(progress, initial=start_step, total=cfg.max_steps, desc="grpo", dynamic_ncols=True)
     for step in progress:
         t0 = time.time()
-        batch, record, samples = collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, ctx)
+        batch, record, samples = collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, ctx, gail)
         lr = scheduler.get_last_lr()[0]
         model.train()
         stats = grpo_update(policy, optimizer, scheduler, batch, cfg, ctx)
+        if gail is not None:  # after scoring: this step's reward came from the discriminator before it
+            record["disc_updates"] = [gail.step() for _ in range(cfg.gail_disc_steps)]
         seconds = time.time() - t0
         record["stats"] = stats
         metrics = step_metrics(step + 1, all_gather_list([record]), cfg.num_generations, stats["grad_norm"], lr,
@@ -1070,7 +1114,7 @@ def train(cfg, ctx, ignored_keys=()):
                                  zero_std=f"{metrics['frac_reward_zero_std']:.2f}", s=f"{seconds:.1f}")
         done = step + 1 == cfg.max_steps
         if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or done):
-            save_checkpoint(model, tokenizer, optimizer, scheduler, step + 1, cfg, ctx)
+            save_checkpoint(model, tokenizer, optimizer, scheduler, gail, step + 1, cfg, ctx)
         if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and not done:
             run_eval(model, tokenizer, val_rows, train_rows, cfg, ctx, step=step + 1)
     final = None
@@ -1081,9 +1125,40 @@ def train(cfg, ctx, ignored_keys=()):
     return final
 
 
-def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, ctx):
-    """This rank's prompts of `step`, their G samples, rewards and advantages, and the no-grad
-    log-prob passes (old policy, reference). Returns (batch, step record, sample completions)."""
+def build_gail(cfg, model, tokenizer, train_rows, ctx):
+    discriminator = disc.build(cfg.gail_disc_model, model, tokenizer, ctx.device, cfg.seed)
+    return disc.Trainer(discriminator, train_rows, cfg.gail_lr, cfg.gail_buffer_size, cfg.gail_human_fraction,
+                        cfg.gail_disc_batch, cfg.gail_label_smoothing, cfg.gail_gradient_penalty,
+                        cfg.gail_negatives, cfg.seed, ctx.rank)
+
+
+def add_disc_reward(gail, rows, indices, train_rows, texts, truncated, total, components, counts, step, cfg):
+    """Score each completion's choice with the discriminator, mix it into the reward (after the
+    warm-up), and queue the valid choices as the discriminator's negatives. Returns the new totals
+    and the D of the valid choices."""
+    G, answer_only = cfg.num_generations, cfg.prompt_mode == "answer"
+    choices = [parse_prediction(text, cut, rows[i // G], answer_only)[0]
+               for i, (text, cut) in enumerate(zip(texts, truncated))]
+    disc_rewards, d_policy = disc.choice_rewards(gail.disc, rows, choices, G, cfg.gail_reward, cfg.gail_alpha,
+                                                 cfg.gail_reward_clip)
+    components["disc"] = disc_rewards
+    counts["disc_no_choice"] += sum(c is None for c in choices)
+    pairs = []
+    for i, choice in enumerate(choices):
+        if choice is not None:  # the chosen item's position in the row's original slate
+            original = train_rows[indices[i // G]]
+            item = rows[i // G]["slate_items_json"][choice - 1]
+            pairs.append(disc.Pair(indices[i // G], original["slate_items_json"].index(item) + 1))
+    gail.add_policy_pairs(pairs)
+    if step < cfg.gail_warmup_steps:
+        return total, d_policy
+    return rewards.mix_disc(total, disc_rewards, cfg.gail_weight), d_policy
+
+
+def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, ctx, gail=None):
+    """This rank's prompts of `step`, their G samples, rewards (with the discriminator's when `gail`)
+    and advantages, and the no-grad log-prob passes (old policy, reference).
+    Returns (batch, step record, sample completions)."""
     indices = data.rank_share(data.step_prompts(len(train_rows), cfg.prompts_per_step, step, cfg.seed),
                               ctx.rank, ctx.world_size)
     rows = [training_row(train_rows[i], i, step, cfg) for i in indices]
@@ -1095,6 +1170,10 @@ def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, ctx):
     expanded = [row for row in rows for _ in range(G)]
     total, components, counts = rewards.score(out.texts, expanded, out.truncated.tolist(),
                                               cfg.prompt_mode == "answer", cfg.reward_funcs, cfg.reward_weights)
+    d_policy = None
+    if gail is not None:
+        total, d_policy = add_disc_reward(gail, rows, indices, train_rows, out.texts, out.truncated.tolist(), total,
+                                          components, counts, step, cfg)
     rewards_bg = torch.tensor(total, dtype=torch.float32, device=ctx.device).view(-1, G)
     advantages = group_advantages(rewards_bg, cfg.scale_rewards, cfg.std_floor).view(-1)
     batch = {"prompt_ids": out.prompt_ids, "prompt_mask": out.prompt_mask, "completion_ids": out.completion_ids,
@@ -1107,7 +1186,8 @@ def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, ctx):
     record = {"total": total, "components": components, "counts": dict(counts),
               "advantages": advantages.tolist(), "lengths": out.completion_mask.sum(dim=1).tolist(),
               "truncated": out.truncated.tolist(),
-              "tokens": {"prompt": int(out.prompt_mask.sum()), "completion": int(out.completion_mask.sum())}}
+              "tokens": {"prompt": int(out.prompt_mask.sum()), "completion": int(out.completion_mask.sum())},
+              "d_policy": d_policy}
     samples = [{"step": step + 1, "row_id": row.get("id"), "gold": row["gold_index"], "completion": text,
                 "reward": r} for row, text, r in zip(expanded, out.texts, total)][:G]
     return batch, record, samples

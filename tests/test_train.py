@@ -35,6 +35,26 @@ def test_precedence_defaults_file_env_cli(tmp_path):
     assert cfg.grail_max_history == 7 and cfg.learning_rate == 3e-5
 
 
+def test_gail_environment_variables(tmp_path):
+    env = {"GAIL_USE": "1", "GAIL_WEIGHT": "0.3", "GAIL_ALPHA": "2", "GAIL_DISC_MODEL": "distilbert-base-uncased",
+           "GAIL_LR": "3e-5", "GRAIL_MAX_HISTORY": "5"}
+    cfg, _ = tg.parse_config([], env)
+    assert (cfg.gail_use, cfg.gail_weight, cfg.gail_alpha, cfg.gail_disc_model, cfg.gail_lr, cfg.grail_max_history) \
+        == (True, 0.3, 2.0, "distilbert-base-uncased", 3e-5, 5)
+    assert tg.parse_config(["--gail_use=0"], env)[0].gail_use is False  # the command line wins
+
+
+def test_gail_run_logs_disc_metrics(tiny_model_dir, tmp_path):
+    tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=3, gail_use=True, gail_warmup_steps=1,
+                       gail_disc_batch=8, eval_samples=0, gail_disc_steps=2), CPU)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for key in ("disc/loss", "disc/acc_human", "disc/acc_policy", "disc/mean_d_policy", "disc/entropy",
+                "reward/disc/mean", "reward/disc/std"):
+        assert key in lines[-1], key
+    assert len({m["disc/loss"] for m in lines}) == 3  # it trains
+    assert (tmp_path / "checkpoint-000002" / "disc.pt").exists()
+
+
 def test_json_config_lists_and_bools(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"reward_funcs": ["pure_accuracy_reward"], "reward_weights": [2],
@@ -50,7 +70,8 @@ def test_json_config_lists_and_bools(tmp_path):
     (["--loss_type=ppo"], {}, "loss_type='ppo'"),
     (["--reward_weights=1,2,3"], {}, "same length"),
     (["--shuffle_slates=maybe"], {}, "not a boolean"),
-    ([], {"GAIL_USE": "1"}, "GAIL_USE=1: the GAIL discriminator"),
+    ([], {"GAIL_REWARD": "odds"}, "gail_reward='odds'"),
+    (["--gail_negatives=some"], {}, "gail_negatives='some'"),
 ])
 def test_bad_config_stops_with_a_clear_message(argv, env, message):
     with pytest.raises(SystemExit, match=message):
@@ -117,15 +138,23 @@ def test_two_step_run_writes_metrics_eval_and_a_loadable_checkpoint(tiny_model_d
     assert "[eval step 0" in result.stdout and "always_last" in result.stdout
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("gail", [False, True])
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_model_dir, tmp_path, gail):
+    extra = dict(gail_use=gail, gail_warmup_steps=1, gail_disc_batch=8, eval_samples=0)
     straight = tmp_path / "straight"
-    tg.train(small_cfg(tiny_model_dir, straight, max_steps=4, save_steps=2), CPU)
+    tg.train(small_cfg(tiny_model_dir, straight, max_steps=4, save_steps=2, **extra), CPU)
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     import shutil
 
     shutil.copytree(straight / "checkpoint-000002", resumed / "checkpoint-000002")
-    tg.train(small_cfg(tiny_model_dir, resumed, max_steps=4, save_steps=2), CPU)
+    tg.train(small_cfg(tiny_model_dir, resumed, max_steps=4, save_steps=2, **extra), CPU)
+    if gail:
+        disc_a = torch.load(straight / "checkpoint-000004" / "disc.pt", weights_only=True)
+        disc_b = torch.load(resumed / "checkpoint-000004" / "disc.pt", weights_only=True)
+        assert all(torch.equal(disc_a["disc"][k], disc_b["disc"][k]) for k in disc_a["disc"])
+        assert (straight / "checkpoint-000004" / "disc_rank0.json").read_text() == \
+            (resumed / "checkpoint-000004" / "disc_rank0.json").read_text()  # replay buffer and its RNG
     a = load_file(straight / "checkpoint-000004" / "model.safetensors")
     b = load_file(resumed / "checkpoint-000004" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -137,6 +166,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_model_dir, tmp_
     steps_b = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [m["reward/total/mean"] for m in steps_a] == [m["reward/total/mean"] for m in steps_b]
     assert [m["loss"] for m in steps_a] == [m["loss"] for m in steps_b]
+    if gail:
+        assert [m["disc/loss"] for m in steps_a] == [m["disc/loss"] for m in steps_b]
 
 
 def test_eval_only_on_a_checkpoint_folder(tiny_model_dir, tmp_path):

@@ -1,0 +1,275 @@
+"""GAIL discriminator: D(state, option) = the logit that a viewer in `state` choosing `option` is a
+human, not the policy. Its score joins the GRPO reward (GAIL_USE=1), so the policy is rewarded for
+choices that look like people's.
+
+Batched and slate-aware: each prompt's state is encoded once, all its slate options in one pass,
+and a head scores every (state, option) pair into a logit table [B, N_max]. A completion that chose
+option k reads its score from the table, so scoring B x G completions costs B states, not B x G texts.
+
+One discriminator across ranks: rank 0's initial weights are broadcast and every update all-reduces
+the gradients (mean), so every rank holds identical weights after every step.
+"""
+import math
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import data
+
+MAX_STATE_TOKENS = 384   # the state's first tokens: profile, viewpoint, current video, history, survey
+MAX_OPTION_TOKENS = 48   # an option's title
+WIDTH, DEPTH, HEADS = 128, 2, 4  # the built-in encoder
+REWARD_FORMS = ("prob", "logit", "neglog")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+class TokenEncoder(torch.nn.Module):
+    """Built-in backbone: the policy's token embeddings (frozen copy), projected to WIDTH, then a
+    small transformer encoder; mean-pooled over the real tokens. Needs no download."""
+
+    def __init__(self, policy_embeddings, pad_id):
+        super().__init__()
+        self.embed = torch.nn.Embedding.from_pretrained(policy_embeddings.detach().float().clone(), freeze=True,
+                                                        padding_idx=pad_id)
+        self.project = torch.nn.Linear(policy_embeddings.shape[1], WIDTH)
+        self.position = torch.nn.Embedding(max(MAX_STATE_TOKENS, MAX_OPTION_TOKENS), WIDTH)
+        layer = torch.nn.TransformerEncoderLayer(WIDTH, HEADS, 2 * WIDTH, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, DEPTH, enable_nested_tensor=False)
+
+    def embed_tokens(self, ids):
+        return self.project(self.embed(ids))
+
+    def forward(self, ids, mask, inputs_embeds=None):
+        x = self.embed_tokens(ids) if inputs_embeds is None else inputs_embeds
+        x = x + self.position(torch.arange(ids.shape[1], device=ids.device))
+        x = self.encoder(x, src_key_padding_mask=mask == 0)
+        return mean_pool(x, mask)
+
+
+class HFEncoder(torch.nn.Module):
+    """An HF encoder (hub id or folder, e.g. distilbert-base-uncased as upstream) used the same
+    batched way: mean-pooled last hidden state, projected to WIDTH."""
+
+    def __init__(self, name):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.model = AutoModel.from_pretrained(name)
+        self.project = torch.nn.Linear(self.model.config.hidden_size, WIDTH)
+
+    def embed_tokens(self, ids):
+        return self.model.get_input_embeddings()(ids)
+
+    def forward(self, ids, mask, inputs_embeds=None):
+        kwargs = {"input_ids": ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+        hidden = self.model(attention_mask=mask, **kwargs).last_hidden_state
+        return self.project(mean_pool(hidden, mask))
+
+
+def mean_pool(x, mask):
+    weights = mask.unsqueeze(-1).to(x.dtype)
+    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+
+
+class Discriminator(torch.nn.Module):
+    def __init__(self, encoder, tokenizer):
+        super().__init__()
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.head = torch.nn.Sequential(torch.nn.Linear(3 * WIDTH, WIDTH), torch.nn.GELU(),
+                                        torch.nn.Linear(WIDTH, 1))
+
+    def tokenize(self, texts, max_tokens):
+        device = next(self.parameters()).device
+        self.tokenizer.padding_side = "right"
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_tokens,
+                             add_special_tokens=False)
+        return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+    def encode_rows(self, rows):
+        """Token ids of each row's state [B, Ls] and of all its options [B * N_max, Lo], with an
+        option mask [B, N_max]."""
+        n_max = max(row["n_options"] for row in rows)
+        options = [data.option_content(item) for row in rows for item in row["slate_items_json"]
+                   + [{"title": ""}] * (n_max - row["n_options"])]
+        option_mask = torch.tensor([[k < row["n_options"] for k in range(n_max)] for row in rows])
+        return (self.tokenize([data.render_state(row) for row in rows], MAX_STATE_TOKENS),
+                self.tokenize(options, MAX_OPTION_TOKENS), option_mask)
+
+    def score_table(self, encoded, state_embeds=None):
+        """Logits [B, N_max] (padding options at -inf): one state pass, one option pass, one head."""
+        (state_ids, state_mask), (option_ids, option_mask_tokens), option_mask = encoded
+        B, n_max = option_mask.shape
+        state = self.encoder(state_ids, state_mask, inputs_embeds=state_embeds)           # [B, W]
+        option = self.encoder(option_ids, option_mask_tokens).view(B, n_max, -1)           # [B, N, W]
+        state = state.unsqueeze(1).expand_as(option)
+        logits = self.head(torch.cat([state, option, state * option], dim=-1)).squeeze(-1)
+        return logits.masked_fill(~option_mask.to(logits.device), float("-inf"))
+
+    def forward(self, rows):
+        return self.score_table(self.encode_rows(rows))
+
+
+def build(gail_disc_model, policy, tokenizer, device, seed):
+    """The discriminator on the policy's device: the built-in backbone ('') or an HF encoder. Rank 0's
+    initial weights are broadcast, so every rank starts identical."""
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(seed)  # the same init everywhere, without disturbing the sampler's RNG
+    if gail_disc_model:
+        from transformers import AutoTokenizer
+
+        disc = Discriminator(HFEncoder(gail_disc_model), AutoTokenizer.from_pretrained(gail_disc_model))
+    else:
+        disc = Discriminator(TokenEncoder(policy.get_input_embeddings().weight, tokenizer.pad_token_id), tokenizer)
+    torch.set_rng_state(generator_state)
+    disc.to(device)
+    if dist.is_initialized():
+        for tensor in disc.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    return disc
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward
+
+
+def reward_values(logits, form, alpha, clip):
+    """alpha * f(D) for D = sigmoid(logit), clipped to [-clip, clip]: `prob` D (upstream), `logit`
+    log D - log(1 - D), `neglog` -log(1 - D)."""
+    if form == "prob":
+        value = torch.sigmoid(logits)
+    elif form == "logit":
+        value = logits
+    elif form == "neglog":
+        value = F.softplus(logits)  # -log(1 - sigmoid(x)) = softplus(x)
+    else:
+        raise ValueError(f"GAIL reward form {form!r}: choose one of {REWARD_FORMS}")
+    return (alpha * value).clamp(-clip, clip)
+
+
+def choice_rewards(disc, rows, choices, num_generations, form, alpha, clip):
+    """Reward of each completion: rows are the B prompts as shown, choices the B x G parsed options
+    (None when unparseable or out of the slate: reward 0, and no D). Returns (rewards, D of each
+    valid choice)."""
+    with torch.no_grad():
+        table = disc(rows)  # [B, N_max], one state pass for the G samples of a prompt
+    prompt = torch.arange(len(choices), device=table.device) // num_generations
+    valid = torch.tensor([c is not None and 1 <= c <= rows[i // num_generations]["n_options"]
+                          for i, c in enumerate(choices)], device=table.device)
+    option = torch.tensor([c - 1 if ok else 0 for c, ok in zip(choices, valid.tolist())], device=table.device)
+    logits = table[prompt, option]
+    rewards = torch.where(valid, reward_values(logits, form, alpha, clip), torch.zeros_like(logits))
+    return rewards.tolist(), torch.sigmoid(logits[valid]).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class Pair:
+    """A (state, option) pair: training row `row` choosing its option `option` (1-based, in the row's
+    original slate order; the discriminator sees no positions, so order does not matter to it)."""
+    row: int
+    option: int
+
+
+class Trainer:
+    """Discriminator updates on human pairs (the training split's clicks) mixed with a replay buffer
+    of the policy's recent choices."""
+
+    def __init__(self, disc, rows, lr, buffer_size, human_fraction, batch_size, label_smoothing,
+                 gradient_penalty, negatives, seed, rank):
+        self.disc, self.rows = disc, rows
+        self.optimizer = torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=lr)
+        self.buffer, self.buffer_size = [], buffer_size
+        self.human_fraction, self.batch_size = human_fraction, batch_size
+        self.label_smoothing, self.gradient_penalty = label_smoothing, gradient_penalty
+        self.negatives = negatives
+        self.rng = random.Random(f"{seed}:disc:{rank}")
+
+    def add_policy_pairs(self, pairs):
+        """Keep the policy's valid choices (all of them, or with GAIL_NEGATIVES=wrong only those that
+        differ from the human's, as upstream) in a first-in first-out buffer."""
+        if self.negatives == "wrong":
+            pairs = [p for p in pairs if p.option != self.rows[p.row]["gold_index"]]
+        self.buffer = (self.buffer + list(pairs))[-self.buffer_size:]
+
+    def sample(self):
+        n_human = round(self.batch_size * self.human_fraction) if self.buffer else self.batch_size
+        humans = [Pair(i, self.rows[i]["gold_index"]) for i in
+                  (self.rng.randrange(len(self.rows)) for _ in range(n_human))]
+        policy = [self.rng.choice(self.buffer) for _ in range(self.batch_size - n_human)] if self.buffer else []
+        return humans, policy
+
+    def step(self):
+        """One update on a mixed batch; returns its statistics."""
+        humans, policy = self.sample()
+        pairs = humans + policy
+        encoded = self.disc.encode_rows([self.rows[p.row] for p in pairs])
+        state_embeds = None
+        if self.gradient_penalty:
+            state_embeds = self.disc.encoder.embed_tokens(encoded[0][0]).detach().requires_grad_()
+        # The penalty differentiates twice; the fused attention kernels have no double backward.
+        with sdpa_kernel(SDPBackend.MATH) if self.gradient_penalty else nullcontext():
+            table = self.disc.score_table(encoded, state_embeds)
+        logits = table[torch.arange(len(pairs)), torch.tensor([p.option - 1 for p in pairs])]
+        labels = torch.tensor([1.0] * len(humans) + [0.0] * len(policy), device=logits.device)
+        targets = labels * (1 - self.label_smoothing) + (1 - labels) * self.label_smoothing
+        loss = F.binary_cross_entropy_with_logits(logits, targets)
+        if self.gradient_penalty:  # R1: the gradient norm on human states' input embeddings
+            (grad,) = torch.autograd.grad(logits[: len(humans)].sum(), state_embeds, create_graph=True)
+            loss = loss + self.gradient_penalty * grad[: len(humans)].pow(2).sum(dim=(1, 2)).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(self.disc)
+        self.optimizer.step()
+        with torch.no_grad():
+            d = torch.sigmoid(logits.detach())
+            entropy = -(d * d.clamp_min(1e-12).log() + (1 - d) * (1 - d).clamp_min(1e-12).log()).mean()
+        return {"loss": loss.item(), "human_d": d[: len(humans)].tolist(), "policy_d": d[len(humans):].tolist(),
+                "entropy": entropy.item()}
+
+    def state_dict(self):
+        """Weights and optimizer (tensors, for torch.save) ..."""
+        return {"disc": self.disc.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def extra_state(self):
+        """... and the buffer and sampling RNG (JSON)."""
+        version, internal, gauss = self.rng.getstate()
+        return {"buffer": [[p.row, p.option] for p in self.buffer], "rng": [version, list(internal), gauss]}
+
+    def load(self, state, extra):
+        self.disc.load_state_dict(state["disc"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.buffer = [Pair(*p) for p in extra["buffer"]]
+        if extra["rng"] is not None:  # a rank the checkpoint did not have keeps its fresh sampler
+            version, internal, gauss = extra["rng"]
+            self.rng.setstate((version, tuple(internal), gauss))
+
+
+def average_gradients(module):
+    """Mean of every rank's gradients, so replicated discriminators stay identical."""
+    if not dist.is_initialized():
+        return
+    world = dist.get_world_size()
+    for p in module.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world
+
+
+def auc(scores_pos, scores_neg):
+    """Probability that a random positive outscores a random negative (ties count half)."""
+    wins = sum((p > n) + 0.5 * (p == n) for p in scores_pos for n in scores_neg)
+    return wins / (len(scores_pos) * len(scores_neg)) if scores_pos and scores_neg else math.nan

@@ -1,0 +1,134 @@
+"""The GAIL discriminator: batched scoring, reward forms, one model across ranks, learning."""
+import math
+import random
+
+import pytest
+import torch
+
+import data
+import disc
+import rewards
+import train_grail as tg
+from test_distributed import ROOT, run
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return tg.load_model(str(tiny_model_dir), CPU, trainable=False), tg.load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def rows():
+    train, _ = data.load_examples("", 0.1, 0, log=lambda msg: None)
+    return train
+
+
+def test_batched_table_equals_scoring_each_pair_alone(tiny, rows):
+    model, tokenizer = tiny
+    discriminator = disc.build("", model, tokenizer, CPU, seed=0).eval()
+    batch = [rows[i] for i in (0, 5, 400, 700)]  # different slate sizes and state lengths
+    with torch.no_grad():
+        table = discriminator(batch)
+        for b, row in enumerate(batch):
+            for k, item in enumerate(row["slate_items_json"]):
+                alone = discriminator([{**row, "slate_items_json": [item], "n_options": 1}])[0, 0]
+                assert abs(alone.item() - table[b, k].item()) < 1e-5
+            assert torch.isinf(table[b, row["n_options"]:]).all()
+
+
+def test_reward_forms_by_hand():
+    logits = torch.tensor([0.0, 2.0, -1.0])
+    d = torch.sigmoid(logits)
+    assert torch.allclose(disc.reward_values(logits, "prob", 1.0, 5.0), d)
+    assert torch.allclose(disc.reward_values(logits, "logit", 2.0, 5.0), torch.tensor([0.0, 4.0, -2.0]))
+    assert torch.allclose(disc.reward_values(logits, "neglog", 1.0, 5.0), -torch.log(1 - d))
+    assert torch.allclose(disc.reward_values(torch.tensor([9.0, -9.0]), "logit", 1.0, 5.0), torch.tensor([5.0, -5.0]))
+    with pytest.raises(ValueError, match="reward form"):
+        disc.reward_values(logits, "odds", 1.0, 5.0)
+
+
+def test_weights_normalised_to_sum_one():
+    assert rewards.mix_disc([1.0, 0.0], [0.0, 0.9], 0.5) == pytest.approx([2 / 3, 0.3])
+    assert rewards.mix_disc([0.4], [0.1], 0.0) == [0.4]
+
+
+def test_unparseable_and_out_of_slate_choices_get_no_disc_reward(tiny, rows):
+    model, tokenizer = tiny
+    discriminator = disc.build("", model, tokenizer, CPU, seed=0)
+    row = rows[0]
+    out, d_valid = disc.choice_rewards(discriminator, [row], [1, None, row["n_options"] + 1, 2], 4, "prob", 1.0, 5.0)
+    assert out[1] == 0.0 and out[2] == 0.0 and 0 < out[0] < 1 and 0 < out[3] < 1
+    assert len(d_valid) == 2 and d_valid == pytest.approx([out[0], out[3]])
+
+
+def test_ranks_hold_identical_weights_after_updates(tiny_model_dir, tmp_path):
+    result = run([str(ROOT / "tests" / "disc_worker.py"), str(tiny_model_dir), str(tmp_path / "d")], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = torch.load(tmp_path / "d.rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "d.rank1.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    init = disc.build("", tg.load_model(str(tiny_model_dir), CPU, False), tg.load_tokenizer(str(tiny_model_dir)),
+                      CPU, seed=3).state_dict()
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # the updates did change them
+
+
+def planted_rows(n, rng):
+    """Humans always click the option whose title holds the marker word."""
+    words = "gun wage law vote rally news debate policy senate court market jobs".split()
+    out = []
+    for i in range(n):
+        titles = [" ".join(rng.choice(words) for _ in range(4)) for _ in range(4)]
+        gold = rng.randrange(4)
+        titles[gold] = titles[gold] + " zebra"
+        out.append({"id": str(i), "viewer_profile_sentence": f"viewer {rng.choice(words)}", "watched_detailed_json": [],
+                    "slate_items_json": [{"id": f"{i}-{k}", "title": t} for k, t in enumerate(titles)],
+                    "gold_index": gold + 1, "n_options": 4})
+    return out
+
+
+def test_learns_a_planted_signal(tiny):
+    model, tokenizer = tiny
+    rng = random.Random(0)
+    train, held_out = planted_rows(200, rng), planted_rows(60, rng)
+    trainer = disc.Trainer(disc.build("", model, tokenizer, CPU, seed=0), train, lr=1e-3, buffer_size=4096,
+                           human_fraction=0.5, batch_size=16, label_smoothing=0.0, gradient_penalty=0.0,
+                           negatives="all", seed=0, rank=0)
+    trainer.add_policy_pairs([disc.Pair(i, k) for i, row in enumerate(train) for k in range(1, 5)
+                              if k != row["gold_index"]])
+    for _ in range(150):
+        trainer.step()
+    with torch.no_grad():
+        table = trainer.disc(held_out)
+    pos = [table[i, r["gold_index"] - 1].item() for i, r in enumerate(held_out)]
+    neg = [table[i, k].item() for i, r in enumerate(held_out) for k in range(4) if k != r["gold_index"] - 1]
+    assert disc.auc(pos, neg) > 0.9
+
+
+def test_auc_by_hand():
+    assert disc.auc([3, 2], [1, 2]) == pytest.approx((1 + 1 + 1 + 0.5) / 4)
+    assert math.isnan(disc.auc([], [1]))
+
+
+def test_checkpoint_state_restores_the_trainer_exactly(tiny, rows, tmp_path):
+    import json
+
+    model, tokenizer = tiny
+
+    def trainer():
+        return disc.Trainer(disc.build("", model, tokenizer, CPU, seed=0), rows[:30], lr=1e-3, buffer_size=16,
+                            human_fraction=0.5, batch_size=6, label_smoothing=0.1, gradient_penalty=0.0,
+                            negatives="wrong", seed=0, rank=0)
+
+    a = trainer()
+    a.add_policy_pairs([disc.Pair(i, 1) for i in range(30)])  # "wrong" keeps only choices != gold
+    assert all(p.option != rows[p.row]["gold_index"] for p in a.buffer) and len(a.buffer) <= 16
+    a.step()
+    torch.save(a.state_dict(), tmp_path / "disc.pt")
+    (tmp_path / "extra.json").write_text(json.dumps(a.extra_state()))
+    b = trainer()
+    b.load(torch.load(tmp_path / "disc.pt", weights_only=True), json.loads((tmp_path / "extra.json").read_text()))
+    stats_a, stats_b = a.step(), b.step()
+    assert stats_a == stats_b
+    assert all(torch.equal(x, y) for x, y in zip(a.disc.state_dict().values(), b.disc.state_dict().values()))
