@@ -171,12 +171,11 @@ def parse_config(argv, environ):
             raise SystemExit(f"unknown config key {key!r}; known: {', '.join(sorted(kinds))}")
         values[key] = value
     try:
-        parsed = {key: _parse_value(kinds[key], value) for key, value in values.items()}
+        cfg = Config(**{key: _parse_value(kinds[key], value) for key, value in values.items()})
+        cfg.reward_funcs = rewards.canonical_reward_names(cfg.reward_funcs)
+        cfg.reward_weights = [float(w) for w in cfg.reward_weights]
     except ValueError as err:
         raise SystemExit(f"bad config value: {err}") from None
-    cfg = Config(**parsed)
-    cfg.reward_funcs = rewards.canonical_reward_names(cfg.reward_funcs)
-    cfg.reward_weights = [float(w) for w in cfg.reward_weights]
     check_config(cfg)
     return cfg, ignored
 
@@ -297,19 +296,22 @@ def convert_embedded_model(target):
     del config.quantization_config  # the dequantized weights are plain fp32 tensors
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantized.state_dict())
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(f"{target.name}.partial-{platform.node()}-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(partial, target)
+    if (target / "config.json").exists():  # another node on a shared cache finished first
+        shutil.rmtree(partial)
+    else:
+        shutil.rmtree(target, ignore_errors=True)  # a half-written folder from a killed run
+        os.replace(partial, target)
 
 
 def resolve_model(name, ctx):
     if name != EMBEDDED_MODEL:
         return name
     target = embedded_model_dir()
-    if ctx.is_main and not (target / "config.json").exists():
+    if ctx.local_rank == 0 and not (target / "config.json").exists():  # one converter per node
         print(f"[model] converting the embedded SmolLM2-135M-Instruct GGUF to {target} (once)", flush=True)
         convert_embedded_model(target)
     barrier()
@@ -776,9 +778,9 @@ def generate_share(model, tokenizer, rows, cfg, ctx, num_generations, greedy):
     (texts, truncated flags) with `num_generations` entries per row."""
     mine = list(range(ctx.rank, len(rows), ctx.world_size))
     results = []
-    batch_size = max(1, cfg.eval_batch_size // num_generations)
-    for lo in range(0, len(mine), batch_size):
-        idx = mine[lo:lo + batch_size]
+    # eval_batch_size counts prompts: with the shared prefix a prompt's G samples cost one prefill.
+    for lo in range(0, len(mine), cfg.eval_batch_size):
+        idx = mine[lo:lo + cfg.eval_batch_size]
         out = rollout.generate(model, tokenizer, [prompt_text(tokenizer, rows[i], cfg) for i in idx],
                                num_generations, cfg.max_completion_length, temperature=1.0, greedy=greedy,
                                shared_prefix=cfg.shared_prefix)

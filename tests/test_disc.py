@@ -132,3 +132,28 @@ def test_checkpoint_state_restores_the_trainer_exactly(tiny, rows, tmp_path):
     stats_a, stats_b = a.step(), b.step()
     assert stats_a == stats_b
     assert all(torch.equal(x, y) for x, y in zip(a.disc.state_dict().values(), b.disc.state_dict().values()))
+
+
+def test_hf_encoder_backbone_scores_the_same_way(tiny, rows, tmp_path):
+    """GAIL_DISC_MODEL names an HF encoder (here a tiny random BERT saved to a folder, standing in
+    for distilbert-base-uncased): same batched table, and its scores train."""
+    from transformers import BertConfig, BertModel
+
+    model, tokenizer = tiny
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    discriminator = disc.build(str(tmp_path), model, tokenizer, CPU, seed=0).eval()
+    assert isinstance(discriminator.encoder, disc.HFEncoder)
+    row = rows[3]
+    with torch.no_grad():
+        table = discriminator([row, rows[4]])
+        alone = discriminator([{**row, "slate_items_json": [row["slate_items_json"][1]], "n_options": 1}])
+    assert abs(alone[0, 0].item() - table[0, 1].item()) < 1e-5
+    trainer = disc.Trainer(discriminator.train(), rows[:20], lr=1e-3, buffer_size=32, human_fraction=0.5,
+                           batch_size=4, label_smoothing=0.0, gradient_penalty=0.1, negatives="all", seed=0, rank=0)
+    trainer.add_policy_pairs([disc.Pair(i, 1) for i in range(20)])
+    before = [p.clone() for p in discriminator.parameters()]
+    assert math.isfinite(trainer.step()["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, discriminator.parameters()))
