@@ -122,6 +122,8 @@ def _check_item(item, field, text_keys, int_keys, needs_label):
 def _gold_index(row, slate):
     """1-based gold position from `gold_index` and/or `next_video_id`; both must agree when present."""
     index = row.get("gold_index")
+    if isinstance(index, float) and index.is_integer():  # parquet/pandas store ints with nulls as floats
+        index = int(index)
     if index is not None:
         if isinstance(index, bool) or not isinstance(index, int):
             raise BadRow("wrong_type:gold_index")
@@ -174,8 +176,22 @@ def clean_row(row):
         raise BadRow("bad_opinion_direction")
     out = dict(row)
     out.update(slate_items_json=slate, watched_detailed_json=history, gold_index=gold,
-               n_options=len(slate), participant_key=participant_key(row))
+               n_options=len(slate), participant_key=participant_key(row),
+               reference_predictions=_reference_predictions(row.get("reference_predictions")))
     return out
+
+
+def _reference_predictions(value):
+    """The published checkpoints' answers ({name: option or None}); optional, so an unreadable
+    value is dropped rather than the row."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): v for k, v in value.items() if v is None or (isinstance(v, int) and not isinstance(v, bool))}
 
 
 def participant_key(row):
