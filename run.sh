@@ -14,6 +14,13 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --time=24:00:00
 #SBATCH --output=logs/%x-%j.out
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#
+# Preemption: SLURM signals this script 5 minutes before the time limit (or on preemption); it
+# asks the trainer to stop through GRAIL_STOP_FILE, the trainer finishes its step, checkpoints,
+# deletes the file and exits (code 99), and the job is requeued; the requeued job resumes from
+# that checkpoint.
 set -euo pipefail
 # sbatch runs a copy of this script from its spool folder: work from where the job was submitted.
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$(readlink -f "$0")")}"
@@ -54,13 +61,34 @@ if [ "$NGPU" -eq 0 ]; then
   OUT=$(printf '%s\n' "$@" | sed -n 's/^--output_dir=//p' | tail -n 1)
   exec "$PY" reports.py "${OUT:-out/default}"
 fi
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+  export GRAIL_STOP_FILE="${GRAIL_STOP_FILE:-$PWD/logs/stop-$SLURM_JOB_ID}"
+  rm -f "$GRAIL_STOP_FILE"
+fi
 NNODES="${SLURM_NNODES:-1}"
 if [ "$NNODES" -gt 1 ]; then
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
   MASTER_PORT="${MASTER_PORT:-29500}"
   export MASTER_ADDR MASTER_PORT
-  exec srun --ntasks-per-node=1 "$PY" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NGPU" \
-    --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${SLURM_JOB_ID:-grail}" \
-    train_grail.py "$@"
+  launch=(srun --ntasks-per-node=1 "$PY" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NGPU"
+          --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${SLURM_JOB_ID:-grail}")
+else
+  launch=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU")
 fi
-exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" train_grail.py "$@"
+"${launch[@]}" train_grail.py "$@" &
+child=$!
+stop_asked=0
+trap 'stop_asked=1; [ -n "${GRAIL_STOP_FILE:-}" ] && touch "$GRAIL_STOP_FILE"' USR1 TERM
+rc=0
+while :; do  # a trapped signal makes `wait` return early: wait again while the trainer runs
+  wait "$child" && rc=0 || rc=$?
+  kill -0 "$child" 2>/dev/null || break
+done
+# The trainer deletes the stop file once it has checkpointed (torchrun reports its exit code 99 as a
+# failure, exit 1, so the file is the signal).
+if [ "$stop_asked" -eq 1 ] && [ -n "${SLURM_JOB_ID:-}" ] && [ ! -e "$GRAIL_STOP_FILE" ]; then
+  echo "[run.sh] checkpointed on request: requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$rc"

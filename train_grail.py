@@ -14,6 +14,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -107,9 +108,12 @@ class Config:
     resume: bool = True           # continue from the latest checkpoint in output_dir
     seed: int = 42
     dist_timeout_minutes: int = 60  # generation of long completions on one rank can be slow
+    grail_stop_file: str = ""     # env GRAIL_STOP_FILE: when this file appears, checkpoint and exit (run.sh under SLURM)
 
 
 ENV_PREFIXES = ("GAIL_", "GRAIL_")
+PREEMPTED_EXIT_CODE = 99  # "checkpointed on request, requeue me"; run.sh requeues the SLURM job on it
+STOP = {"requested": False}  # set by SIGTERM / SIGUSR1 (see main)
 CONFIG_FILE_ALIASES = {"dataset_name": "dataset"}
 # Upstream/TRL recipe keys that mean nothing here: a recipe that sets them runs, with one warning.
 FOREIGN_KEYS = {
@@ -1115,8 +1119,16 @@ def train(cfg, ctx, ignored_keys=()):
                                  acc=f"{metrics['reward/accuracy/mean']:.3f}",
                                  zero_std=f"{metrics['frac_reward_zero_std']:.2f}", s=f"{seconds:.1f}")
         done = step + 1 == cfg.max_steps
-        if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or done):
+        saved = cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or done)
+        if saved:
             save_checkpoint(model, tokenizer, optimizer, scheduler, gail, step + 1, cfg, ctx)
+        if not done and stop_requested(cfg, ctx):  # every rank agrees, so all stop after the same step
+            if not saved:
+                save_checkpoint(model, tokenizer, optimizer, scheduler, gail, step + 1, cfg, ctx)
+            log(ctx, f"[stop] requested: checkpoint-{step + 1:06d} written; a restart resumes from it")
+            if ctx.is_main and cfg.grail_stop_file:  # consumed: the resumed run must not stop again
+                Path(cfg.grail_stop_file).unlink(missing_ok=True)
+            return "preempted"
         if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and not done:
             run_eval(model, tokenizer, val_rows, train_rows, cfg, ctx, step=step + 1)
     final = None
@@ -1125,6 +1137,12 @@ def train(cfg, ctx, ignored_keys=()):
     log(ctx, f"[done] outputs in {out_dir}/: metrics.jsonl, completions.jsonl, eval.json, "
              f"evals/, checkpoint-*/")
     return final
+
+
+def stop_requested(cfg, ctx):
+    """Has any rank been asked to stop (a signal, or the stop file)? One all-reduce per step."""
+    local = STOP["requested"] or bool(cfg.grail_stop_file and Path(cfg.grail_stop_file).exists())
+    return all_reduce_sum(torch.tensor(float(local), device=ctx.device)).item() > 0
 
 
 def build_gail(cfg, model, tokenizer, train_rows, ctx):
@@ -1209,9 +1227,12 @@ def main():
 
     transformers.utils.logging.disable_progress_bar()  # per-tensor load bars drown the training log
     cfg, ignored = parse_config(sys.argv[1:], os.environ)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption: finish the step, checkpoint, exit
+        signal.signal(sig, lambda *_: STOP.update(requested=True))
     ctx = setup_distributed(cfg.dist_timeout_minutes)
     try:
-        train(cfg, ctx, ignored)
+        if train(cfg, ctx, ignored) == "preempted":
+            raise SystemExit(PREEMPTED_EXIT_CODE)
     except (data.DataError, FileNotFoundError) as err:  # a bad dataset is a message, not a traceback
         raise SystemExit(f"[data] {err}") from None
     finally:
