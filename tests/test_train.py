@@ -95,7 +95,7 @@ def test_shipped_recipes_parse():
 # --- end to end ------------------------------------------------------------------------------
 
 def run_cli(args, nproc=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_TOKEN="hf_SECRET_token_for_the_test")
     env.pop("GAIL_USE", None)
     launcher = [sys.executable] if nproc is None else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -135,6 +135,9 @@ def test_two_step_run_writes_metrics_eval_and_a_loadable_checkpoint(tiny_model_d
     assert config["environment"]["torch"] == torch.__version__
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-000002")
     assert model.config.vocab_size > 0
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".txt", ".md")]
+    assert written and not any("hf_SECRET" in p.read_text(errors="ignore") for p in written)
+    assert "hf_SECRET" not in result.stdout + result.stderr
     assert "[eval step 0" in result.stdout and "always_last" in result.stdout
 
 
