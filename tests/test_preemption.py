@@ -22,8 +22,9 @@ def args(model_dir, out_dir):
 
 
 def env(**extra):
-    out = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    out = dict(os.environ, OMP_NUM_THREADS="1")
     out.pop("GAIL_USE", None)
+    out.update(extra)
     return out
 
 
@@ -41,11 +42,20 @@ def start_and_interrupt(cmd, out_dir, environment, interrupt):
     return proc.returncode, stdout + stderr
 
 
-@pytest.mark.parametrize("how", ["stop_file", "sigterm", "sigusr1"])
-def test_stop_checkpoints_and_the_restart_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, how):
+def same_tensors(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_tensors(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+@pytest.mark.parametrize("how, gail", [("stop_file", "0"), ("sigterm", "0"), ("sigusr1", "1")])
+def test_stop_checkpoints_and_the_restart_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, how, gail):
+    gail_env = {"GAIL_USE": gail, "GAIL_WARMUP_STEPS": "1", "GAIL_DISC_BATCH": "8"}
     straight = tmp_path / "straight"
-    done = subprocess.run(args(tiny_model_dir, straight), cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(args(tiny_model_dir, straight), cwd=ROOT, env=env(**gail_env), capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
 
     out = tmp_path / "interrupted"
@@ -53,15 +63,22 @@ def test_stop_checkpoints_and_the_restart_matches_an_uninterrupted_run(tiny_mode
     signals = {"sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1}
     interrupt = (lambda proc: stop_file.touch()) if how == "stop_file" else \
         (lambda proc: proc.send_signal(signals[how]))
-    rc, log = start_and_interrupt(args(tiny_model_dir, out), out, env(GRAIL_STOP_FILE=str(stop_file)), interrupt)
+    rc, log = start_and_interrupt(args(tiny_model_dir, out), out, env(GRAIL_STOP_FILE=str(stop_file), **gail_env),
+                                  interrupt)
     assert rc == 99, log[-2000:]
     assert "[stop] requested" in log and not stop_file.exists()  # consumed
     saved = sorted(out.glob("checkpoint-*"))
     assert len(saved) == 1 and 2 <= int(saved[0].name.split("-")[1]) < 6
 
-    resumed = subprocess.run(args(tiny_model_dir, out), cwd=ROOT, env=env(GRAIL_STOP_FILE=str(stop_file)),
+    resumed = subprocess.run(args(tiny_model_dir, out), cwd=ROOT, env=env(GRAIL_STOP_FILE=str(stop_file), **gail_env),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = load_file(straight / "checkpoint-000006" / "model.safetensors")
-    b = load_file(out / "checkpoint-000006" / "model.safetensors")
+    final_a, final_b = straight / "checkpoint-000006", out / "checkpoint-000006"
+    a, b = load_file(final_a / "model.safetensors"), load_file(final_b / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_tensors(torch.load(final_a / "optimizer.pt", weights_only=True),
+                        torch.load(final_b / "optimizer.pt", weights_only=True))
+    if gail == "1":
+        assert same_tensors(torch.load(final_a / "disc.pt", weights_only=True),
+                            torch.load(final_b / "disc.pt", weights_only=True))
+        assert (final_a / "disc_rank0.json").read_text() == (final_b / "disc_rank0.json").read_text()
