@@ -12,7 +12,6 @@ class Rollout:
     completion_mask: torch.Tensor  # [B*G, C] 1 up to and including the first end-of-turn token
     texts: list                    # [B*G] decoded completions (special tokens removed)
     truncated: torch.Tensor        # [B*G] bool: no end-of-turn token within the budget
-    num_generations: int
 
 
 def unwrap(model):
@@ -105,4 +104,4 @@ def generate(model, tokenizer, prompt_texts, num_generations, max_new_tokens,
     mask, truncated = completion_mask(completion_ids, stop_ids)
     completion_ids = completion_ids.masked_fill(mask == 0, pad_id)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, texts, truncated, num_generations)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, texts, truncated)

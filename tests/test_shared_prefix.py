@@ -58,12 +58,17 @@ def test_sliding_window_cache_takes_the_padded_batch_prefill(tmp_path):
     assert_same(model, batch, logp_tol=1e-5, grad_rel_tol=1e-5)
 
 
+def real_prompts(tokenizer, n=2):
+    """The first training rows' prompts in answer mode, as the default run renders them."""
+    train_rows, _ = data.load_examples("", 0.1, 0, log=lambda msg: None)
+    cfg = tg.Config(prompt_mode="answer")
+    return [tg.prompt_text(tokenizer, row, cfg) for row in train_rows[:n]]
+
+
 def test_training_forward_matches_naive_on_the_real_model(embedded_model_dir):
     model = tg.load_model(embedded_model_dir, CPU, trainable=True)
     tokenizer = tg.load_tokenizer(embedded_model_dir)
-    train_rows, _ = data.load_examples("", 0.1, 0, log=lambda msg: None)
-    cfg = tg.Config(prompt_mode="answer")
-    prompts = [tg.prompt_text(tokenizer, row, cfg) for row in train_rows[:2]]
+    prompts = real_prompts(tokenizer)
     prompt_ids, prompt_mask = rollout.encode_prompts(tokenizer, prompts, CPU)
     batch = random_batch(model.config.vocab_size, n_prompts=2, G=2, C=6)
     batch.update(prompt_ids=prompt_ids, prompt_mask=prompt_mask)
@@ -105,9 +110,7 @@ def test_shared_prefix_generation_equals_plain_generate(tiny_model_dir, greedy):
 def test_shared_prefix_greedy_generation_on_the_real_model(embedded_model_dir):
     model = tg.load_model(embedded_model_dir, CPU, trainable=False)
     tokenizer = tg.load_tokenizer(embedded_model_dir)
-    train_rows, _ = data.load_examples("", 0.1, 0, log=lambda msg: None)
-    cfg = tg.Config(prompt_mode="answer")
-    prompts = [tg.prompt_text(tokenizer, row, cfg) for row in train_rows[:2]]
+    prompts = real_prompts(tokenizer)
     plain = rollout.generate(model, tokenizer, prompts, 2, 6, greedy=True, shared_prefix=False)
     shared = rollout.generate(model, tokenizer, prompts, 2, 6, greedy=True, shared_prefix=True)
     assert plain.texts == shared.texts and torch.equal(plain.completion_ids, shared.completion_ids)
