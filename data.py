@@ -265,7 +265,10 @@ def _rows_from_files(paths, kind):
     for path in paths:
         text = path.read_text(encoding="utf-8", errors="replace")
         if path.suffix == ".json" and text.lstrip().startswith("["):
-            rows.extend(json.loads(text))
+            try:
+                rows.extend(json.loads(text))
+            except ValueError as err:  # one broken array loses every row: say which file
+                raise DataError(f"{path}: not a JSON array of rows ({err})") from None
             continue
         for line in text.splitlines():
             if not line.strip():

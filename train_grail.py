@@ -1054,7 +1054,6 @@ def disc_metrics(ranks):
 def train(cfg, ctx, ignored_keys=()):
     out_dir = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed + ctx.rank)  # per-rank seed: ranks sample different completions
-    random.seed(cfg.seed + ctx.rank)
     if ignored_keys:
         log(ctx, f"[config] ignored recipe keys with no meaning here: {', '.join(sorted(ignored_keys))}")
     train_rows, val_rows = data.load_examples(cfg.dataset, cfg.val_fraction, cfg.seed, lambda msg: log(ctx, msg))

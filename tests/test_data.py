@@ -178,3 +178,10 @@ def test_cli_prints_render_match(tmp_path, bundled):
                          cwd=data.DATA_DIR.parent, check=True).stdout
     assert f"render_match: {len(rows)}/{len(rows)}" in out
     assert "malformed_json:line" in out
+
+
+def test_broken_json_array_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('[{"slate_items_json": [], ', encoding="utf-8")
+    with pytest.raises(data.DataError, match="rows.json: not a JSON array"):
+        data.load_raw(str(path))
