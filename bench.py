@@ -8,8 +8,8 @@ one warm-up, then `runs` timed repetitions; the table shows medians and the rati
 measured in the same invocation:
   (a) plain `generate` (each prompt prefilled G times) vs shared-prefix generation
   (b) naive forward+backward (G full prompt+completion rows per prompt) vs shared-prefix
-  (c) one full GRPO step (rollout, rewards, update) with the shared prefix, beta 0 and 0.04, and
-      with one prompt per micro-batch (gradient accumulation) for a lower peak
+  (c) one full GRPO step (rollout, rewards, update) with the shared prefix: beta 0, then with
+      activation checkpointing (the low-memory setting) at beta 0, beta 0.04 and with GAIL
   (d) peak RSS of each phase, and training tokens processed vs unique
   (e) scoring B=8 x G completions with the discriminator: disc.py's logit table vs upstream's way
       (render one text per completion, one pass each of an encoder of the same width and depth)
@@ -33,10 +33,11 @@ PHASES = {  # name: (label, baseline phase for the ratio)
     "generate_shared": ("(a) generate, shared prefix", "generate_plain"),
     "train_naive": ("(b) forward+backward, naive", None),
     "train_shared": ("(b) forward+backward, shared prefix", "train_naive"),
+    "train_shared_ckpt": ("(b) forward+backward, shared prefix, activation checkpointing", "train_naive"),
     "step_beta0": ("(c) full GRPO step, beta 0", None),
-    "step_beta004": ("(c) full GRPO step, beta 0.04 (reference model)", None),
-    "step_beta0_accum": ("(c) full GRPO step, beta 0, one prompt per micro-batch", None),
-    "step_gail": ("(c) full GRPO step, beta 0, with the discriminator (GAIL_USE=1)", None),
+    "step_beta0_ckpt": ("(c) full GRPO step, beta 0, activation checkpointing", None),
+    "step_beta004_ckpt": ("(c) full GRPO step, beta 0.04 (reference model), activation checkpointing", None),
+    "step_gail_ckpt": ("(c) full GRPO step, beta 0, discriminator (GAIL_USE=1), activation checkpointing", None),
 }
 # Scoring one step's completions with the discriminator; both in one process (phase "disc").
 DISC_PHASES = {
@@ -84,31 +85,33 @@ def timed(fn, runs):
 
 
 def run_phase(args):
+    phase = args["phase"]
     ctx, path, cfg, train_rows = setup(args)
-    model = tg.load_model(path, ctx.device, trainable=True)
+    model = tg.load_model(path, ctx.device, trainable=True, checkpointing=phase.endswith("_ckpt"))
     tokenizer = tg.load_tokenizer(path)
     texts = prompts(tokenizer, train_rows, cfg)
-    G, phase = cfg.num_generations, args["phase"]
+    G = cfg.num_generations
     extra = {}
     if phase.startswith("generate"):
         model.eval()
 
         def fn():
             torch.manual_seed(0)
-            out = rollout.generate(model, tokenizer, texts, G, cfg.max_completion_length, shared_prefix=phase.endswith("shared"))
+            out = rollout.generate(model, tokenizer, texts, G, cfg.max_completion_length,
+                                   shared_prefix=phase.endswith("shared"))
             extra["completion_tokens"] = int(out.completion_mask.sum())
     elif phase.startswith("train"):
         torch.manual_seed(0)
         out = rollout.generate(model, tokenizer, texts, G, cfg.max_completion_length)
         batch = {"prompt_ids": out.prompt_ids, "prompt_mask": out.prompt_mask,
                  "completion_ids": out.completion_ids, "completion_mask": out.completion_mask}
-        shared = phase.endswith("shared")
+        shared = "shared" in phase
         model.train()
         prompt_real = int(out.prompt_mask.sum())
         N, P = out.prompt_ids.shape[0] * G, out.prompt_ids.shape[1]
         C = out.completion_ids.shape[1]
         extra["tokens_unique"] = prompt_real + int(out.completion_mask.sum())
-        extra["tokens_processed"] = prompt_real + N * C if shared else N * (P + C)
+        extra["tokens_processed"] = extra["tokens_unique"] if shared else N * (P + C)  # shared: no pads
         extra["prompt_tokens"] = out.prompt_mask.sum(dim=1).tolist()
 
         def fn():
@@ -118,10 +121,8 @@ def run_phase(args):
     elif phase == "disc":
         return run_disc_phase(args, model, tokenizer, train_rows, cfg)
     else:
-        cfg.beta = 0.04 if phase == "step_beta004" else 0.0
-        cfg.gail_use = phase == "step_gail"
-        if phase == "step_beta0_accum":  # lower peak memory: activations of one prompt at a time
-            cfg.gradient_accumulation_steps = cfg.prompts_per_step
+        cfg.beta = 0.04 if phase.startswith("step_beta004") else 0.0
+        cfg.gail_use = phase.startswith("step_gail")
         ref_model = tg.load_model(path, ctx.device, trainable=False) if cfg.beta else None
         optimizer, scheduler = tg.make_optimizer(model, cfg)
         policy = tg.Policy(model, cfg.shared_prefix)

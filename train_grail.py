@@ -322,13 +322,15 @@ def resolve_model(name, ctx):
     return str(target)
 
 
-def load_model(path, device, trainable):
+def load_model(path, device, trainable, checkpointing=False):
     from transformers import AutoModelForCausalLM
 
     # fp32 master weights; bf16 enters through autocast on CUDA.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     if not trainable:
         model.eval().requires_grad_(False)
+    if checkpointing:  # keep only each decoder layer's input for backward, recompute the rest
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -441,7 +443,7 @@ PROMPT_KEYS = ("prompt_ids", "prompt_mask")  # [B, P]; every other batch tensor 
 
 def full_sequence_logprobs(model, batch, temperature):
     """Per-token log-probs [N, C] from G full prompt+completion rows per prompt (the naive forward:
-    each prompt is computed G times). Kept as the reference and for gradient checkpointing."""
+    each prompt is computed G times). The reference the shared-prefix forward is tested against."""
     G = batch["completion_ids"].shape[0] // batch["prompt_ids"].shape[0]
     completion_ids = batch["completion_ids"]
     input_ids = torch.cat([batch["prompt_ids"].repeat_interleave(G, 0), completion_ids], dim=1)
@@ -452,35 +454,64 @@ def full_sequence_logprobs(model, batch, temperature):
     return selective_log_softmax(out.logits[:, :-1] / temperature, completion_ids)
 
 
+def tree_attention_mask(prompt_length, lengths, attn_implementation):
+    """[1, 1, L, L] mask for one prompt followed by its G completions (lengths [G]): every token sees
+    the prompt causally; a completion token also sees its own completion's earlier tokens, never
+    another completion's."""
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"shared_prefix needs attn_implementation 'sdpa' or 'eager', not {attn_implementation!r} "
+                         "(it passes a 4D tree mask); set shared_prefix=false")
+    device = lengths.device
+    block = torch.repeat_interleave(torch.arange(-1, len(lengths), device=device),
+                                    torch.cat([lengths.new_tensor([prompt_length]), lengths]))
+    position = torch.arange(len(block), device=device)
+    allowed = (position[None, :] <= position[:, None]) & ((block[None, :] == -1) | (block[None, :] == block[:, None]))
+    if attn_implementation == "eager":  # eager attention adds the mask to the scores
+        allowed = torch.zeros(allowed.shape, device=device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return allowed[None, None]
+
+
 def shared_prefix_logprobs(model, batch, temperature):
-    """Per-token log-probs [N, C] computing each prompt once: the prompt pass builds a KV cache
-    (with grad), the cache is repeated G ways, and the completions attend to it. Autograd then
-    flows into each prompt once, with the sum of its G completions' gradients."""
-    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
-    completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
-    G = completion_ids.shape[0] // prompt_ids.shape[0]
-    cache, last_prompt_logits = rollout.prompt_cache(model, prompt_ids, prompt_mask, G)
-    attention_mask = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask], dim=1)
-    C = completion_ids.shape[1]
-    positions = prompt_mask.sum(dim=1, keepdim=True).repeat_interleave(G, 0) + torch.arange(
-        C, device=completion_ids.device)
-    completion_out = model(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions,
-                           past_key_values=cache, use_cache=True, logits_to_keep=C)
-    # Token 0 is predicted by the last prompt position, token t by completion position t - 1.
-    logits = torch.cat([last_prompt_logits.repeat_interleave(G, 0), completion_out.logits[:, :-1]], dim=1)
-    return selective_log_softmax(logits / temperature, completion_ids)
+    """Per-token log-probs [N, C] computing each prompt once: each prompt (unpadded) and its G
+    completions (unpadded) run as one sequence under a tree mask, so autograd flows into the prompt
+    once, with the sum of its G completions' gradients. No KV cache is involved, which keeps
+    activation checkpointing usable."""
+    C = batch["completion_ids"].shape[1]
+    out = []
+    for group in micro_batches(batch, batch["prompt_ids"].shape[0]):  # one prompt and its G samples
+        prompt = group["prompt_ids"][0][group["prompt_mask"][0].bool()]
+        lengths = group["completion_mask"].sum(dim=1)  # the mask is a prefix: up to the stop token
+        P = len(prompt)
+        window = getattr(model.config, "sliding_window", None)
+        if window and P + int(lengths.max()) > window:  # the tree mask has no window: compute naively
+            out.append(full_sequence_logprobs(model, group, temperature))
+            continue
+        device = prompt.device
+        tokens = torch.cat([prompt] + [ids[:n] for ids, n in zip(group["completion_ids"], lengths.tolist())])
+        positions = torch.cat([torch.arange(P, device=device)] +
+                              [P + torch.arange(n, device=device) for n in lengths.tolist()])
+        # Each completion token is predicted by the position before it; a completion's first token
+        # by the prompt's last one.
+        predictors = torch.arange(P, len(tokens), device=device) - 1
+        predictors[(torch.cumsum(lengths, 0) - lengths)[lengths > 0]] = P - 1
+        logits = model(input_ids=tokens[None], position_ids=positions[None], use_cache=False,
+                       attention_mask=tree_attention_mask(P, lengths, model.config._attn_implementation),
+                       logits_to_keep=predictors).logits
+        flat = selective_log_softmax(logits / temperature, tokens[None, P:])[0]
+        rows = torch.nn.utils.rnn.pad_sequence(list(flat.split(lengths.tolist())), batch_first=True)
+        out.append(torch.nn.functional.pad(rows, (0, C - rows.shape[1])))
+    return torch.cat(out)
 
 
 def completion_logprobs(model, batch, temperature, shared_prefix=True):
-    # HF drops the KV cache inside checkpointed layers, so checkpointing takes the full-sequence path.
-    if shared_prefix and not (getattr(model, "is_activation_checkpointing", False) and model.training):
+    if shared_prefix:
         return shared_prefix_logprobs(model, batch, temperature)
     return full_sequence_logprobs(model, batch, temperature)
 
 
 class Policy(torch.nn.Module):
-    """The module DDP wraps. The shared-prefix forward makes two model calls (prompts, then
-    completions on their cache); inside one module call DDP sees one forward per backward."""
+    """The module DDP wraps: the shared-prefix forward makes one model call per prompt, and inside
+    one module call DDP sees one forward per backward."""
 
     def __init__(self, model, shared_prefix):
         super().__init__()
@@ -625,8 +656,9 @@ def grpo_update(policy, optimizer, scheduler, batch, cfg, ctx):
 
 
 def make_optimizer(model, cfg):
+    # fused: one kernel per step, without the parameter-sized temporaries of the per-tensor loop.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, fused=True)
     total = max(1, cfg.max_steps * cfg.num_iterations)
     warmup = int(cfg.warmup_ratio * total)
 
@@ -1075,9 +1107,8 @@ def train(cfg, ctx, ignored_keys=()):
     resume_from = checkpoints(out_dir)[-1] if cfg.resume and checkpoints(out_dir) else None
     policy_path = str(resume_from) if resume_from else model_path
     tokenizer = load_tokenizer(policy_path)
-    model = load_model(policy_path, ctx.device, trainable=True)  # generation and checkpoints use it bare
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # Generation and checkpoints use the bare model; the update goes through `policy`.
+    model = load_model(policy_path, ctx.device, trainable=True, checkpointing=cfg.gradient_checkpointing)
     ref_model = load_model(model_path, ctx.device, trainable=False) if cfg.beta else None
     gail = build_gail(cfg, model, tokenizer, train_rows, ctx) if cfg.gail_use else None
     policy = wrap_policy(model, cfg, ctx)

@@ -76,16 +76,47 @@ def test_training_forward_matches_naive_on_the_real_model(embedded_model_dir):
     assert_same(model, batch, logp_tol=1e-4, grad_rel_tol=1e-4)
 
 
-def test_checkpointed_model_takes_the_full_sequence_path(tiny_model_dir):
+def test_shared_prefix_under_activation_checkpointing_matches_naive(tiny_model_dir):
     model = tg.load_model(str(tiny_model_dir), CPU, trainable=True)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    assert model.is_activation_checkpointing
+    assert_same(model, random_batch(model.config.vocab_size), logp_tol=1e-5, grad_rel_tol=1e-5)
+
+
+def test_each_prompt_and_completion_token_is_computed_once(tiny_model_dir):
+    model = tg.load_model(str(tiny_model_dir), CPU, trainable=True)
     batch = random_batch(model.config.vocab_size)
-    logp, grads = logprobs_and_grads(model, batch, shared=True)
-    model.activation_checkpointing_disable()
-    want, want_grads = logprobs_and_grads(model, batch, shared=False)
-    assert torch.allclose(logp, want, atol=1e-5)
-    assert all(torch.allclose(grads[k], want_grads[k], atol=1e-6) for k in grads)
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].numel()))
+    tg.completion_logprobs(model, batch, temperature=1.0, shared_prefix=True)
+    hook.remove()
+    assert len(seen) == batch["prompt_ids"].shape[0]  # one model call per prompt
+    assert sum(seen) == int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())  # no pads, no repeats
+
+
+def test_window_shorter_than_the_sequence_falls_back_to_the_naive_forward(tmp_path):
+    import tiny
+
+    model = tg.load_model(str(tiny.make_tiny_model(tmp_path, sliding_window=10)), CPU, trainable=True)
+    batch = random_batch(model.config.vocab_size)  # prompts of 4-12 tokens, completions of up to 7
+    assert_same(model, batch, logp_tol=1e-5, grad_rel_tol=1e-5)
+
+
+def test_tree_mask_rejects_attention_without_4d_masks():
+    with pytest.raises(ValueError, match="shared_prefix=false"):
+        tg.tree_attention_mask(5, torch.tensor([2, 3]), "flash_attention_2")
+
+
+def test_tree_mask_by_hand():
+    mask = tg.tree_attention_mask(2, torch.tensor([2, 1]), "sdpa")[0, 0].int()
+    assert mask.tolist() == [[1, 0, 0, 0, 0],   # prompt token 0
+                             [1, 1, 0, 0, 0],   # prompt token 1
+                             [1, 1, 1, 0, 0],   # completion 0, token 0
+                             [1, 1, 1, 1, 0],   # completion 0, token 1
+                             [1, 1, 0, 0, 1]]   # completion 1, token 0: not completion 0
+    additive = tg.tree_attention_mask(2, torch.tensor([2, 1]), "eager")[0, 0]
+    assert torch.equal(additive == 0, mask.bool())
 
 
 def chat(tokenizer, text):
