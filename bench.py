@@ -8,8 +8,9 @@ one warm-up, then `runs` timed repetitions; the table shows medians and the rati
 measured in the same invocation:
   (a) plain `generate` (each prompt prefilled G times) vs shared-prefix generation
   (b) naive forward+backward (G full prompt+completion rows per prompt) vs shared-prefix
-  (c) one full GRPO step (rollout, rewards, update) with the shared prefix: beta 0, then with
-      activation checkpointing (the low-memory setting) at beta 0, beta 0.04 and with GAIL
+  (c) one full GRPO step (rollout, rewards, update) with the shared prefix: beta 0, then in the
+      low-memory setting (activation checkpointing, one prompt per micro-batch) at beta 0, beta 0.04
+      and with the discriminator
   (d) peak RSS of each phase, and training tokens processed vs unique
   (e) scoring B=8 x G completions with the discriminator: disc.py's logit table vs upstream's way
       (render one text per completion, one pass each of an encoder of the same width and depth)
@@ -35,9 +36,9 @@ PHASES = {  # name: (label, baseline phase for the ratio)
     "train_shared": ("(b) forward+backward, shared prefix", "train_naive"),
     "train_shared_ckpt": ("(b) forward+backward, shared prefix, activation checkpointing", "train_naive"),
     "step_beta0": ("(c) full GRPO step, beta 0", None),
-    "step_beta0_ckpt": ("(c) full GRPO step, beta 0, activation checkpointing", None),
-    "step_beta004_ckpt": ("(c) full GRPO step, beta 0.04 (reference model), activation checkpointing", None),
-    "step_gail_ckpt": ("(c) full GRPO step, beta 0, discriminator (GAIL_USE=1), activation checkpointing", None),
+    "step_beta0_lowmem": ("(c) full GRPO step, beta 0, low-memory setting", None),
+    "step_beta004_lowmem": ("(c) full GRPO step, beta 0.04 (reference model), low-memory setting", None),
+    "step_gail_lowmem": ("(c) full GRPO step, beta 0, discriminator (GAIL_USE=1), low-memory setting", None),
 }
 # Scoring one step's completions with the discriminator; both in one process (phase "disc").
 DISC_PHASES = {
@@ -87,7 +88,7 @@ def timed(fn, runs):
 def run_phase(args):
     phase = args["phase"]
     ctx, path, cfg, train_rows = setup(args)
-    model = tg.load_model(path, ctx.device, trainable=True, checkpointing=phase.endswith("_ckpt"))
+    model = tg.load_model(path, ctx.device, trainable=True, checkpointing=phase.endswith(("_ckpt", "_lowmem")))
     tokenizer = tg.load_tokenizer(path)
     texts = prompts(tokenizer, train_rows, cfg)
     G = cfg.num_generations
@@ -123,6 +124,8 @@ def run_phase(args):
     else:
         cfg.beta = 0.04 if phase.startswith("step_beta004") else 0.0
         cfg.gail_use = phase.startswith("step_gail")
+        if phase.endswith("_lowmem"):  # the activations of one prompt at a time
+            cfg.gradient_accumulation_steps = cfg.prompts_per_step
         ref_model = tg.load_model(path, ctx.device, trainable=False) if cfg.beta else None
         optimizer, scheduler = tg.make_optimizer(model, cfg)
         policy = tg.Policy(model, cfg.shared_prefix)
