@@ -82,15 +82,27 @@ def completion_mask(completion_ids, stop_ids):
 @torch.no_grad()
 def generate(model, tokenizer, prompt_texts, num_generations, max_new_tokens,
              temperature=1.0, top_p=1.0, greedy=False, shared_prefix=True):
-    """G completions per prompt. Greedy mode (evaluation) takes the argmax.
+    """G completions per prompt. Greedy mode (evaluation) takes the argmax."""
+    policy = unwrap(model)
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompt_texts, next(policy.parameters()).device)
+    stop_ids = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    completion_ids = sample(policy, prompt_ids, prompt_mask, num_generations, max_new_tokens, stop_ids, pad_id,
+                            temperature, top_p, greedy, shared_prefix)
+    mask, truncated = completion_mask(completion_ids, stop_ids)
+    completion_ids = completion_ids.masked_fill(mask == 0, pad_id)
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, texts, truncated)
+
+
+@torch.no_grad()
+def sample(policy, prompt_ids, prompt_mask, num_generations, max_new_tokens, stop_ids, pad_id,
+           temperature=1.0, top_p=1.0, greedy=False, shared_prefix=True):
+    """Completion token ids [B*G, <= max_new_tokens] of a left-padded prompt batch; with no stop ids,
+    every sample runs the whole budget.
 
     With `shared_prefix` each prompt is prefilled once and its cache expanded G ways, where
     `num_return_sequences=G` would prefill every prompt G times."""
-    policy = unwrap(model)
-    device = next(policy.parameters()).device
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompt_texts, device)
-    stop_ids = stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=0)
     inputs = dict(input_ids=prompt_ids.repeat_interleave(num_generations, 0),
                   attention_mask=prompt_mask.repeat_interleave(num_generations, 0))
@@ -98,10 +110,6 @@ def generate(model, tokenizer, prompt_texts, num_generations, max_new_tokens,
         # The cache holds all but the last prompt token; `generate` runs that token per sample.
         inputs["past_key_values"], _ = prompt_cache(policy, prompt_ids[:, :-1], prompt_mask[:, :-1],
                                                     num_generations)
-    out = policy.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=not greedy, eos_token_id=stop_ids,
-                          pad_token_id=pad_id, **sampling)
-    completion_ids = out[:, prompt_ids.shape[1]:]
-    mask, truncated = completion_mask(completion_ids, stop_ids)
-    completion_ids = completion_ids.masked_fill(mask == 0, pad_id)
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, texts, truncated)
+    out = policy.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                          eos_token_id=stop_ids or None, pad_token_id=pad_id, **sampling)
+    return out[:, prompt_ids.shape[1]:]

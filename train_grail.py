@@ -1083,7 +1083,13 @@ def disc_metrics(ranks):
 # Main loop
 
 
+class Preempted(Exception):
+    """A stop was requested (signal or stop file); the checkpoint of step `args[0]` is written."""
+
+
 def train(cfg, ctx, ignored_keys=()):
+    """Train (or with `eval_only`, evaluate) as `cfg` says. Returns the final evaluation's metrics;
+    raises Preempted after checkpointing when a stop is requested."""
     out_dir = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed + ctx.rank)  # per-rank seed: ranks sample different completions
     if ignored_keys:
@@ -1158,7 +1164,7 @@ def train(cfg, ctx, ignored_keys=()):
             log(ctx, f"[stop] requested: checkpoint-{step + 1:06d} written; a restart resumes from it")
             if ctx.is_main and cfg.grail_stop_file:  # consumed: the resumed run must not stop again
                 Path(cfg.grail_stop_file).unlink(missing_ok=True)
-            return "preempted"
+            raise Preempted(step + 1)
         if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and not done:
             run_eval(model, tokenizer, val_rows, train_rows, cfg, ctx, step=step + 1)
     final = None
@@ -1261,8 +1267,9 @@ def main():
         signal.signal(sig, lambda *_: STOP.update(requested=True))
     ctx = setup_distributed(cfg.dist_timeout_minutes)
     try:
-        if train(cfg, ctx, ignored) == "preempted":
-            raise SystemExit(PREEMPTED_EXIT_CODE)
+        train(cfg, ctx, ignored)
+    except Preempted:
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
     except (data.DataError, FileNotFoundError) as err:  # a bad dataset is a message, not a traceback
         raise SystemExit(f"[data] {err}") from None
     finally:

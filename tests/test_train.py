@@ -228,3 +228,13 @@ def test_readme_documents_every_config_key():
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert [f.name for f in dataclasses.fields(tg.Config) if f"`{f.name}`" not in readme] == []
+
+
+def test_stop_file_raises_preempted_after_the_checkpoint(tiny_model_dir, tmp_path):
+    stop = tmp_path / "STOP"
+    stop.touch()
+    out = tmp_path / "run"
+    with pytest.raises(tg.Preempted) as stopped:
+        tg.train(small_cfg(tiny_model_dir, out, max_steps=3, save_steps=0, grail_stop_file=str(stop)), CPU)
+    assert stopped.value.args == (1,)  # after the first step
+    assert [p.name for p in tg.checkpoints(out)] == ["checkpoint-000001"] and not stop.exists()

@@ -1,0 +1,146 @@
+"""Rollout and training throughput, and MFU, on a random-init Qwen2.5-0.5B-shaped model (a script,
+not a test; it needs no download: the weights are random and the prompts random token ids).
+
+    python bench_gpu.py [--shape=qwen2.5-0.5b|tiny] [--prompts=8] [--generations=8] [--prompt_tokens=1024]
+                        [--new_tokens=64] [--runs=3] [--checkpointing=0] [--peak_tflops=0]
+
+One warm-up, then the median of `runs`, each phase on the same batch:
+  rollout  shared-prefix prefill + sampling of exactly `new_tokens` per sample (no stop token)
+  train    shared-prefix forward+backward in bf16 autocast, plus the fused AdamW step
+MFU counts model FLOPs only: per token 2·(decoder matmul parameters) forward and 3× that for
+forward+backward, the attention scores and values (4·layers·hidden per attended key, forward), and
+the LM head where logits are taken. Recomputation under checkpointing is not counted. Peak is the
+bf16 dense peak of the card (H100/H200: 989 TFLOP/s) unless --peak_tflops says otherwise.
+`--shape=tiny` runs the same code on a CPU in seconds (the test of this script).
+"""
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import rollout
+import train_grail as tg
+
+SHAPES = {  # Qwen2.5-0.5B's config.json; tiny only checks the script
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
+}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def parse_args(argv):
+    args = {"shape": "qwen2.5-0.5b", "prompts": 8, "generations": 8, "prompt_tokens": 1024, "new_tokens": 64,
+            "runs": 3, "checkpointing": 0, "peak_tflops": 0.0}
+    for arg in argv:
+        key, _, value = arg.lstrip("-").partition("=")
+        if key not in args:
+            raise SystemExit(f"unknown option {arg}")
+        args[key] = type(args[key])(value)
+    return args
+
+
+def build_model(shape, device, checkpointing):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, bos_token_id=None, eos_token_id=None)
+    model = Qwen2ForCausalLM(config).to(device)  # fp32 master weights, as train_grail loads them
+    model.generation_config.eos_token_id = None  # every sample runs the whole budget
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def matmul_params(model):
+    """Parameters of the decoder layers' matrices (2 FLOPs each per token forward)."""
+    return sum(p.numel() for name, p in model.model.layers.named_parameters() if p.dim() == 2)
+
+
+def forward_flops(model, prompt_tokens, completion_tokens, generations, logits):
+    """Model FLOPs of one forward over a prompt and its G completions (tree attention)."""
+    cfg = model.config
+    tokens = prompt_tokens + generations * completion_tokens
+    attended = prompt_tokens * (prompt_tokens + 1) / 2 + generations * (
+        completion_tokens * prompt_tokens + completion_tokens * (completion_tokens + 1) / 2)
+    return (2 * matmul_params(model) * tokens + 4 * cfg.num_hidden_layers * cfg.hidden_size * attended
+            + 2 * cfg.hidden_size * cfg.vocab_size * logits)
+
+
+def median_seconds(fn, runs, device):
+    def timed():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    timed()  # warm-up
+    return statistics.median(timed() for _ in range(runs))
+
+
+def peak_tflops(args, device):
+    if args["peak_tflops"]:
+        return args["peak_tflops"]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else ""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), 0.0)
+
+
+def run(args):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(args["shape"], device, args["checkpointing"])
+    B, G, P, C = args["prompts"], args["generations"], args["prompt_tokens"], args["new_tokens"]
+    gen = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(0, model.config.vocab_size, (B, P), generator=gen).to(device)
+    prompt_mask = torch.ones_like(prompt_ids)
+    cfg = tg.Config(max_steps=1000, learning_rate=1e-6, bf16=True)
+    ctx = tg.Dist(0, 1, 0, device)
+    completions = {}
+
+    def do_rollout():
+        model.eval()
+        with tg.autocast(cfg, ctx):
+            completions["ids"] = rollout.sample(model, prompt_ids, prompt_mask, G, C, stop_ids=[], pad_id=0)
+
+    rollout_s = median_seconds(do_rollout, args["runs"], device)
+    assert completions["ids"].shape == (B * G, C), completions["ids"].shape
+    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completions["ids"],
+             "completion_mask": torch.ones_like(completions["ids"])}
+    optimizer, _ = tg.make_optimizer(model, cfg)
+
+    def do_train():
+        model.train()
+        with tg.autocast(cfg, ctx):
+            logp = tg.completion_logprobs(model, batch, cfg.temperature)
+        (logp.float().mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    train_s = median_seconds(do_train, args["runs"], device)
+    # Rollout: one prefill of each prompt, then G·C decoded tokens attending to the prompt and their own past.
+    rollout_flops = B * forward_flops(model, P, C, G, logits=G * C)
+    train_flops = 3 * B * forward_flops(model, P, C, G, logits=G * C)
+    peak = peak_tflops(args, device)
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+        **args, "decoder_matmul_params": matmul_params(model),
+        "rollout_s": rollout_s, "rollout_generated_tokens_per_s": B * G * C / rollout_s,
+        "rollout_tflops": rollout_flops / rollout_s / 1e12,
+        "train_s": train_s, "train_tokens_per_s": B * (P + G * C) / train_s,
+        "train_tflops": train_flops / train_s / 1e12, "peak_tflops": peak,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
+    }
+    if peak:
+        result["rollout_mfu"] = result["rollout_tflops"] / peak
+        result["train_mfu"] = result["train_tflops"] / peak
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    run(parse_args(sys.argv[1:]))

@@ -1,0 +1,25 @@
+"""bench_gpu.py (the device throughput/MFU script) runs end to end on a tiny shape and counts FLOPs by hand."""
+import pytest
+
+import bench_gpu
+
+
+def test_tiny_shape_runs_the_whole_script_on_cpu():
+    result = bench_gpu.run(bench_gpu.parse_args(["--shape=tiny", "--prompts=2", "--generations=3",
+                                                 "--prompt_tokens=16", "--new_tokens=5", "--runs=1",
+                                                 "--peak_tflops=1"]))
+    assert result["rollout_s"] > 0 and result["train_s"] > 0
+    assert result["rollout_generated_tokens_per_s"] * result["rollout_s"] == pytest.approx(2 * 3 * 5)
+    assert result["train_tokens_per_s"] * result["train_s"] == pytest.approx(2 * (16 + 3 * 5))
+    assert result["train_mfu"] == result["train_tflops"] and result["decoder_matmul_params"] == 73728
+
+
+def test_flops_by_hand():
+    import torch
+
+    model = bench_gpu.build_model("tiny", torch.device("cpu"), checkpointing=False)
+    per_layer = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128  # q, k, v, o (2 of 4 heads for k/v), MLP
+    assert bench_gpu.matmul_params(model) == 2 * per_layer
+    # prompt of 3, 2 completions of 2: 3 + 4 tokens; keys attended 1+2+3 (prompt) + 2·(4+5) (completions)
+    want = 2 * 2 * per_layer * 7 + 4 * 2 * 64 * (6 + 18) + 2 * 64 * 512 * 4
+    assert bench_gpu.forward_flops(model, 3, 2, 2, logits=4) == want
