@@ -85,6 +85,16 @@ def timed(fn, runs):
     return times
 
 
+def embedded_tokens(model, forward):
+    """Tokens the model computes in `forward` (pads included), counted at the input embedding."""
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].numel()))
+    with torch.no_grad():
+        forward()
+    hook.remove()
+    return sum(seen)
+
+
 def run_phase(args):
     phase = args["phase"]
     ctx, path, cfg, train_rows = setup(args)
@@ -108,11 +118,9 @@ def run_phase(args):
                  "completion_ids": out.completion_ids, "completion_mask": out.completion_mask}
         shared = "shared" in phase
         model.train()
-        prompt_real = int(out.prompt_mask.sum())
-        N, P = out.prompt_ids.shape[0] * G, out.prompt_ids.shape[1]
-        C = out.completion_ids.shape[1]
-        extra["tokens_unique"] = prompt_real + int(out.completion_mask.sum())
-        extra["tokens_processed"] = extra["tokens_unique"] if shared else N * (P + C)  # shared: no pads
+        extra["tokens_unique"] = int(out.prompt_mask.sum() + out.completion_mask.sum())
+        extra["tokens_processed"] = embedded_tokens(model, lambda: tg.completion_logprobs(
+            model, batch, cfg.temperature, shared_prefix=shared))
         extra["prompt_tokens"] = out.prompt_mask.sum(dim=1).tolist()
 
         def fn():
