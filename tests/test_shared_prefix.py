@@ -42,8 +42,11 @@ def assert_same(model, batch, logp_tol, grad_rel_tol):
         assert rel <= 10 * grad_rel_tol, f"{name}: relative gradient difference {rel:.2e}"
 
 
-def test_training_forward_matches_naive_on_tiny_model(tiny_model_dir):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # a boolean tree mask, or an additive one
+def test_training_forward_matches_naive_on_tiny_model(tiny_model_dir, attention):
     model = tg.load_model(str(tiny_model_dir), CPU, trainable=True)
+    model.set_attn_implementation(attention)
+    assert model.config._attn_implementation == attention
     assert_same(model, random_batch(model.config.vocab_size), logp_tol=1e-5, grad_rel_tol=1e-5)
 
 
