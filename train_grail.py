@@ -598,8 +598,8 @@ def micro_batches(batch, n_micro):
 
 
 def autocast(cfg, ctx):
-    """bf16 autocast on CUDA. Every log-prob pass (policy, old policy, reference) uses the same one,
-    or precision alone would move the importance ratio away from 1."""
+    """bf16 autocast on CUDA, for generation and every log-prob pass (policy, old policy, reference):
+    one precision throughout, or precision alone would move the importance ratio away from 1."""
     if cfg.bf16 and ctx.device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
@@ -817,9 +817,10 @@ def generate_share(model, tokenizer, rows, cfg, ctx, num_generations, greedy):
     # eval_batch_size counts prompts: with the shared prefix a prompt's G samples cost one prefill.
     for lo in range(0, len(mine), cfg.eval_batch_size):
         idx = mine[lo:lo + cfg.eval_batch_size]
-        out = rollout.generate(model, tokenizer, [prompt_text(tokenizer, rows[i], cfg) for i in idx],
-                               num_generations, cfg.max_completion_length, temperature=1.0, greedy=greedy,
-                               shared_prefix=cfg.shared_prefix)
+        with autocast(cfg, ctx):
+            out = rollout.generate(model, tokenizer, [prompt_text(tokenizer, rows[i], cfg) for i in idx],
+                                   num_generations, cfg.max_completion_length, temperature=1.0, greedy=greedy,
+                                   shared_prefix=cfg.shared_prefix)
         cut = out.truncated.tolist()
         for j, i in enumerate(idx):
             span = slice(j * num_generations, (j + 1) * num_generations)
@@ -1220,7 +1221,7 @@ def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, ctx, ga
     rows = [training_row(train_rows[i], i, step, cfg) for i in indices]
     G = cfg.num_generations
     model.eval()
-    with full_params(model):
+    with full_params(model), autocast(cfg, ctx):  # samples come from the same bf16 model the log-probs see
         out = rollout.generate(model, tokenizer, [prompt_text(tokenizer, row, cfg) for row in rows], G,
                                cfg.max_completion_length, cfg.temperature, cfg.top_p, shared_prefix=cfg.shared_prefix)
     expanded = [row for row in rows for _ in range(G)]

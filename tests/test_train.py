@@ -238,3 +238,21 @@ def test_stop_file_raises_preempted_after_the_checkpoint(tiny_model_dir, tmp_pat
         tg.train(small_cfg(tiny_model_dir, out, max_steps=3, save_steps=0, grail_stop_file=str(stop)), CPU)
     assert stopped.value.args == (1,)  # after the first step
     assert [p.name for p in tg.checkpoints(out)] == ["checkpoint-000001"] and not stop.exists()
+
+
+def test_rollouts_and_evaluation_generate_under_the_training_autocast(tiny_model_dir, tmp_path, monkeypatch):
+    """On CUDA that is bf16 autocast; here a CPU autocast stands in for it, and every generate call
+    (training rollouts, greedy and sampled evaluation) must run inside it."""
+    import rollout
+
+    inside = []
+    real_generate = rollout.generate
+
+    def recording_generate(*args, **kwargs):
+        inside.append(torch.is_autocast_enabled("cpu"))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(rollout, "generate", recording_generate)
+    monkeypatch.setattr(tg, "autocast", lambda cfg, ctx: torch.autocast("cpu", dtype=torch.bfloat16))
+    tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=1, save_steps=0), CPU)
+    assert len(inside) >= 3 and all(inside)  # eval before, one rollout, eval after
