@@ -249,6 +249,18 @@ def setup_distributed(timeout_minutes):
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def shutdown_distributed(wait_for_peers):
+    """Destroy the process group. After a clean finish every rank waits for the others first: a rank
+    that tears gloo down while a peer is still busy (rank 0 saving, say) can abort at exit with
+    "terminate called without an active exception". After an error a peer may never arrive, so
+    there is no barrier then."""
+    if not dist.is_initialized():
+        return
+    if wait_for_peers:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def all_reduce_sum(tensor):
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -1267,15 +1279,17 @@ def main():
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption: finish the step, checkpoint, exit
         signal.signal(sig, lambda *_: STOP.update(requested=True))
     ctx = setup_distributed(cfg.dist_timeout_minutes)
+    finished = False
     try:
         train(cfg, ctx, ignored)
-    except Preempted:
+        finished = True
+    except Preempted:  # every rank stops after the same step
+        finished = True
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
     except (data.DataError, FileNotFoundError) as err:  # a bad dataset is a message, not a traceback
         raise SystemExit(f"[data] {err}") from None
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(wait_for_peers=finished)
 
 
 if __name__ == "__main__":

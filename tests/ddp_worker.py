@@ -57,8 +57,7 @@ def main(model_dir, out_prefix, loss_type, accumulation=1, shared_prefix=True, f
         state = model.state_dict()
     if ctx.rank == 0 or not fsdp:
         torch.save(state, f"{out_prefix}.rank{ctx.rank}.pt")
-    if ctx.world_size > 1:
-        torch.distributed.destroy_process_group()
+    tg.shutdown_distributed(wait_for_peers=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def main(model_dir, out_prefix):
     for _ in range(2):
         trainer.step()
     torch.save(trainer.disc.state_dict(), f"{out_prefix}.rank{ctx.rank}.pt")
-    torch.distributed.destroy_process_group()
+    tg.shutdown_distributed(wait_for_peers=True)
 
 
 if __name__ == "__main__":
