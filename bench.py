@@ -49,8 +49,13 @@ DISC_PROMPTS = 8
 
 
 def parse_args(argv):
-    args = {"runs": 5, "prompts": 2, "generations": 4, "new_tokens": 32, "prompt_mode": "think",
-            "model": tg.EMBEDDED_MODEL, "threads": 0, "phase": ""}
+    return parse_options(argv, {"runs": 5, "prompts": 2, "generations": 4, "new_tokens": 32, "prompt_mode": "think",
+                                "model": tg.EMBEDDED_MODEL, "threads": 0, "phase": ""})
+
+
+def parse_options(argv, defaults):
+    """`--key=value` arguments over `defaults`, each value cast to its default's type."""
+    args = dict(defaults)
     for arg in argv:
         key, _, value = arg.lstrip("-").partition("=")
         if key not in args:

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+import bench
 import rollout
 import train_grail as tg
 
@@ -33,14 +34,8 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def parse_args(argv):
-    args = {"shape": "qwen2.5-0.5b", "prompts": 8, "generations": 8, "prompt_tokens": 1024, "new_tokens": 64,
-            "runs": 3, "checkpointing": 0, "peak_tflops": 0.0}
-    for arg in argv:
-        key, _, value = arg.lstrip("-").partition("=")
-        if key not in args:
-            raise SystemExit(f"unknown option {arg}")
-        args[key] = type(args[key])(value)
-    return args
+    return bench.parse_options(argv, {"shape": "qwen2.5-0.5b", "prompts": 8, "generations": 8, "prompt_tokens": 1024,
+                                      "new_tokens": 64, "runs": 3, "checkpointing": 0, "peak_tflops": 0.0})
 
 
 def build_model(shape, device, checkpointing):
