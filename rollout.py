@@ -34,11 +34,10 @@ def mask_positions(attention_mask):
 
 
 def prompt_cache(model, prompt_ids, prompt_mask, num_generations):
-    """Run each prompt once and repeat its KV cache G ways: returns (cache laid out like the
-    left-padded batch, logits of each prompt's last token [B, 1, V]).
+    """Run each prompt once and repeat its KV cache G ways, laid out like the left-padded batch.
 
     Each prompt runs alone, without its padding, so no compute goes to pad tokens; its keys and
-    values are then left-padded with zeros, which the attention mask hides. Works with grad."""
+    values are then left-padded with zeros, which the attention mask hides."""
     from transformers.cache_utils import DynamicLayer
 
     P = prompt_ids.shape[1]
@@ -46,17 +45,15 @@ def prompt_cache(model, prompt_ids, prompt_mask, num_generations):
             for ids, mask in zip(prompt_ids, prompt_mask)]
     cache = outs[0].past_key_values
     if not all(type(layer) is DynamicLayer for layer in cache.layers):  # e.g. sliding-window layers
-        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=mask_positions(prompt_mask),
-                    use_cache=True, logits_to_keep=1)
-        cache, logits = out.past_key_values, out.logits
+        cache = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=mask_positions(prompt_mask),
+                      use_cache=True, logits_to_keep=1).past_key_values
     else:
         for i, layer in enumerate(cache.layers):
             layers = [out.past_key_values.layers[i] for out in outs]
             layer.keys = torch.cat([_pad_left(part.keys, P) for part in layers])
             layer.values = torch.cat([_pad_left(part.values, P) for part in layers])
-        logits = torch.cat([out.logits for out in outs])
     cache.batch_repeat_interleave(num_generations)
-    return cache, logits
+    return cache
 
 
 def _pad_left(states, length):
@@ -98,8 +95,8 @@ def generate(model, tokenizer, prompt_texts, num_generations, max_new_tokens,
 @torch.no_grad()
 def sample(policy, prompt_ids, prompt_mask, num_generations, max_new_tokens, stop_ids, pad_id,
            temperature=1.0, top_p=1.0, greedy=False, shared_prefix=True):
-    """Completion token ids [B*G, <= max_new_tokens] of a left-padded prompt batch; with no stop ids,
-    every sample runs the whole budget.
+    """Completion token ids [B*G, <= max_new_tokens] of a left-padded prompt batch. With no stop ids,
+    `generate` falls back to the model's own EOS (bench_gpu.py clears it to run the whole budget).
 
     With `shared_prefix` each prompt is prefilled once and its cache expanded G ways, where
     `num_return_sequences=G` would prefill every prompt G times."""
@@ -108,8 +105,7 @@ def sample(policy, prompt_ids, prompt_mask, num_generations, max_new_tokens, sto
                   attention_mask=prompt_mask.repeat_interleave(num_generations, 0))
     if shared_prefix and num_generations > 1 and prompt_ids.shape[1] > 1:
         # The cache holds all but the last prompt token; `generate` runs that token per sample.
-        inputs["past_key_values"], _ = prompt_cache(policy, prompt_ids[:, :-1], prompt_mask[:, :-1],
-                                                    num_generations)
+        inputs["past_key_values"] = prompt_cache(policy, prompt_ids[:, :-1], prompt_mask[:, :-1], num_generations)
     out = policy.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=not greedy,
                           eos_token_id=stop_ids or None, pad_token_id=pad_id, **sampling)
     return out[:, prompt_ids.shape[1]:]

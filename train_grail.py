@@ -489,12 +489,12 @@ def shared_prefix_logprobs(model, batch, temperature):
     once, with the sum of its G completions' gradients. No KV cache is involved, which keeps
     activation checkpointing usable."""
     C = batch["completion_ids"].shape[1]
+    window = getattr(model.config, "sliding_window", None)
     out = []
     for group in micro_batches(batch, batch["prompt_ids"].shape[0]):  # one prompt and its G samples
         prompt = group["prompt_ids"][0][group["prompt_mask"][0].bool()]
         lengths = group["completion_mask"].sum(dim=1)  # the mask is a prefix: up to the stop token
         P = len(prompt)
-        window = getattr(model.config, "sliding_window", None)
         if window and P + int(lengths.max()) > window:  # the tree mask has no window: compute naively
             out.append(full_sequence_logprobs(model, group, temperature))
             continue

@@ -54,11 +54,18 @@ def test_sliding_window_cache_takes_the_padded_batch_prefill(tmp_path):
     import tiny
     from transformers.cache_utils import DynamicLayer
 
-    model = tg.load_model(str(tiny.make_tiny_model(tmp_path, sliding_window=64)), CPU, trainable=True)
+    folder = str(tiny.make_tiny_model(tmp_path, sliding_window=64))
+    model, tokenizer = tg.load_model(folder, CPU, trainable=True), tg.load_tokenizer(folder)
     batch = random_batch(model.config.vocab_size)
-    cache, _ = rollout.prompt_cache(model, batch["prompt_ids"], batch["prompt_mask"], 4)
+    cache = rollout.prompt_cache(model, batch["prompt_ids"], batch["prompt_mask"], 4)
     assert not all(type(layer) is DynamicLayer for layer in cache.layers)
-    assert_same(model, batch, logp_tol=1e-5, grad_rel_tol=1e-5)
+    prompts = [chat(tokenizer, "VIEWER short"), chat(tokenizer, "OPTIONS 1. a much longer prompt " * 4)]
+    outs = []
+    for shared in (False, True):  # generation from that cache equals plain generate
+        torch.manual_seed(5)
+        outs.append(rollout.generate(model, tokenizer, prompts, 3, 12, shared_prefix=shared).completion_ids)
+    assert torch.equal(outs[0], outs[1])
+    assert_same(model, batch, logp_tol=1e-5, grad_rel_tol=1e-5)  # a window longer than the sequence
 
 
 def real_prompts(tokenizer, n=2):
