@@ -9,8 +9,8 @@ option k reads its score from the table, so scoring B x G completions costs B st
 One discriminator across ranks: rank 0's initial weights are broadcast and every update all-reduces
 the gradients (mean), so every rank holds identical weights after every step.
 """
-import math
 import random
+import statistics
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -19,12 +19,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import data
+import prompts
 
 MAX_STATE_TOKENS = 384   # the state's first tokens: profile, viewpoint, current video, history, survey
 MAX_OPTION_TOKENS = 48   # an option's title
 WIDTH, DEPTH, HEADS = 128, 2, 4  # the built-in encoder
-REWARD_FORMS = ("prob", "logit", "neglog")
+REWARD_FORMS = {"prob": torch.sigmoid, "logit": lambda x: x,
+                "neglog": F.softplus}  # f(logit); -log(1 - sigmoid(x)) = softplus(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,10 +99,10 @@ class Discriminator(torch.nn.Module):
         """Token ids of each row's state [B, Ls] and of all its options [B * N_max, Lo], with an
         option mask [B, N_max]."""
         n_max = max(row["n_options"] for row in rows)
-        options = [data.option_content(item) for row in rows for item in row["slate_items_json"]
+        options = [prompts.option_content(item) for row in rows for item in row["slate_items_json"]
                    + [{"title": ""}] * (n_max - row["n_options"])]
         option_mask = torch.tensor([[k < row["n_options"] for k in range(n_max)] for row in rows])
-        return (self.tokenize([data.render_state(row) for row in rows], MAX_STATE_TOKENS),
+        return (self.tokenize([prompts.render_state(row) for row in rows], MAX_STATE_TOKENS),
                 self.tokenize(options, MAX_OPTION_TOKENS), option_mask)
 
     def score_table(self, encoded, state_embeds=None):
@@ -144,27 +145,18 @@ def build(gail_disc_model, policy, tokenizer, device, seed):
 def reward_values(logits, form, alpha, clip):
     """alpha * f(D) for D = sigmoid(logit), clipped to [-clip, clip]: `prob` D (upstream), `logit`
     log D - log(1 - D), `neglog` -log(1 - D)."""
-    if form == "prob":
-        value = torch.sigmoid(logits)
-    elif form == "logit":
-        value = logits
-    elif form == "neglog":
-        value = F.softplus(logits)  # -log(1 - sigmoid(x)) = softplus(x)
-    else:
-        raise ValueError(f"GAIL reward form {form!r}: choose one of {REWARD_FORMS}")
-    return (alpha * value).clamp(-clip, clip)
+    return (alpha * REWARD_FORMS[form](logits)).clamp(-clip, clip)
 
 
 def choice_rewards(disc, rows, choices, num_generations, form, alpha, clip):
     """Reward of each completion: rows are the B prompts as shown, choices the B x G parsed options
-    (None when unparseable or out of the slate: reward 0, and no D). Returns (rewards, D of each
-    valid choice)."""
+    (1..n_options, or None when unparseable: reward 0, and no D). Returns (rewards, D of each valid
+    choice)."""
     with torch.no_grad():
         table = disc(rows)  # [B, N_max], one state pass for the G samples of a prompt
     prompt = torch.arange(len(choices), device=table.device) // num_generations
-    valid = torch.tensor([c is not None and 1 <= c <= rows[i // num_generations]["n_options"]
-                          for i, c in enumerate(choices)], device=table.device)
-    option = torch.tensor([c - 1 if ok else 0 for c, ok in zip(choices, valid.tolist())], device=table.device)
+    valid = torch.tensor([c is not None for c in choices], device=table.device)
+    option = torch.tensor([0 if c is None else c - 1 for c in choices], device=table.device)
     logits = table[prompt, option]
     rewards = torch.where(valid, reward_values(logits, form, alpha, clip), torch.zeros_like(logits))
     return rewards.tolist(), torch.sigmoid(logits[valid]).tolist()
@@ -182,19 +174,36 @@ class Pair:
     option: int
 
 
-class Trainer:
+class DiscriminatorTrainer:
     """Discriminator updates on human pairs (the training split's clicks) mixed with a replay buffer
-    of the policy's recent choices."""
+    of the policy's recent choices; and the policy's reward from the current discriminator."""
 
-    def __init__(self, disc, rows, lr, buffer_size, human_fraction, batch_size, label_smoothing,
-                 gradient_penalty, negatives, seed, rank):
-        self.disc, self.rows = disc, rows
-        self.optimizer = torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=lr)
-        self.buffer, self.buffer_size = [], buffer_size
-        self.human_fraction, self.batch_size = human_fraction, batch_size
-        self.label_smoothing, self.gradient_penalty = label_smoothing, gradient_penalty
-        self.negatives = negatives
-        self.rng = random.Random(f"{seed}:disc:{rank}")
+    def __init__(self, model, rows, cfg, rank):
+        """model: a Discriminator; rows: the training rows (human pairs index them); cfg: the gail_*
+        settings and the seed."""
+        self.model, self.rows = model, rows
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.gail_lr)
+        self.buffer, self.buffer_size = [], cfg.gail_buffer_size
+        self.human_fraction, self.batch_size = cfg.gail_human_fraction, cfg.gail_disc_batch
+        self.label_smoothing, self.gradient_penalty = cfg.gail_label_smoothing, cfg.gail_gradient_penalty
+        self.negatives = cfg.gail_negatives
+        self.reward_form, self.alpha, self.clip = cfg.gail_reward, cfg.gail_alpha, cfg.gail_reward_clip
+        self.rng = random.Random(f"{cfg.seed}:disc:{rank}")
+
+    def policy_rewards(self, shown_rows, row_indices, choices, num_generations):
+        """The discriminator's reward of each completion (shown_rows: the B prompts' rows as the
+        policy saw them, training rows row_indices; choices: the B x G parsed options or None), and
+        the valid choices queued as negatives. Returns (rewards, D of each valid choice)."""
+        rewards, d_policy = choice_rewards(self.model, shown_rows, choices, num_generations, self.reward_form,
+                                           self.alpha, self.clip)
+        pairs = []
+        for i, choice in enumerate(choices):
+            if choice is not None:  # the chosen item's position in the row's original slate
+                index = row_indices[i // num_generations]
+                item = shown_rows[i // num_generations]["slate_items_json"][choice - 1]
+                pairs.append(Pair(index, self.rows[index]["slate_items_json"].index(item) + 1))
+        self.add_policy_pairs(pairs)
+        return rewards, d_policy
 
     def add_policy_pairs(self, pairs):
         """Keep the policy's valid choices (all of them, or with GAIL_NEGATIVES=wrong only those that
@@ -214,13 +223,13 @@ class Trainer:
         """One update on a mixed batch; returns its statistics."""
         humans, policy = self.sample()
         pairs = humans + policy
-        encoded = self.disc.encode_rows([self.rows[p.row] for p in pairs])
+        encoded = self.model.encode_rows([self.rows[p.row] for p in pairs])
         state_embeds = None
         if self.gradient_penalty:
-            state_embeds = self.disc.encoder.embed_tokens(encoded[0][0]).detach().requires_grad_()
+            state_embeds = self.model.encoder.embed_tokens(encoded[0][0]).detach().requires_grad_()
         # The penalty differentiates twice; the fused attention kernels have no double backward.
         with sdpa_kernel(SDPBackend.MATH) if self.gradient_penalty else nullcontext():
-            table = self.disc.score_table(encoded, state_embeds)
+            table = self.model.score_table(encoded, state_embeds)
         logits = table[torch.arange(len(pairs)), torch.tensor([p.option - 1 for p in pairs])]
         labels = torch.tensor([1.0] * len(humans) + [0.0] * len(policy), device=logits.device)
         targets = labels * (1 - self.label_smoothing) + (1 - labels) * self.label_smoothing
@@ -230,7 +239,7 @@ class Trainer:
             loss = loss + self.gradient_penalty * grad[: len(humans)].pow(2).sum(dim=(1, 2)).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients(self.disc)
+        average_gradients(self.model)
         self.optimizer.step()
         with torch.no_grad():
             d = torch.sigmoid(logits.detach())
@@ -240,7 +249,7 @@ class Trainer:
 
     def state_dict(self):
         """Weights and optimizer (tensors, for torch.save) ..."""
-        return {"disc": self.disc.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"disc": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def extra_state(self):
         """... and the buffer and sampling RNG (JSON)."""
@@ -248,7 +257,7 @@ class Trainer:
         return {"buffer": [[p.row, p.option] for p in self.buffer], "rng": [version, list(internal), gauss]}
 
     def load(self, state, extra):
-        self.disc.load_state_dict(state["disc"])
+        self.model.load_state_dict(state["disc"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.buffer = [Pair(*p) for p in extra["buffer"]]
         if extra["rng"] is not None:  # a rank the checkpoint did not have keeps its fresh sampler
@@ -269,7 +278,14 @@ def average_gradients(module):
             p.grad /= world
 
 
-def auc(scores_pos, scores_neg):
-    """Probability that a random positive outscores a random negative (ties count half)."""
-    wins = sum((p > n) + 0.5 * (p == n) for p in scores_pos for n in scores_neg)
-    return wins / (len(scores_pos) * len(scores_neg)) if scores_pos and scores_neg else math.nan
+
+def step_metrics(d_policy, updates):
+    """Discriminator statistics of a step over every rank: d_policy, D of this step's policy choices
+    scored before the update; updates, the statistics of every `step` call."""
+    human = [d for u in updates for d in u["human_d"]]
+    policy = [d for u in updates for d in u["policy_d"]]
+    return {"disc/loss": statistics.mean(u["loss"] for u in updates),
+            "disc/acc_human": statistics.mean(d > 0.5 for d in human),
+            "disc/acc_policy": statistics.mean(d < 0.5 for d in policy) if policy else None,
+            "disc/mean_d_policy": statistics.mean(d_policy) if d_policy else None,
+            "disc/entropy": statistics.mean(u["entropy"] for u in updates)}

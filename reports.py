@@ -10,27 +10,11 @@ import json
 import sys
 from pathlib import Path
 
+from outputs import RunFolder
+
 CURVES = [("reward/total/mean", "total reward"), ("reward/accuracy/mean", "accuracy reward"),
           ("reward/format/mean", "format reward"), ("frac_reward_zero_std", "groups with zero reward spread"),
           ("kl", "KL to reference"), ("completion_length/mean", "completion length")]
-
-
-def read_jsonl(path):
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def load_run(run_dir):
-    run_dir = Path(run_dir)
-    if not (run_dir / "eval.json").exists():
-        raise SystemExit(f"{run_dir}: no eval.json, not a finished run folder")
-    evals = [json.loads(p.read_text()) for p in sorted((run_dir / "evals").glob("step_*.json"))]
-    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
-    return {"name": run_dir.name, "dir": run_dir, "config": config.get("config", {}),
-            "environment": config.get("environment", {}), "metrics": read_jsonl(run_dir / "metrics.jsonl"),
-            "eval": json.loads((run_dir / "eval.json").read_text()), "evals": evals,
-            "completions": read_jsonl(run_dir / "completions.jsonl")}
 
 
 def pct(x):
@@ -103,44 +87,57 @@ def curve_tables(runs, names):
     return "\n\n".join(parts)
 
 
-def eval_section(run):
-    ev = run["eval"]
-    parts = [f"## Evaluation: {run['name']} (step {ev.get('step')}, {ev.get('n_total')} {ev.get('split', '')} rows)"]
-    for view, m in ev.get("views", {}).items():
-        rows = [["**model**", f"**{with_ci(m)}**"]] + [[name, with_ci(b) if "ci95" in b else pct(b["accuracy"])]
-                                                        for name, b in m["baselines"].items()]
-        parts.append(f"### View: {view}\n\nparsed {pct(m['parsed_rate'])}, format {pct(m['format_rate'])}; most common "
-                     f"answer {m['most_common_answer']} on {pct(m['most_common_answer_share'])} of rows\n\n"
-                     + table(["predictor", "accuracy [95% CI]"], rows))
-    if run["evals"] and len(run["evals"]) > 1:
-        first = run["evals"][0]
-        rows = [[view, with_ci(first["views"][view]), with_ci(ev["views"][view])]
-                for view in ev.get("views", {}) if view in first.get("views", {})]
-        parts.append(f"### Before and after training\n\n" + table(
-            ["view", f"step {first.get('step')}", f"step {ev.get('step')}"], rows))
+def eval_summary(ev):
+    """An eval dict (evaluate.evaluate) as Markdown: the model beside every baseline in each view,
+    the published checkpoints on the same rows, and the simulation scores beside the marginal prior.
+    The trainer prints this after every evaluation; the report shows it under the run's heading."""
+    views = list(ev.get("views", {}))
+    predictors = list(dict.fromkeys(name for m in ev.get("views", {}).values() for name in m["baselines"]))
+
+    def cell(view, name):
+        b = ev["views"][view]["baselines"].get(name)
+        return "" if b is None else with_ci(b) if "ci95" in b else pct(b["accuracy"])
+
+    rows = [["**model**"] + [f"**{with_ci(ev['views'][v])}**" for v in views]]
+    rows += [[name] + [cell(v, name) for v in views] for name in predictors]
+    rows += [["parsed / strict format"] + [f"{pct(ev['views'][v]['parsed_rate'])} / {pct(ev['views'][v]['format_rate'])}"
+                                           for v in views],
+             ["most common answer"] + [f"{ev['views'][v]['most_common_answer']} on "
+                                       f"{pct(ev['views'][v]['most_common_answer_share'])}" for v in views]]
+    parts = ["Greedy accuracy [95% CI] by view, beside the baselines on the same rows:\n\n"
+             + table(["predictor"] + views, rows)]
     refs = ev.get("reference_checkpoints") or {}
     if refs:
-        rows = [[name, with_ci(r), r["n"], pct(r.get("most_common_answer_share"))] for name, r in refs.items()]
-        original = ev.get("views", {}).get("original")
-        if original:
-            rows.append([f"this model ({run['name']})", with_ci(original), original["n"],
-                         pct(original["most_common_answer_share"])])
-        parts.append("### Published checkpoints on the same rows (original order)\n\n" + table(
-            ["model", "accuracy [95% CI]", "n", "most common answer share"], rows))
+        parts.append("Published checkpoints on the same rows (original order): " + ", ".join(
+            f"{name} {with_ci(r)} (n={r['n']}, most common answer on {pct(r.get('most_common_answer_share'))})"
+            for name, r in refs.items()))
     sim = ev.get("simulation")
     if sim:
         c = sim["collapse"]
-        rows = [["model", f"{sim['tvd']:.3f}", f"{sim['brier']:.3f}", f"{sim['log_loss']:.3f}"],
-                ["marginal prior (train positions)", "", f"{sim['marginal_prior']['brier']:.3f}",
-                 f"{sim['marginal_prior']['log_loss']:.3f}"]]
         flag = (f"**Collapse:** the model answers {c['position']} in {pct(c['model_share'])} of samples; humans "
                 f"chose it on {pct(c['human_share'])} of rows." if c["flag"] else "No collapse flag.")
+        scores = table(["", "TVD of positions", "Brier", "log-loss"],
+                       [["model", f"{sim['tvd']:.3f}", f"{sim['brier']:.3f}", f"{sim['log_loss']:.3f}"],
+                        ["marginal prior (train positions)", "", f"{sim['marginal_prior']['brier']:.3f}",
+                         f"{sim['marginal_prior']['log_loss']:.3f}"]])
         hist = table(["position"] + list(sim["model_position_hist"]),
                      [["model samples"] + [pct(v) for v in sim["model_position_hist"].values()],
                       ["human clicks"] + [pct(sim["human_position_hist"].get(k)) if k in sim["human_position_hist"]
                                           else "" for k in sim["model_position_hist"]]])
-        parts.append(f"### Simulation quality ({sim['samples_per_row']} samples per row)\n\n"
-                     + table(["", "TVD of positions", "Brier", "log-loss"], rows) + f"\n\n{flag}\n\n" + hist)
+        parts.append(f"Simulation quality ({sim['samples_per_row']} samples per row):\n\n{scores}\n\n{flag}\n\n{hist}")
+    return "\n\n".join(parts)
+
+
+def eval_section(run):
+    ev = run["eval"]
+    parts = [f"## Evaluation: {run['name']} (step {ev.get('step')}, {ev.get('n_total')} {ev.get('split', '')} rows)",
+             eval_summary(ev)]
+    if run["evals"] and len(run["evals"]) > 1:
+        first = run["evals"][0]
+        rows = [[view, with_ci(first["views"][view]), with_ci(ev["views"][view])]
+                for view in ev.get("views", {}) if view in first.get("views", {})]
+        parts.append("### Before and after training\n\n" + table(
+            ["view", f"step {first.get('step')}", f"step {ev.get('step')}"], rows))
     return "\n\n".join(parts)
 
 
@@ -164,7 +161,7 @@ def samples_section(run, limit=6):
 
 
 def write_report(run_dirs, out=None):
-    runs = [load_run(d) for d in run_dirs]
+    runs = [RunFolder(d).read() for d in run_dirs]
     out_dir = Path(out) if out else Path("reports") / (
         runs[0]["name"] if len(runs) == 1 else "compare-" + "-".join(run["name"] for run in runs))
     out_dir.mkdir(parents=True, exist_ok=True)

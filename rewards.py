@@ -8,8 +8,10 @@ With GAIL_USE=1 the discriminator's reward (disc.py) joins as one more component
 """
 import re
 from collections import Counter
+from dataclasses import dataclass
 
-from data import ANSWER_PREFIX, OPINION_LABELS
+from data import OPINION_LABELS
+from prompts import ANSWER_PREFIX
 
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
 OPINION_TAG = re.compile(r"<opinion>(.*?)</opinion>", re.S)
@@ -66,19 +68,37 @@ def parse_opinion(text):
     return tags[0].strip()
 
 
-def accuracy_reward(text, row, ask_opinion, counts):
-    answer, reason = parse_answer(text)
-    if answer is not None and not 1 <= answer <= row["n_options"]:
-        answer, reason = None, "out_of_range"
-    counts[reason] += 1
-    parts = [float(answer == row["gold_index"])]
+@dataclass
+class Parsed:
+    """One completion as the rewards and the evaluation read it (parsed once, range-checked once)."""
+    choice: object      # the option number, 1..n_options, or None
+    reason: str         # parse outcome: parsed | no_answer_tag | several_answer_tags | not_a_bare_integer | out_of_range
+    formatted: bool     # the whole turn has the tags in the strict order the prompt asks for
+    opinion: object     # the <opinion> label, or None
+
+
+def parse(completion, truncated, row, answer_only):
+    text = full_text(completion, answer_only, truncated)
+    choice, reason = parse_answer(text)
+    if choice is not None and not 1 <= choice <= row["n_options"]:
+        choice, reason = None, "out_of_range"
+    return Parsed(choice, reason, format_reward(text, answer_only) == 1.0, parse_opinion(text))
+
+
+def parse_choice(completion, truncated, row, answer_only):
+    """(option number or None, strict format ok) of one completion."""
+    parsed = parse(completion, truncated, row, answer_only)
+    return parsed.choice, parsed.formatted
+
+
+def accuracy_reward(parsed, row, ask_opinion, counts):
+    parts = [float(parsed.choice == row["gold_index"])]
     label = row.get("opinion_direction")
     if ask_opinion and label:
-        opinion = parse_opinion(text)
         counts["opinion_labelled"] += 1
-        counts["opinion_parsed"] += opinion is not None
-        counts["opinion_correct"] += opinion == label
-        parts.append(float(opinion == label))
+        counts["opinion_parsed"] += parsed.opinion is not None
+        counts["opinion_correct"] += parsed.opinion == label
+        parts.append(float(parsed.opinion == label))
     return sum(parts) / len(parts)
 
 
@@ -87,22 +107,19 @@ def format_reward(text, answer_only):
     return float(pattern.fullmatch(text) is not None)
 
 
-def score(completions, rows, truncated, answer_only, reward_funcs, reward_weights):
-    """Rewards of completions[i] against rows[i].
+def score(parsed, rows, answer_only, reward_funcs, reward_weights):
+    """Rewards of the parsed completions parsed[i] against rows[i].
 
     Returns (total rewards, {component: rewards}, Counter of parse outcomes).
     """
-    if len(reward_funcs) != len(reward_weights):
-        raise ValueError(f"reward_funcs {reward_funcs} and reward_weights {reward_weights} differ in length")
-    counts = Counter()
-    texts = [full_text(c, answer_only, t) for c, t in zip(completions, truncated)]
+    counts = Counter(p.reason for p in parsed)
     # Both components are always computed and logged; the weights decide what is optimised.
     components = {
-        "accuracy": [accuracy_reward(t, row, not answer_only, counts) for t, row in zip(texts, rows)],
-        "format": [format_reward(t, answer_only) for t in texts],
+        "accuracy": [accuracy_reward(p, row, not answer_only, counts) for p, row in zip(parsed, rows)],
+        "format": [float(p.formatted) for p in parsed],
     }
     total = [sum(w * components[name][i] for name, w in zip(reward_funcs, reward_weights))
-             for i in range(len(texts))]
+             for i in range(len(parsed))]
     return total, components, counts
 
 

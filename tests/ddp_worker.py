@@ -9,7 +9,10 @@ import sys
 
 import torch
 
+import checkpoint
 import data
+import distributed
+import grpo
 import train_grail as tg
 
 N_PROMPTS, G, PROMPT_LEN, COMPLETION_LEN = 4, 3, 9, 6
@@ -33,31 +36,34 @@ def global_batch(step, vocab):
     return batch
 
 
-def rank_rows(batch, ctx):
-    prompts = torch.tensor(data.rank_share(list(range(N_PROMPTS)), ctx.rank, ctx.world_size))
+def rank_rows(batch, world):
+    prompts = torch.tensor(data.rank_share(list(range(N_PROMPTS)), world.rank, world.size))
     rows = torch.tensor([p * G + j for p in prompts.tolist() for j in range(G)])
-    return {key: value[prompts] if key in tg.PROMPT_KEYS else value[rows] for key, value in batch.items()}
+    return {key: value[prompts] if key in grpo.PROMPT_KEYS else value[rows] for key, value in batch.items()}
 
 
-def main(model_dir, out_prefix, loss_type, accumulation=1, shared_prefix=True, fsdp=False):
-    ctx = tg.setup_distributed(timeout_minutes=5)
+def train(model_dir, loss_type, accumulation, shared_prefix, fsdp, world):
+    """The final weights: each rank's own replica under DDP (to check that they agree), the gathered
+    unsharded weights under FSDP2 (on rank 0)."""
     cfg = tg.Config(loss_type=loss_type, num_generations=G, max_completion_length=COMPLETION_LEN, beta=0.04,
                     num_iterations=2, learning_rate=1e-3, max_steps=2, warmup_ratio=0.0,
                     gradient_accumulation_steps=accumulation, epsilon_high=0.28, shared_prefix=shared_prefix,
                     fsdp=fsdp)
-    model = tg.load_model(model_dir, ctx.device, trainable=True)
-    policy = tg.wrap_policy(model, cfg, ctx)
-    optimizer, scheduler = tg.make_optimizer(model, cfg)
+    model = checkpoint.load_model(model_dir, world.device, trainable=True)
+    policy = distributed.wrap(grpo.Policy(model, cfg.shared_prefix), model, cfg.fsdp, world)
+    optimizer, scheduler = grpo.make_optimizer(model, cfg)
     for step in range(cfg.max_steps):
-        tg.grpo_update(policy, optimizer, scheduler, rank_rows(global_batch(step, model.config.vocab_size), ctx),
-                       cfg, ctx)
-    if fsdp:  # gathered, unsharded weights arrive on rank 0
-        state, _ = tg.full_state_dicts(model, optimizer)
-    else:  # each rank's own replica, to check that they agree
-        state = model.state_dict()
-    if ctx.rank == 0 or not fsdp:
-        torch.save(state, f"{out_prefix}.rank{ctx.rank}.pt")
-    tg.shutdown_distributed(wait_for_peers=True)
+        grpo.update(policy, optimizer, scheduler, rank_rows(global_batch(step, model.config.vocab_size), world),
+                    cfg, world)
+    return checkpoint.full_state_dicts(model, optimizer)[0] if fsdp else model.state_dict()
+
+
+def main(model_dir, out_prefix, loss_type, accumulation=1, shared_prefix=True, fsdp=False):
+    world = distributed.setup(timeout_minutes=5)
+    state = train(model_dir, loss_type, accumulation, shared_prefix, fsdp, world)  # frees the DDP wrapper
+    if world.rank == 0 or not fsdp:
+        torch.save(state, f"{out_prefix}.rank{world.rank}.pt")
+    distributed.shutdown(wait_for_peers=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Rank 1 raises while rank 0 waits in a collective; run by test_faults.py under torchrun."""
 import torch
 
-import train_grail as tg
+import distributed
 
-ctx = tg.setup_distributed(timeout_minutes=5)
-if ctx.rank == 1:
+world = distributed.setup(timeout_minutes=5)
+if world.rank == 1:
     raise RuntimeError("injected failure on rank 1")
-tg.all_reduce_sum(torch.ones(1))  # rank 0 would wait here for ever without the launcher
+distributed.all_reduce_sum(torch.ones(1))  # rank 0 would wait here for ever without the launcher

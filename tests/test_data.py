@@ -8,57 +8,7 @@ from collections import Counter
 import pytest
 
 import data
-
-
-@pytest.fixture(scope="module")
-def bundled():
-    rows = []
-    for name in data.BUNDLED_FILES:
-        rows += [json.loads(line) for line in (data.DATA_DIR / name).read_text(encoding="utf-8").splitlines()]
-    return rows
-
-
-def test_render_matches_state_text_byte_for_byte_on_every_bundled_row(bundled):
-    assert len(bundled) == 1081
-    mismatched = [row["id"] for row in bundled
-                  if data.render_user_prompt(data.clean_row(row), max_history=None) != row["state_text"]]
-    assert mismatched == []
-
-
-def test_render_from_json_string_columns(bundled):
-    row = dict(bundled[0])
-    row["slate_items_json"] = json.dumps(row["slate_items_json"])
-    row["watched_detailed_json"] = json.dumps(row["watched_detailed_json"])
-    assert data.render_user_prompt(data.clean_row(row)) == row["state_text"]
-
-
-def test_history_truncation_keeps_most_recent_and_renumbers(bundled):
-    row = data.clean_row(next(r for r in bundled if len(r["watched_detailed_json"]) == 3))
-    full = data.render_user_prompt(row)
-    short = data.render_user_prompt(row, max_history=1)
-    newest = row["watched_detailed_json"][-1]["title"]
-    oldest = row["watched_detailed_json"][0]["title"]
-    assert f"1. {newest}" in short and oldest not in short.split("SURVEY")[0].split("RECENTLY")[1]
-    assert "2. " not in short.split("RECENTLY WATCHED")[1].split("SURVEY")[0]
-    assert data.render_user_prompt(row, max_history=0) == full == data.render_user_prompt(row, max_history=3)
-
-
-def test_render_fallbacks_for_missing_fields():
-    row = data.clean_row({"slate_items_json": [{"id": "v1"}, {"id": "v2", "title": "T2", "length_seconds": 61.6}],
-                          "next_video_id": "v2",
-                          "watched_detailed_json": [{"title": "H", "watch_seconds": 30, "total_length": None}]})
-    text = data.render_user_prompt(row)
-    assert text.startswith("VIEWER (profile information unavailable)\n\nCURRENTLY WATCHING a video\n")
-    assert "1. H (watched for 30s)" in text
-    assert "1. v1 (id v1)" in text and "2. T2 (62s long)" in text
-    assert "opinion on The issue" in text
-
-
-def test_title_clipped_like_upstream():
-    long_title = "word " * 60
-    row = data.clean_row({"slate_items_json": [{"id": "a", "title": long_title}], "next_video_id": "a"})
-    line = data.render_user_prompt(row).split("OPTIONS\n")[1].split("\n")[0]
-    assert line.endswith("...") and len(line) == len("1. ") + 160
+import prompts
 
 
 BAD_ROWS = {
@@ -119,7 +69,7 @@ def test_sources_jsonl_parquet_and_save_to_disk_agree(tmp_path, bundled):
     for source in ("rows.jsonl", "rows.parquet", "saved"):
         good, skipped = data.clean_rows(data.load_raw(str(tmp_path / source))["train"], source)
         assert not skipped
-        assert [data.render_user_prompt(r) for r in good] == [r["state_text"] for r in rows], source
+        assert [prompts.render_user_prompt(r) for r in good] == [r["state_text"] for r in rows], source
 
 
 def test_participant_split_is_disjoint_stratified_and_seeded(bundled):

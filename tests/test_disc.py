@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+import checkpoint
 import data
 import disc
 import rewards
@@ -16,7 +17,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    return tg.load_model(str(tiny_model_dir), CPU, trainable=False), tg.load_tokenizer(str(tiny_model_dir))
+    return checkpoint.load_model(str(tiny_model_dir), CPU, trainable=False), checkpoint.load_tokenizer(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,6 @@ def test_reward_forms_by_hand():
     assert torch.allclose(disc.reward_values(logits, "logit", 2.0, 5.0), torch.tensor([0.0, 4.0, -2.0]))
     assert torch.allclose(disc.reward_values(logits, "neglog", 1.0, 5.0), -torch.log(1 - d))
     assert torch.allclose(disc.reward_values(torch.tensor([9.0, -9.0]), "logit", 1.0, 5.0), torch.tensor([5.0, -5.0]))
-    with pytest.raises(ValueError, match="reward form"):
-        disc.reward_values(logits, "odds", 1.0, 5.0)
 
 
 def test_weights_normalised_to_sum_one():
@@ -58,7 +57,10 @@ def test_unparseable_and_out_of_slate_choices_get_no_disc_reward(tiny, rows):
     model, tokenizer = tiny
     discriminator = disc.build("", model, tokenizer, CPU, seed=0)
     row = rows[0]
-    out, d_valid = disc.choice_rewards(discriminator, [row], [1, None, row["n_options"] + 1, 2], 4, "prob", 1.0, 5.0)
+    texts = ["1</answer>", "one</answer>", f"{row['n_options'] + 1}</answer>", "2</answer>"]
+    choices = [rewards.parse(text, False, row, answer_only=True).choice for text in texts]
+    assert choices == [1, None, None, 2]  # parsed and range-checked once, before the discriminator
+    out, d_valid = disc.choice_rewards(discriminator, [row], choices, 4, "prob", 1.0, 5.0)
     assert out[1] == 0.0 and out[2] == 0.0 and 0 < out[0] < 1 and 0 < out[3] < 1
     assert len(d_valid) == 2 and d_valid == pytest.approx([out[0], out[3]])
 
@@ -69,8 +71,8 @@ def test_ranks_hold_identical_weights_after_updates(tiny_model_dir, tmp_path):
     a = torch.load(tmp_path / "d.rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "d.rank1.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    init = disc.build("", tg.load_model(str(tiny_model_dir), CPU, False), tg.load_tokenizer(str(tiny_model_dir)),
-                      CPU, seed=3).state_dict()
+    init = disc.build("", checkpoint.load_model(str(tiny_model_dir), CPU, False),
+                      checkpoint.load_tokenizer(str(tiny_model_dir)), CPU, seed=3).state_dict()
     assert any(not torch.equal(a[k], init[k]) for k in a)  # the updates did change them
 
 
@@ -92,23 +94,28 @@ def test_learns_a_planted_signal(tiny):
     model, tokenizer = tiny
     rng = random.Random(0)
     train, held_out = planted_rows(200, rng), planted_rows(60, rng)
-    trainer = disc.Trainer(disc.build("", model, tokenizer, CPU, seed=0), train, lr=1e-3, buffer_size=4096,
-                           human_fraction=0.5, batch_size=16, label_smoothing=0.0, gradient_penalty=0.0,
-                           negatives="all", seed=0, rank=0)
+    cfg = tg.Config(gail_lr=1e-3, gail_buffer_size=4096, gail_disc_batch=16, seed=0)
+    trainer = disc.DiscriminatorTrainer(disc.build("", model, tokenizer, CPU, seed=0), train, cfg, rank=0)
     trainer.add_policy_pairs([disc.Pair(i, k) for i, row in enumerate(train) for k in range(1, 5)
                               if k != row["gold_index"]])
     for _ in range(150):
         trainer.step()
     with torch.no_grad():
-        table = trainer.disc(held_out)
+        table = trainer.model(held_out)
     pos = [table[i, r["gold_index"] - 1].item() for i, r in enumerate(held_out)]
     neg = [table[i, k].item() for i, r in enumerate(held_out) for k in range(4) if k != r["gold_index"] - 1]
-    assert disc.auc(pos, neg) > 0.9
+    assert auc(pos, neg) > 0.9
+
+
+def auc(scores_pos, scores_neg):
+    """Probability that a random positive outscores a random negative (ties count half)."""
+    wins = sum((p > n) + 0.5 * (p == n) for p in scores_pos for n in scores_neg)
+    return wins / (len(scores_pos) * len(scores_neg)) if scores_pos and scores_neg else math.nan
 
 
 def test_auc_by_hand():
-    assert disc.auc([3, 2], [1, 2]) == pytest.approx((1 + 1 + 1 + 0.5) / 4)
-    assert math.isnan(disc.auc([], [1]))
+    assert auc([3, 2], [1, 2]) == pytest.approx((1 + 1 + 1 + 0.5) / 4)
+    assert math.isnan(auc([], [1]))
 
 
 def test_checkpoint_state_restores_the_trainer_exactly(tiny, rows, tmp_path):
@@ -117,9 +124,9 @@ def test_checkpoint_state_restores_the_trainer_exactly(tiny, rows, tmp_path):
     model, tokenizer = tiny
 
     def trainer():
-        return disc.Trainer(disc.build("", model, tokenizer, CPU, seed=0), rows[:30], lr=1e-3, buffer_size=16,
-                            human_fraction=0.5, batch_size=6, label_smoothing=0.1, gradient_penalty=0.0,
-                            negatives="wrong", seed=0, rank=0)
+        cfg = tg.Config(gail_lr=1e-3, gail_buffer_size=16, gail_disc_batch=6, gail_label_smoothing=0.1,
+                        gail_negatives="wrong", seed=0)
+        return disc.DiscriminatorTrainer(disc.build("", model, tokenizer, CPU, seed=0), rows[:30], cfg, rank=0)
 
     a = trainer()
     a.add_policy_pairs([disc.Pair(i, 1) for i in range(30)])  # "wrong" keeps only choices != gold
@@ -131,7 +138,7 @@ def test_checkpoint_state_restores_the_trainer_exactly(tiny, rows, tmp_path):
     b.load(torch.load(tmp_path / "disc.pt", weights_only=True), json.loads((tmp_path / "extra.json").read_text()))
     stats_a, stats_b = a.step(), b.step()
     assert stats_a == stats_b
-    assert all(torch.equal(x, y) for x, y in zip(a.disc.state_dict().values(), b.disc.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
 
 
 def test_hf_encoder_backbone_scores_the_same_way(tiny, rows, tmp_path):
@@ -151,8 +158,8 @@ def test_hf_encoder_backbone_scores_the_same_way(tiny, rows, tmp_path):
         table = discriminator([row, rows[4]])
         alone = discriminator([{**row, "slate_items_json": [row["slate_items_json"][1]], "n_options": 1}])
     assert abs(alone[0, 0].item() - table[0, 1].item()) < 1e-5
-    trainer = disc.Trainer(discriminator.train(), rows[:20], lr=1e-3, buffer_size=32, human_fraction=0.5,
-                           batch_size=4, label_smoothing=0.0, gradient_penalty=0.1, negatives="all", seed=0, rank=0)
+    cfg = tg.Config(gail_lr=1e-3, gail_buffer_size=32, gail_disc_batch=4, gail_gradient_penalty=0.1, seed=0)
+    trainer = disc.DiscriminatorTrainer(discriminator.train(), rows[:20], cfg, rank=0)
     trainer.add_policy_pairs([disc.Pair(i, 1) for i in range(20)])
     before = [p.clone() for p in discriminator.parameters()]
     assert math.isfinite(trainer.step()["loss"])

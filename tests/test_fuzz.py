@@ -2,11 +2,11 @@
 import copy
 import json
 import random
-from collections import Counter
 
 import pytest
 
 import data
+import prompts
 
 ODD_TEXT = ["", " ", "\u0000", "\ufeffBOM", "e\u0301", "🙂" * 50, "\ud7ff", "a\nb\tc", "x" * 5000, "ｆｕｌｌ"]
 ODD_VALUES = [None, 0, -1, 3.5, float("nan"), float("inf"), True, "12", [], {}, [1, 2], {"a": 1}, "[]", "{broken"]
@@ -50,7 +50,7 @@ def test_two_hundred_malformed_rows_are_used_or_counted():
     assert len(good) + sum(skipped.values()) == len(fuzzed)  # nothing lost
     assert sum(skipped.values()) >= 200 and len(good) >= 20
     for row in good:  # a kept row is usable: it renders, its gold is in its slate, shuffling works
-        text = data.render_user_prompt(row, max_history=12)
+        text = prompts.render_user_prompt(row, max_history=12)
         assert "OPTIONS" in text and 1 <= row["gold_index"] <= row["n_options"] == len(row["slate_items_json"])
         data.shuffle_slate(row, random.Random(1))
         data.cue_neutral(row)

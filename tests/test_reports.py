@@ -3,12 +3,12 @@ import json
 import sys
 
 import pytest
-import torch
 
+import distributed
 import reports
 import train_grail as tg
 
-CPU = tg.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+CPU = distributed.single_process()
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +28,27 @@ def test_report_holds_every_table(run_dirs, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # the no-matplotlib path: curves as tables
     path = reports.write_report([run_dirs[0]], out=tmp_path / "one")
     text = path.read_text()
-    for heading in ("## Configuration", "## Training curves", "### View: original", "### View: shuffled",
-                    "### View: cue_neutral", "### Before and after training",
-                    "### Published checkpoints on the same rows", "### Simulation quality (2 samples per row)",
+    for heading in ("## Configuration", "## Training curves", "## Evaluation: run_a", "### Before and after training",
+                    "Published checkpoints on the same rows", "Simulation quality (2 samples per row)",
                     "## Sample completions"):
         assert heading in text, heading
-    original = text.split("### View: original")[1].split("###")[0]
+    views = text.split("Greedy accuracy [95% CI] by view")[1].split("Published checkpoints")[0]
+    assert "| predictor | original | shuffled | cue_neutral |" in views
     for predictor in ("**model**", "random", "always_first", "always_last", "most_frequent_index_train_",
                       "cue_no_duration"):
-        assert predictor in original, predictor
-    assert "cue_no_duration" not in text.split("### View: cue_neutral")[1].split("###")[0]
+        assert f"| {predictor}" in views, predictor
+    cue_row = next(line for line in views.splitlines() if line.startswith("| cue_no_duration"))
+    assert cue_row.rstrip().endswith("|  |")  # no cue rule in the cue-neutral view
     assert "| step | total reward |" in text
     ev = json.loads((run_dirs[0] / "eval.json").read_text())
-    assert reports.with_ci(ev["views"]["original"]) in original
+    assert reports.with_ci(ev["views"]["original"]) in views
     assert "grail_checkpoint_50" in text  # the bundled rows carry the published answers
+
+
+def test_eval_section_shows_what_the_trainer_prints(run_dirs):
+    """One renderer for an eval dict: what the trainer prints is what the report shows."""
+    ev = json.loads((run_dirs[1] / "eval.json").read_text())
+    assert reports.eval_summary(ev) in reports.eval_section({"eval": ev, "evals": [], "name": "run_b"})
 
 
 def test_runs_side_by_side(run_dirs, tmp_path):

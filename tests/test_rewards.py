@@ -24,7 +24,8 @@ def test_parse_answer_is_strict(text, expected, reason):
 
 def score(texts, rows, answer_only=False, truncated=None, funcs=("accuracy", "format"), weights=(1.0, 0.0)):
     truncated = truncated or [False] * len(texts)
-    return rewards.score(texts, rows, truncated, answer_only, list(funcs), list(weights))
+    parsed = [rewards.parse(text, cut, row, answer_only) for text, cut, row in zip(texts, truncated, rows)]
+    return rewards.score(parsed, rows, answer_only, list(funcs), list(weights))
 
 
 def test_accuracy_counts_out_of_range_and_unparseable():

@@ -1,4 +1,5 @@
-"""Config handling and end-to-end runs of train_grail.py on a tiny random model."""
+"""End-to-end runs of train_grail.py on a tiny random model: training, GAIL, resume, evaluation,
+torchrun, recipes, and the documentation of every Config key."""
 import json
 import os
 import subprocess
@@ -9,10 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import distributed
 import train_grail as tg
+from outputs import RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
-CPU = tg.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+CPU = distributed.single_process()
 
 
 def small_cfg(model_dir, out_dir, **overrides):
@@ -23,26 +26,7 @@ def small_cfg(model_dir, out_dir, **overrides):
     return tg.Config(**values)
 
 
-# --- configuration ---------------------------------------------------------------------------
-
-def test_precedence_defaults_file_env_cli(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("learning_rate: 3.0e-5\ngrail_max_history: 4\nnum_generations: 6\n")
-    cfg, ignored = tg.parse_config([f"--config={path}", "--num_generations=8"], {"GRAIL_MAX_HISTORY": "2"})
-    assert (cfg.learning_rate, cfg.grail_max_history, cfg.num_generations) == (3e-5, 2, 8)
-    assert cfg.max_steps == tg.Config().max_steps and ignored == []
-    cfg, _ = tg.parse_config(["--config", str(path), "--grail_max_history=7"], {"GRAIL_MAX_HISTORY": "2"})
-    assert cfg.grail_max_history == 7 and cfg.learning_rate == 3e-5
-
-
-def test_gail_environment_variables(tmp_path):
-    env = {"GAIL_USE": "1", "GAIL_WEIGHT": "0.3", "GAIL_ALPHA": "2", "GAIL_DISC_MODEL": "distilbert-base-uncased",
-           "GAIL_LR": "3e-5", "GRAIL_MAX_HISTORY": "5"}
-    cfg, _ = tg.parse_config([], env)
-    assert (cfg.gail_use, cfg.gail_weight, cfg.gail_alpha, cfg.gail_disc_model, cfg.gail_lr, cfg.grail_max_history) \
-        == (True, 0.3, 2.0, "distilbert-base-uncased", 3e-5, 5)
-    assert tg.parse_config(["--gail_use=0"], env)[0].gail_use is False  # the command line wins
-
+# --- end to end ------------------------------------------------------------------------------
 
 def test_gail_run_logs_disc_metrics(tiny_model_dir, tmp_path):
     tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=3, gail_use=True, gail_warmup_steps=1,
@@ -54,45 +38,6 @@ def test_gail_run_logs_disc_metrics(tiny_model_dir, tmp_path):
     assert len({m["disc/loss"] for m in lines}) == 3  # it trains
     assert (tmp_path / "checkpoint-000002" / "disc.pt").exists()
 
-
-def test_json_config_lists_and_bools(tmp_path):
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps({"reward_funcs": ["pure_accuracy_reward"], "reward_weights": [2],
-                                "shuffle_slates": False}))
-    cfg, _ = tg.parse_config([f"--config={path}", "--gradient_checkpointing=true"], {})
-    assert cfg.reward_funcs == ["accuracy"] and cfg.reward_weights == [2.0]
-    assert cfg.shuffle_slates is False and cfg.gradient_checkpointing is True
-
-
-@pytest.mark.parametrize("argv, env, message", [
-    (["--no_such_key=1"], {}, "unknown config key 'no_such_key'"),
-    (["--max_steps=ten"], {}, "bad config value"),
-    (["--loss_type=ppo"], {}, "loss_type='ppo'"),
-    (["--reward_weights=1,2,3"], {}, "same length"),
-    (["--shuffle_slates=maybe"], {}, "not a boolean"),
-    ([], {"GAIL_REWARD": "odds"}, "gail_reward='odds'"),
-    (["--gail_negatives=some"], {}, "gail_negatives='some'"),
-])
-def test_bad_config_stops_with_a_clear_message(argv, env, message):
-    with pytest.raises(SystemExit, match=message):
-        tg.parse_config(argv, env)
-
-
-def test_upstream_recipe_loads_with_one_warning_list():
-    recipe = ROOT / "tests" / "fixtures" / "upstream_config_grail_gun.yaml"
-    cfg, ignored = tg.parse_config([f"--config={recipe}"], {})
-    assert cfg.dataset == "od2961/grail-gun" and cfg.reward_funcs == ["accuracy"]
-    assert cfg.system_prompt.startswith("You are choosing EXACTLY ONE item") and cfg.max_steps == -1
-    assert {"use_vllm", "kl_target", "per_device_train_batch_size", "hub_model_id"} <= set(ignored)
-
-
-def test_shipped_recipes_parse():
-    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
-        cfg, ignored = tg.parse_config([f"--config={recipe}"], {})
-        assert ignored == [], recipe
-
-
-# --- end to end ------------------------------------------------------------------------------
 
 def run_cli(args, nproc=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_TOKEN="hf_SECRET_token_for_the_test")
@@ -229,11 +174,13 @@ def test_upstream_recipe_runs(tiny_model_dir, tmp_path):
     assert (tmp_path / "checkpoint-000001").exists()
 
 
-def test_readme_documents_every_config_key():
+def test_every_config_key_is_documented_where_users_edit_it():
     import dataclasses
+    import re
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert [f.name for f in dataclasses.fields(tg.Config) if f"`{f.name}`" not in readme] == []
+    source = (ROOT / "train_grail.py").read_text(encoding="utf-8")
+    commented = set(re.findall(r"^    (\w+): \w+ = .*  # \S", source, flags=re.M))
+    assert [f.name for f in dataclasses.fields(tg.Config) if f.name not in commented] == []
 
 
 def test_stop_file_raises_preempted_after_the_checkpoint(tiny_model_dir, tmp_path):
@@ -243,7 +190,7 @@ def test_stop_file_raises_preempted_after_the_checkpoint(tiny_model_dir, tmp_pat
     with pytest.raises(tg.Preempted) as stopped:
         tg.train(small_cfg(tiny_model_dir, out, max_steps=3, save_steps=0, grail_stop_file=str(stop)), CPU)
     assert stopped.value.args == (1,)  # after the first step
-    assert [p.name for p in tg.checkpoints(out)] == ["checkpoint-000001"] and not stop.exists()
+    assert [p.name for p in RunFolder(out).checkpoints()] == ["checkpoint-000001"] and not stop.exists()
 
 
 def test_rollouts_and_evaluation_generate_under_the_training_autocast(tiny_model_dir, tmp_path, monkeypatch):
@@ -259,6 +206,6 @@ def test_rollouts_and_evaluation_generate_under_the_training_autocast(tiny_model
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(rollout, "generate", recording_generate)
-    monkeypatch.setattr(tg, "autocast", lambda cfg, ctx: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(distributed, "autocast", lambda bf16, device: torch.autocast("cpu", dtype=torch.bfloat16))
     tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=1, save_steps=0), CPU)
     assert len(inside) >= 3 and all(inside)  # eval before, one rollout, eval after

@@ -9,12 +9,13 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role
 
 def corpus():
     import data
+    import prompts
 
     for name in data.BUNDLED_FILES:
         for line in (data.DATA_DIR / name).read_text(encoding="utf-8").splitlines()[:200]:
             yield json.loads(line)["state_text"]
-    yield data.SYSTEM_PROMPT
-    yield data.ANSWER_SYSTEM_PROMPT + data.ANSWER_PREFIX + "</answer><think></think><opinion></opinion>"
+    yield prompts.SYSTEM_PROMPT
+    yield prompts.ANSWER_SYSTEM_PROMPT + prompts.ANSWER_PREFIX + "</answer><think></think><opinion></opinion>"
 
 
 def make_tiny_model(folder, vocab_size=600, hidden=32, layers=2, seed=0, sliding_window=None):
@@ -49,3 +50,32 @@ def make_tiny_model(folder, vocab_size=600, hidden=32, layers=2, seed=0, sliding
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def random_batch(vocab, n_prompts=3, G=4, P=12, C=7, seed=0):
+    """Rollouts of random tokens: left-padded prompts and completions of different lengths."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.randint(3, vocab, (n_prompts, P), generator=gen)
+    pad = torch.tensor([0, 5, 2, 8][:n_prompts])
+    prompt_mask = (torch.arange(P)[None] >= pad[:, None]).long()
+    completion_ids = torch.randint(3, vocab, (n_prompts * G, C), generator=gen)
+    lengths = torch.randint(1, C + 1, (n_prompts * G,), generator=gen)
+    completion_mask = (torch.arange(C)[None] < lengths[:, None]).long()
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+            "completion_mask": completion_mask}
+
+
+def chat(tokenizer, text):
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def real_prompts(tokenizer, n=2):
+    """The first training rows' prompts in answer mode, as the default run renders them."""
+    import data
+    import prompts
+
+    train_rows, _ = data.load_examples("", 0.1, 0, log=lambda msg: None)
+    return [prompts.PromptFormat("answer").text(tokenizer, row) for row in train_rows[:n]]

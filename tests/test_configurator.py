@@ -1,0 +1,66 @@
+"""configurator.py and train_grail.parse_config: precedence of defaults, files, environment and
+command line; recipes; clear errors for bad keys and values."""
+import json
+from pathlib import Path
+
+import pytest
+
+import train_grail as tg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_precedence_defaults_file_env_cli(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 3.0e-5\ngrail_max_history: 4\nnum_generations: 6\n")
+    cfg, ignored = tg.parse_config([f"--config={path}", "--num_generations=8"], {"GRAIL_MAX_HISTORY": "2"})
+    assert (cfg.learning_rate, cfg.grail_max_history, cfg.num_generations) == (3e-5, 2, 8)
+    assert cfg.max_steps == tg.Config().max_steps and ignored == []
+    cfg, _ = tg.parse_config(["--config", str(path), "--grail_max_history=7"], {"GRAIL_MAX_HISTORY": "2"})
+    assert cfg.grail_max_history == 7 and cfg.learning_rate == 3e-5
+
+
+def test_gail_environment_variables(tmp_path):
+    env = {"GAIL_USE": "1", "GAIL_WEIGHT": "0.3", "GAIL_ALPHA": "2", "GAIL_DISC_MODEL": "distilbert-base-uncased",
+           "GAIL_LR": "3e-5", "GRAIL_MAX_HISTORY": "5"}
+    cfg, _ = tg.parse_config([], env)
+    assert (cfg.gail_use, cfg.gail_weight, cfg.gail_alpha, cfg.gail_disc_model, cfg.gail_lr, cfg.grail_max_history) \
+        == (True, 0.3, 2.0, "distilbert-base-uncased", 3e-5, 5)
+    assert tg.parse_config(["--gail_use=0"], env)[0].gail_use is False  # the command line wins
+
+
+def test_json_config_lists_and_bools(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"reward_funcs": ["pure_accuracy_reward"], "reward_weights": [2],
+                                "shuffle_slates": False}))
+    cfg, _ = tg.parse_config([f"--config={path}", "--gradient_checkpointing=true"], {})
+    assert cfg.reward_funcs == ["accuracy"] and cfg.reward_weights == [2.0]
+    assert cfg.shuffle_slates is False and cfg.gradient_checkpointing is True
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--no_such_key=1"], {}, "unknown config key 'no_such_key'"),
+    (["--max_steps=ten"], {}, "bad config value"),
+    (["--loss_type=ppo"], {}, "loss_type='ppo'"),
+    (["--reward_weights=1,2,3"], {}, "same length"),
+    (["--shuffle_slates=maybe"], {}, "not a boolean"),
+    ([], {"GAIL_REWARD": "odds"}, "gail_reward='odds'"),
+    (["--gail_negatives=some"], {}, "gail_negatives='some'"),
+])
+def test_bad_config_stops_with_a_clear_message(argv, env, message):
+    with pytest.raises(SystemExit, match=message):
+        tg.parse_config(argv, env)
+
+
+def test_upstream_recipe_loads_with_one_warning_list():
+    recipe = ROOT / "tests" / "fixtures" / "upstream_config_grail_gun.yaml"
+    cfg, ignored = tg.parse_config([f"--config={recipe}"], {})
+    assert cfg.dataset == "od2961/grail-gun" and cfg.reward_funcs == ["accuracy"]
+    assert cfg.system_prompt.startswith("You are choosing EXACTLY ONE item") and cfg.max_steps == -1
+    assert {"use_vllm", "kl_target", "per_device_train_batch_size", "hub_model_id"} <= set(ignored)
+
+
+def test_shipped_recipes_parse():
+    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
+        cfg, ignored = tg.parse_config([f"--config={recipe}"], {})
+        assert ignored == [], recipe

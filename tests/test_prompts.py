@@ -1,0 +1,63 @@
+"""prompts.py: the upstream user prompt rebuilt byte for byte, history truncation, fallbacks, and
+the chat prompt of each prompt mode."""
+import json
+
+
+import data
+import prompts
+
+
+def test_render_matches_state_text_byte_for_byte_on_every_bundled_row(bundled):
+    assert len(bundled) == 1081
+    mismatched = [row["id"] for row in bundled
+                  if prompts.render_user_prompt(data.clean_row(row), max_history=None) != row["state_text"]]
+    assert mismatched == []
+
+
+def test_render_from_json_string_columns(bundled):
+    row = dict(bundled[0])
+    row["slate_items_json"] = json.dumps(row["slate_items_json"])
+    row["watched_detailed_json"] = json.dumps(row["watched_detailed_json"])
+    assert prompts.render_user_prompt(data.clean_row(row)) == row["state_text"]
+
+
+def test_history_truncation_keeps_most_recent_and_renumbers(bundled):
+    row = data.clean_row(next(r for r in bundled if len(r["watched_detailed_json"]) == 3))
+    full = prompts.render_user_prompt(row)
+    short = prompts.render_user_prompt(row, max_history=1)
+    newest = row["watched_detailed_json"][-1]["title"]
+    oldest = row["watched_detailed_json"][0]["title"]
+    assert f"1. {newest}" in short and oldest not in short.split("SURVEY")[0].split("RECENTLY")[1]
+    assert "2. " not in short.split("RECENTLY WATCHED")[1].split("SURVEY")[0]
+    assert prompts.render_user_prompt(row, max_history=0) == full == prompts.render_user_prompt(row, max_history=3)
+
+
+def test_render_fallbacks_for_missing_fields():
+    row = data.clean_row({"slate_items_json": [{"id": "v1"}, {"id": "v2", "title": "T2", "length_seconds": 61.6}],
+                          "next_video_id": "v2",
+                          "watched_detailed_json": [{"title": "H", "watch_seconds": 30, "total_length": None}]})
+    text = prompts.render_user_prompt(row)
+    assert text.startswith("VIEWER (profile information unavailable)\n\nCURRENTLY WATCHING a video\n")
+    assert "1. H (watched for 30s)" in text
+    assert "1. v1 (id v1)" in text and "2. T2 (62s long)" in text
+    assert "opinion on The issue" in text
+
+
+def test_title_clipped_like_upstream():
+    long_title = "word " * 60
+    row = data.clean_row({"slate_items_json": [{"id": "a", "title": long_title}], "next_video_id": "a"})
+    line = prompts.render_user_prompt(row).split("OPTIONS\n")[1].split("\n")[0]
+    assert line.endswith("...") and len(line) == len("1. ") + 160
+
+
+def test_prompt_format_of_each_mode(tiny_model_dir):
+    import checkpoint
+
+    tokenizer = checkpoint.load_tokenizer(str(tiny_model_dir))
+    row = data.clean_row({"slate_items_json": [{"id": "a", "title": "A"}], "next_video_id": "a"})
+    answer = prompts.PromptFormat("answer").text(tokenizer, row)
+    think = prompts.PromptFormat("think").text(tokenizer, row)
+    assert answer.endswith("<|im_start|>assistant\n<answer>") and prompts.ANSWER_SYSTEM_PROMPT in answer
+    assert think.endswith("<|im_start|>assistant\n") and prompts.SYSTEM_PROMPT in think
+    custom = prompts.PromptFormat("answer", system_prompt="Be brief.").text(tokenizer, row)
+    assert "Be brief." in custom and prompts.ANSWER_SYSTEM_PROMPT not in custom
