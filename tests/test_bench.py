@@ -1,7 +1,9 @@
-"""bench/gpu.py (the device throughput/MFU script) runs end to end on a tiny shape and counts FLOPs by hand."""
+"""bench/gpu.py (the device throughput/MFU script) runs end to end on a tiny shape and counts FLOPs by hand;
+bench/memory.py measures what checkpointing saves."""
 import pytest
 
 from bench import gpu as bench_gpu
+from bench import memory as bench_memory
 
 
 def test_tiny_shape_runs_the_whole_script_on_cpu():
@@ -23,3 +25,10 @@ def test_flops_by_hand():
     # prompt of 3, 2 completions of 2: 3 + 4 tokens; keys attended 1+2+3 (prompt) + 2·(4+5) (completions)
     want = 2 * 2 * per_layer * 7 + 4 * 2 * 64 * (6 + 18) + 2 * 64 * 512 * 4
     assert bench_gpu.forward_flops(model, 3, 2, 2, logits=4) == want
+
+
+def test_memory_bench_sees_checkpointing_keep_less_per_layer():
+    result = bench_memory.run(bench_memory.parse_args(["--shape=tiny", "--prompt_tokens=64", "--completion_tokens=8"]))
+    plain, checkpointed = result["no_checkpointing"], result["checkpointing"]
+    assert plain["per_layer_mb"] > 0 and 0 < checkpointed["per_layer_mb"] < plain["per_layer_mb"] / 2
+    assert result["params"] == sum(p.numel() for p in bench_memory.build_model("tiny", 2, False).parameters())
