@@ -6,6 +6,11 @@ Batched and slate-aware: each prompt's state is encoded once, all its slate opti
 and a head scores every (state, option) pair into a logit table [B, N_max]. A completion that chose
 option k reads its score from the table, so scoring B x G completions costs B states, not B x G texts.
 
+An option is its title plus its displayed position (a learned embedding): which slot people click is
+most of the behaviour on these rows, so D can reward the policy for clicking where people click.
+Titles only, without channels, durations or counts: in the gun-control slates their absence marks
+the click (how the rows were built), a cue no viewer chooses by.
+
 One discriminator across ranks: rank 0's initial weights are broadcast and every update all-reduces
 the gradients (mean), so every rank holds identical weights after every step.
 """
@@ -19,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import data
 import prompts
 
 MAX_STATE_TOKENS = 384   # the state's first tokens: profile, viewpoint, current video, history, survey
@@ -85,6 +91,7 @@ class Discriminator(torch.nn.Module):
         super().__init__()
         self.encoder = encoder
         self.tokenizer = tokenizer
+        self.position = torch.nn.Embedding(data.MAX_OPTIONS, WIDTH)  # displayed slot 1..MAX_OPTIONS
         self.head = torch.nn.Sequential(torch.nn.Linear(3 * WIDTH, WIDTH), torch.nn.GELU(),
                                         torch.nn.Linear(WIDTH, 1))
 
@@ -111,6 +118,7 @@ class Discriminator(torch.nn.Module):
         B, n_max = option_mask.shape
         state = self.encoder(state_ids, state_mask, inputs_embeds=state_embeds)           # [B, W]
         option = self.encoder(option_ids, option_mask_tokens).view(B, n_max, -1)           # [B, N, W]
+        option = option + self.position(torch.arange(n_max, device=option.device))
         state = state.unsqueeze(1).expand_as(option)
         logits = self.head(torch.cat([state, option, state * option], dim=-1)).squeeze(-1)
         return logits.masked_fill(~option_mask.to(logits.device), float("-inf"))
@@ -168,10 +176,18 @@ def choice_rewards(disc, rows, choices, num_generations, form, alpha, clip):
 
 @dataclass
 class Pair:
-    """A (state, option) pair: training row `row` choosing its option `option` (1-based, in the row's
-    original slate order; the discriminator sees no positions, so order does not matter to it)."""
+    """A (state, option) pair: training row `row`, shown with its slate in `order` (the original
+    indices as displayed; None = the original order), choosing the option displayed at `option`
+    (1-based)."""
     row: int
     option: int
+    order: list = None
+
+    def shown(self, rows):
+        row = rows[self.row]
+        if self.order is None:
+            return row
+        return {**row, "slate_items_json": [row["slate_items_json"][i] for i in self.order]}
 
 
 class DiscriminatorTrainer:
@@ -198,18 +214,20 @@ class DiscriminatorTrainer:
                                            self.alpha, self.clip)
         pairs = []
         for i, choice in enumerate(choices):
-            if choice is not None:  # the chosen item's position in the row's original slate
-                index = row_indices[i // num_generations]
-                item = shown_rows[i // num_generations]["slate_items_json"][choice - 1]
-                pairs.append(Pair(index, self.rows[index]["slate_items_json"].index(item) + 1))
+            if choice is not None:
+                index, shown = row_indices[i // num_generations], shown_rows[i // num_generations]
+                original = self.rows[index]["slate_items_json"]
+                order = [original.index(item) for item in shown["slate_items_json"]]
+                pairs.append(Pair(index, choice, None if order == sorted(order) else order))
         self.add_policy_pairs(pairs)
         return rewards, d_policy
 
     def add_policy_pairs(self, pairs):
         """Keep the policy's valid choices (all of them, or with GAIL_NEGATIVES=wrong only those that
         differ from the human's, as upstream) in a first-in first-out buffer."""
-        if self.negatives == "wrong":
-            pairs = [p for p in pairs if p.option != self.rows[p.row]["gold_index"]]
+        if self.negatives == "wrong":  # the human's click, wherever the policy was shown it
+            pairs = [p for p in pairs if (p.order[p.option - 1] + 1 if p.order else p.option)
+                     != self.rows[p.row]["gold_index"]]
         self.buffer = (self.buffer + list(pairs))[-self.buffer_size:]
 
     def sample(self):
@@ -223,7 +241,7 @@ class DiscriminatorTrainer:
         """One update on a mixed batch; returns its statistics."""
         humans, policy = self.sample()
         pairs = humans + policy
-        encoded = self.model.encode_rows([self.rows[p.row] for p in pairs])
+        encoded = self.model.encode_rows([p.shown(self.rows) for p in pairs])
         state_embeds = None
         if self.gradient_penalty:
             state_embeds = self.model.encoder.embed_tokens(encoded[0][0]).detach().requires_grad_()
@@ -254,7 +272,7 @@ class DiscriminatorTrainer:
     def extra_state(self):
         """... and the buffer and sampling RNG (JSON)."""
         version, internal, gauss = self.rng.getstate()
-        return {"buffer": [[p.row, p.option] for p in self.buffer], "rng": [version, list(internal), gauss]}
+        return {"buffer": [[p.row, p.option, p.order] for p in self.buffer], "rng": [version, list(internal), gauss]}
 
     def load(self, state, extra):
         self.model.load_state_dict(state["disc"])

@@ -1,22 +1,28 @@
-"""Evaluation: greedy accuracy in three views of every row, each beside positional baselines on the
-same rows, the published checkpoints on the same rows, and simulation quality from sampled answers.
-Returns dicts; the trainer writes them (outputs.py) and reports.py renders them.
+"""Evaluation of a simulator: how much probability the model gives to what held-out people chose.
 
-Views: the `original` slate order; `shuffled` slates (fixed seed, gold remapped); `cue_neutral`
-options (titles only, so neither position nor a missing duration or channel identifies the click).
+- Answer mode: the exact choice distribution of every row (choices.py, one forward per row), scored
+  by log-loss, Brier, position TVD and valid mass beside uniform and the position prior, overall and
+  per issue and study, with a calibration table. The mode of the distribution is the model's answer.
+- Think mode: greedy completions give the answers; `eval_samples` sampled answers per row give an
+  estimate of the distribution (labelled with K), scored the same way.
+- In three views of every row: the `original` slate order; `shuffled` slates (fixed seed, gold
+  remapped); `cue_neutral` options (titles only, so neither position nor a missing duration or
+  channel identifies the click). Accuracy of the answers beside positional baselines on the same
+  rows, and the published checkpoints' recorded answers on the same rows.
+
+Returns dicts; the trainer writes them (outputs.py) and reports.py renders them.
 """
 import math
 import random
-import statistics
 from collections import Counter
 
+import choices
 import data
 import distributed
 import rewards
 import rollout
 
 VIEWS = ("original", "shuffled", "cue_neutral")
-SMOOTHING = 0.5  # additive pseudo-count for the log-loss of sampled choice frequencies
 
 
 def rate(numerator, denominator):
@@ -69,7 +75,9 @@ def group_accuracy(rows, correct, key):
     return {name: accuracy_ci(values) for name, values in sorted(groups.items())}
 
 
-def view_metrics(rows, predictions, formatted, train_rows, view):
+def view_metrics(rows, predictions, train_rows, view, formatted=None):
+    """Accuracy of one answer per row (None = no valid answer) beside the baselines on the same rows;
+    `formatted`: the strict-format flag of each generated completion."""
     correct = [p == row["gold_index"] for p, row in zip(predictions, rows)]
     answers = Counter(p for p in predictions if p is not None)
     top_answer, top_count = answers.most_common(1)[0] if answers else (None, 0)
@@ -77,7 +85,7 @@ def view_metrics(rows, predictions, formatted, train_rows, view):
     for name, preds in baseline_predictions(rows, train_rows, with_cue=view != "cue_neutral").items():
         baselines[name] = accuracy_ci([p == row["gold_index"] for p, row in zip(preds, rows)])
     return {**accuracy_ci(correct), "parsed_rate": rate(sum(p is not None for p in predictions), len(rows)),
-            "format_rate": rate(sum(formatted), len(rows)),
+            "format_rate": rate(sum(formatted), len(rows)) if formatted is not None else None,
             "answer_distribution": {str(k): v for k, v in sorted(answers.items())},
             "gold_index_distribution": {str(k): v for k, v in sorted(Counter(r["gold_index"] for r in rows).items())},
             "most_common_answer": top_answer, "most_common_answer_share": rate(top_count, len(rows)),
@@ -100,45 +108,6 @@ def reference_metrics(rows):
     return out
 
 
-def brier_score(probabilities, gold):
-    """Multi-class Brier score of one row's choice distribution (a list over options 1..n)."""
-    return sum((p - (k == gold)) ** 2 for k, p in enumerate(probabilities, 1))
-
-
-def simulation_metrics(rows, sampled, train_rows, collapse_margin=0.25):
-    """Does the model reproduce the distribution of human choices? `sampled[i]` holds K sampled
-    answers (None = unparseable) for rows[i]. Compared with the marginal prior: the position
-    frequencies of the training split, the baseline a simulator must beat."""
-    K = len(sampled[0])
-    n_max = max(row["n_options"] for row in rows)
-    human = Counter(row["gold_index"] for row in rows)
-    model = Counter(a for answers in sampled for a in answers)  # None counts as its own bucket
-    total = K * len(rows)
-    human_hist = {str(k): human[k] / len(rows) for k in range(1, n_max + 1)}
-    model_hist = {str(k): model[k] / total for k in range(1, n_max + 1)}
-    model_hist["invalid"] = model[None] / total
-    tvd = 0.5 * (sum(abs(model_hist[k] - human_hist[k]) for k in human_hist) + model_hist["invalid"])
-    prior_counts = Counter(row["gold_index"] for row in train_rows)
-    scores, prior_scores = [], []
-    for row, answers in zip(rows, sampled):
-        n = row["n_options"]
-        counts = Counter(answers)
-        gold = row["gold_index"]
-        scores.append((brier_score([counts[k] / K for k in range(1, n + 1)], gold),
-                       -math.log((counts[gold] + SMOOTHING) / (K + SMOOTHING * n))))
-        prior = [prior_counts[k] + SMOOTHING for k in range(1, n + 1)]
-        prior = [p / sum(prior) for p in prior]
-        prior_scores.append((brier_score(prior, gold), -math.log(prior[gold - 1])))
-    top, top_count = max(((k, model[k]) for k in range(1, n_max + 1)), key=lambda kv: kv[1])
-    model_share, human_share = top_count / total, human[top] / len(rows)
-    return {"samples_per_row": K, "model_position_hist": model_hist, "human_position_hist": human_hist,
-            "tvd": tvd, "brier": statistics.mean(b for b, _ in scores), "log_loss": statistics.mean(loss for _, loss in scores),
-            "marginal_prior": {"brier": statistics.mean(b for b, _ in prior_scores),
-                               "log_loss": statistics.mean(loss for _, loss in prior_scores)},
-            "collapse": {"flag": model_share - human_share > collapse_margin, "position": top,
-                         "model_share": model_share, "human_share": human_share}}
-
-
 def complete_rows(model, tokenizer, rows, prompt, cfg, world, num_samples, greedy):
     """`num_samples` completions of every row (each rank decodes its share of the rows). Returns, in
     row order, one (texts, truncated flags) pair per row."""
@@ -147,10 +116,8 @@ def complete_rows(model, tokenizer, rows, prompt, cfg, world, num_samples, greed
     # eval_batch_size counts prompts: with the shared prefix a prompt's samples cost one prefill.
     for lo in range(0, len(mine), cfg.eval_batch_size):
         idx = mine[lo:lo + cfg.eval_batch_size]
-        with distributed.autocast(cfg.bf16, world.device):
-            out = rollout.generate(model, tokenizer, [prompt.text(tokenizer, rows[i]) for i in idx], num_samples,
-                                   cfg.max_completion_length, temperature=1.0, greedy=greedy,
-                                   shared_prefix=cfg.shared_prefix)
+        out = rollout.generate(model, tokenizer, [prompt.text(tokenizer, rows[i]) for i in idx], num_samples,
+                               cfg.max_completion_length, temperature=1.0, greedy=greedy, shared_prefix=cfg.shared_prefix)
         truncated = out.truncated.tolist()
         for j, i in enumerate(idx):
             span = slice(j * num_samples, (j + 1) * num_samples)
@@ -158,40 +125,94 @@ def complete_rows(model, tokenizer, rows, prompt, cfg, world, num_samples, greed
     return [(texts, truncated) for _, texts, truncated in sorted(distributed.all_gather_list(results))]
 
 
-def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world):
-    """Greedy accuracy in every view with its baselines, the published checkpoints on the same rows,
-    and (eval_samples > 0) simulation quality from sampled answers. Reads from cfg: eval_views, seed,
-    eval_samples, eval_batch_size, max_completion_length, shared_prefix, bf16.
+def exact_distributions(model, tokenizer, rows, prompt, world):
+    """p(k) over each row's options (answer mode), each rank scoring its share of the rows."""
+    stop_ids = rollout.stop_token_ids(model, tokenizer)
+    mine = [(i, choices.choice_logprobs(model, tokenizer, prompt.text(tokenizer, rows[i]), rows[i]["n_options"],
+                                        stop_ids).exp().tolist())
+            for i in range(world.rank, len(rows), world.size)]
+    return [dist for _, dist in sorted(distributed.all_gather_list(mine))]
 
-    Returns (metrics, predictions): the same metrics on every rank, and the original view's greedy
-    answer per row."""
+
+def mode(distribution):
+    """The most likely option (1-based)."""
+    return max(range(len(distribution)), key=distribution.__getitem__) + 1
+
+
+def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world):
+    """Every view's answers beside their baselines, the choice distribution's scores (exact in answer
+    mode; from `eval_samples` samples in think mode, original view), and the published checkpoints on
+    the same rows. Reads from cfg: eval_views, seed, eval_samples, eval_batch_size,
+    max_completion_length, shared_prefix, bf16.
+
+    Returns (metrics, predictions): the same metrics on every rank, and one prediction per row of the
+    original view (its answer, and its distribution or completion)."""
     model.eval()
     metrics, predictions = {"views": {}}, []
-    with distributed.full_params(model):
+    with distributed.full_params(model), distributed.autocast(cfg.bf16, world.device):
         for view in cfg.eval_views:
             shown = view_rows(rows, view, cfg.seed)
-            outputs = complete_rows(model, tokenizer, shown, prompt, cfg, world, 1, greedy=True)
-            parsed = [rewards.parse_choice(texts[0], truncated[0], row, prompt.answer_only)
-                      for (texts, truncated), row in zip(outputs, shown)]
-            choices = [choice for choice, _ in parsed]
-            metrics["views"][view] = view_metrics(shown, choices, [ok for _, ok in parsed], train_rows, view)
+            if prompt.answer_only:
+                view_metrics_, shown_predictions = exact_view(model, tokenizer, shown, train_rows, prompt, world, view)
+            else:
+                view_metrics_, shown_predictions = sampled_view(model, tokenizer, shown, train_rows, prompt, cfg,
+                                                                world, view)
+            metrics["views"][view] = view_metrics_
             if view == "original":
-                predictions = [{"id": row.get("id"), "gold": row["gold_index"], "prediction": choice,
-                                "completion": texts[0]} for row, choice, (texts, _) in zip(shown, choices, outputs)]
-                labelled = [(row, texts[0]) for row, (texts, _) in zip(shown, outputs) if row.get("opinion_direction")]
-                if labelled and not prompt.answer_only:
-                    metrics["opinion_accuracy"] = accuracy_ci(
-                        [rewards.parse_opinion(text) == row["opinion_direction"] for row, text in labelled])
-        if cfg.eval_samples:
-            outputs = complete_rows(model, tokenizer, rows, prompt, cfg, world, cfg.eval_samples, greedy=False)
-            sampled = [[rewards.parse_choice(text, truncated, row, prompt.answer_only)[0]
-                        for text, truncated in zip(texts, truncated_flags)]
-                       for (texts, truncated_flags), row in zip(outputs, rows)]
-            metrics["simulation"] = simulation_metrics(rows, sampled, train_rows)
+                predictions = shown_predictions
     metrics["reference_checkpoints"] = reference_metrics(rows)
-    metrics.update(upstream_keys(metrics["views"].get("original") or next(iter(metrics["views"].values())),
-                                 len(rows)))
+    first = metrics["views"].get("original") or next(iter(metrics["views"].values()))
+    metrics.update(upstream_keys(first, len(rows)))
+    if "choice" in first:
+        metrics.update(headline_keys(first["choice"]))
     return metrics, predictions
+
+
+def exact_view(model, tokenizer, rows, train_rows, prompt, world, view):
+    distributions = exact_distributions(model, tokenizer, rows, prompt, world)
+    answers = [mode(p) for p in distributions]
+    out = view_metrics(rows, answers, train_rows, view)
+    out["choice"] = {**choices.choice_metrics(rows, distributions, train_rows), "method": "exact"}
+    return out, [{"id": row.get("id"), "gold": row["gold_index"], "prediction": answer,
+                  "distribution": [round(x, 6) for x in p]} for row, answer, p in zip(rows, answers, distributions)]
+
+
+def sampled_view(model, tokenizer, rows, train_rows, prompt, cfg, world, view):
+    outputs = complete_rows(model, tokenizer, rows, prompt, cfg, world, 1, greedy=True)
+    parsed = [rewards.parse(texts[0], truncated[0], row, answer_only=False) for (texts, truncated), row in zip(outputs, rows)]
+    answers = [p.choice for p in parsed]
+    out = view_metrics(rows, answers, train_rows, view, [p.formatted for p in parsed])
+    labelled = [(row, p.opinion) for row, p in zip(rows, parsed) if row.get("opinion_direction")]
+    if labelled and view == "original":
+        out["opinion_accuracy"] = accuracy_ci([opinion == row["opinion_direction"] for row, opinion in labelled])
+    if cfg.eval_samples and view == "original":
+        sampled = complete_rows(model, tokenizer, rows, prompt, cfg, world, cfg.eval_samples, greedy=False)
+        distributions = [choices.sampled_distribution(
+            [rewards.parse(text, cut, row, answer_only=False).choice for text, cut in zip(texts, truncated_flags)],
+            row["n_options"]) for (texts, truncated_flags), row in zip(sampled, rows)]
+        out["choice"] = {**choices.choice_metrics(rows, distributions, train_rows), "method": "sampled",
+                         "samples_per_row": cfg.eval_samples}
+    return out, [{"id": row.get("id"), "gold": row["gold_index"], "prediction": answer, "completion": texts[0]}
+                 for row, answer, (texts, _) in zip(rows, answers, outputs)]
+
+
+def untrained_scores(metrics):
+    """The scores of the model before training (a step-0 evaluation's original view), to stand beside
+    every later evaluation; None when that evaluation has no choice distribution."""
+    choice = (metrics.get("views", {}).get("original") or {}).get("choice")
+    if not choice:
+        return None
+    return {"step": metrics.get("step"), "model": choice["model"],
+            "by_group": {name: group["model"] for name, group in choice["by_group"].items()}}
+
+
+def headline_keys(choice):
+    """The simulator's scores at the top level of eval.json (original view)."""
+    model = choice["model"]
+    return {"choice_logloss": model["logloss"], "choice_logloss_renorm": model["logloss_renorm"],
+            "choice_brier": model["brier"], "choice_tvd": model["tvd"], "choice_valid_mass": model["valid_mass"],
+            "prior_logloss": choice["prior"]["logloss"], "uniform_logloss": choice["uniform"]["logloss"],
+            "choice_method": choice["method"]}
 
 
 def upstream_keys(view, n):

@@ -1,10 +1,13 @@
-"""Markdown reports of training runs.
+"""Markdown reports of training runs, with plots.
 
     python reports.py RUN_DIR [RUN_DIR ...] [--out=DIR]
 
 One run -> reports/<run>/README.md; several -> reports/compare-<run>-<run>.../README.md with the runs
-side by side (e.g. GAIL_USE=0 vs 1). Training curves are PNG plots when matplotlib is installed and
-tables otherwise. Every accuracy stands next to the positional baselines measured on the same rows.
+side by side (e.g. accuracy vs calibration vs GAIL_USE=1). The headline is the simulator's choice
+distribution scored on held-out people (log-loss, Brier, position TVD, valid mass) beside the
+untrained model, the position prior and uniform; then the PNGs: training curves, click positions
+(model vs humans vs prior) and calibration; then accuracy in every view beside positional baselines.
+`eval_summary` is the one renderer of an evaluation: the trainer prints it, the report shows it.
 """
 import json
 import sys
@@ -12,13 +15,20 @@ from pathlib import Path
 
 from outputs import RunFolder
 
-CURVES = [("reward/total/mean", "total reward"), ("reward/accuracy/mean", "accuracy reward"),
-          ("reward/format/mean", "format reward"), ("frac_reward_zero_std", "groups with zero reward spread"),
-          ("kl", "KL to reference"), ("completion_length/mean", "completion length")]
+CURVES = [("reward/total/mean", "total reward"), ("reward/calibration/mean", "calibration reward"),
+          ("reward/accuracy/mean", "accuracy reward"), ("reward/format/mean", "format reward"),
+          ("frac_reward_zero_std", "groups with zero reward spread"), ("kl", "KL to reference"),
+          ("completion_length/mean", "completion length")]
+SCORES = [("logloss", "log-loss"), ("logloss_renorm", "log-loss (valid, renormalised)"), ("brier", "Brier"),
+          ("tvd", "TVD of positions"), ("valid_mass", "valid mass")]
 
 
 def pct(x):
     return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def num(x):
+    return "" if x is None else f"{x:.3f}"
 
 
 def with_ci(m):
@@ -30,6 +40,154 @@ def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# One evaluation
+
+
+def choice_summary(ev):
+    """The headline: the original view's choice distribution beside untrained, prior and uniform."""
+    choice = ev["views"].get("original", {}).get("choice")
+    if not choice:
+        return None
+    untrained = ev.get("untrained")
+    how = ("exact (one forward per row)" if choice["method"] == "exact"
+           else f"estimated from {choice['samples_per_row']} sampled answers per row")
+    lines = [[f"**model (step {ev.get('step')})**"] + [f"**{num(choice['model'][k])}**" for k, _ in SCORES]]
+    if untrained:
+        lines.append([f"untrained (step {untrained['step']})"] + [num(untrained["model"].get(k)) for k, _ in SCORES])
+    lines += [["position prior (train, per slate size)"] + [num(choice["prior"][k]) for k, _ in SCORES],
+              ["uniform"] + [num(choice["uniform"][k]) for k, _ in SCORES]]
+    groups = [[name, g["model"]["n"], f"**{num(g['model']['logloss'])}**",
+               num(untrained["by_group"].get(name, {}).get("logloss")) if untrained else "",
+               num(g["prior"]["logloss"]), num(g["uniform"]["logloss"]), num(g["model"]["tvd"])]
+              for name, g in choice["by_group"].items()]
+    c = choice["collapse"]
+    flag = (f"**Collapse:** the model puts {pct(c['model_share'])} of its mass on position {c['position']}; "
+            f"humans clicked it on {pct(c['human_share'])} of rows." if c["flag"] else "No collapse flag.")
+    parts = [f"Choice distribution on {choice['model']['n']} held-out rows, {how}, original order:\n\n"
+             + table(["", *(label for _, label in SCORES)], lines),
+             "By issue / study (log-loss):\n\n" + table(
+                 ["group", "rows", "model", "untrained", "prior", "uniform", "model TVD"], groups), flag]
+    others = [[view, num(m["choice"]["model"]["logloss"]), num(m["choice"]["prior"]["logloss"]),
+               num(m["choice"]["uniform"]["logloss"]), num(m["choice"]["model"]["tvd"])]
+              for view, m in ev["views"].items() if view != "original" and "choice" in m]
+    if others:
+        parts.append("Other views (log-loss):\n\n" + table(["view", "model", "prior", "uniform", "model TVD"], others))
+    return "\n\n".join(parts)
+
+
+def accuracy_summary(ev):
+    views = list(ev.get("views", {}))
+    predictors = list(dict.fromkeys(name for m in ev["views"].values() for name in m["baselines"]))
+
+    def cell(view, name):
+        b = ev["views"][view]["baselines"].get(name)
+        return "" if b is None else with_ci(b) if "ci95" in b else pct(b["accuracy"])
+
+    rows = [["**model**"] + [f"**{with_ci(ev['views'][v])}**" for v in views]]
+    rows += [[name] + [cell(v, name) for v in views] for name in predictors]
+    rows += [["answered"] + [pct(ev["views"][v]["parsed_rate"]) for v in views],
+             ["most common answer"] + [f"{ev['views'][v]['most_common_answer']} on "
+                                       f"{pct(ev['views'][v]['most_common_answer_share'])}" for v in views]]
+    exact = "choice" in ev["views"].get(views[0], {}) and ev["views"][views[0]]["choice"]["method"] == "exact"
+    answer = "the mode of the exact distribution" if exact else "greedy decoding"
+    return (f"Accuracy [95% CI] of the model's answer ({answer}) by view, beside baselines on the same rows:\n\n"
+            + table(["predictor"] + views, rows))
+
+
+def eval_summary(ev):
+    """An eval dict (evaluate.evaluate) as Markdown: the choice-distribution headline, accuracy in
+    every view beside the baselines, and the published checkpoints on the same rows."""
+    parts = [part for part in (choice_summary(ev), accuracy_summary(ev)) if part]
+    refs = ev.get("reference_checkpoints") or {}
+    if refs:
+        parts.append("Published checkpoints on the same rows (original order): " + ", ".join(
+            f"{name} {with_ci(r)} (n={r['n']}, most common answer on {pct(r.get('most_common_answer_share'))})"
+            for name, r in refs.items()))
+    return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def pyplot():
+    """matplotlib writing files only (imported here: the trainer renders text and needs none of it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(runs, path):
+    names = [(key, label) for key, label in CURVES if any(key in m for run in runs for m in run["metrics"])]
+    names += [(key, key) for key in sorted({k for run in runs for m in run["metrics"] for k in m
+                                            if k.startswith("disc/")})]
+    if not names:
+        return False
+    fig, axes = pyplot().subplots(len(names), 1, figsize=(7, 2.2 * len(names)), squeeze=False)
+    for ax, (key, label) in zip(axes[:, 0], names):
+        for run in runs:
+            points = [(m["step"], m[key]) for m in run["metrics"] if m.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=run["name"])
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    axes[0, 0].legend(fontsize=8)
+    return save(fig, path)
+
+
+def plot_positions(runs, path):
+    """Mean predicted mass per click position (original view) against the humans' clicks and the prior."""
+    scored = [(run["name"], run["eval"]["views"]["original"]["choice"]) for run in runs
+              if "choice" in run["eval"].get("views", {}).get("original", {})]
+    if not scored:
+        return False
+    human = scored[0][1]["model"]["human_positions"]
+    series = [("humans", human), ("position prior", scored[0][1]["prior"]["position_mass"])]
+    series += [(name, choice["model"]["position_mass"]) for name, choice in scored]
+    positions = list(human)
+    width = 0.8 / len(series)
+    fig, ax = pyplot().subplots(figsize=(7, 3))
+    for i, (label, mass) in enumerate(series):
+        ax.bar([p + i * width for p in range(len(positions))], [mass.get(k, 0) for k in positions], width,
+               label=label)
+    ax.set_xticks([p + 0.4 - width / 2 for p in range(len(positions))], positions)
+    ax.set_xlabel("click position")
+    ax.set_ylabel("share")
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def plot_calibration(runs, path):
+    scored = [(run["name"], run["eval"]["views"]["original"]["choice"]["calibration"]) for run in runs
+              if "choice" in run["eval"].get("views", {}).get("original", {})]
+    if not scored:
+        return False
+    fig, ax = pyplot().subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="calibrated")
+    for name, cells in scored:
+        cells = [c for c in cells if c["n"]]
+        ax.plot([c["predicted"] for c in cells], [c["observed"] for c in cells], marker="o", label=name)
+    ax.set_xlabel("predicted probability of an option")
+    ax.set_ylabel("how often it was the click")
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    pyplot().close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
 
 
 CONFIG_KEYS = ("model_name_or_path", "dataset", "prompt_mode", "max_steps", "prompts_per_step", "num_generations",
@@ -47,85 +205,11 @@ def config_section(runs):
     return "## Configuration\n\n" + table(["key"] + [run["name"] for run in runs], rows)
 
 
-def curves_section(runs, out_dir):
-    names = [(key, label) for key, label in CURVES if any(key in m for run in runs for m in run["metrics"])]
-    names += [(key, key) for key in sorted({k for run in runs for m in run["metrics"] for k in m
-                                            if k.startswith("disc/")})]
-    if not names:
-        return "## Training curves\n\n(no training steps recorded)"
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "## Training curves\n\n(matplotlib not installed: tables)\n\n" + curve_tables(runs, names)
-    fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * len(names)), squeeze=False)
-    for ax, (key, label) in zip(axes[:, 0], names):
-        for run in runs:
-            points = [(m["step"], m[key]) for m in run["metrics"] if m.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), marker=".", label=run["name"])
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "curves.png", dpi=90)
-    plt.close(fig)
-    return "## Training curves\n\n![training curves](curves.png)"
-
-
-def curve_tables(runs, names):
-    parts = []
-    for run in runs:
-        metrics = run["metrics"]
-        stride = max(1, len(metrics) // 12)
-        shown = metrics[::stride] + ([metrics[-1]] if (len(metrics) - 1) % stride else [])
-        rows = [[m["step"]] + [f"{m[key]:.3f}" if isinstance(m.get(key), (int, float)) else "" for key, _ in names]
-                for m in shown]
-        parts.append(f"### {run['name']}\n\n" + table(["step"] + [label for _, label in names], rows))
-    return "\n\n".join(parts)
-
-
-def eval_summary(ev):
-    """An eval dict (evaluate.evaluate) as Markdown: the model beside every baseline in each view,
-    the published checkpoints on the same rows, and the simulation scores beside the marginal prior.
-    The trainer prints this after every evaluation; the report shows it under the run's heading."""
-    views = list(ev.get("views", {}))
-    predictors = list(dict.fromkeys(name for m in ev.get("views", {}).values() for name in m["baselines"]))
-
-    def cell(view, name):
-        b = ev["views"][view]["baselines"].get(name)
-        return "" if b is None else with_ci(b) if "ci95" in b else pct(b["accuracy"])
-
-    rows = [["**model**"] + [f"**{with_ci(ev['views'][v])}**" for v in views]]
-    rows += [[name] + [cell(v, name) for v in views] for name in predictors]
-    rows += [["parsed / strict format"] + [f"{pct(ev['views'][v]['parsed_rate'])} / {pct(ev['views'][v]['format_rate'])}"
-                                           for v in views],
-             ["most common answer"] + [f"{ev['views'][v]['most_common_answer']} on "
-                                       f"{pct(ev['views'][v]['most_common_answer_share'])}" for v in views]]
-    parts = ["Greedy accuracy [95% CI] by view, beside the baselines on the same rows:\n\n"
-             + table(["predictor"] + views, rows)]
-    refs = ev.get("reference_checkpoints") or {}
-    if refs:
-        parts.append("Published checkpoints on the same rows (original order): " + ", ".join(
-            f"{name} {with_ci(r)} (n={r['n']}, most common answer on {pct(r.get('most_common_answer_share'))})"
-            for name, r in refs.items()))
-    sim = ev.get("simulation")
-    if sim:
-        c = sim["collapse"]
-        flag = (f"**Collapse:** the model answers {c['position']} in {pct(c['model_share'])} of samples; humans "
-                f"chose it on {pct(c['human_share'])} of rows." if c["flag"] else "No collapse flag.")
-        scores = table(["", "TVD of positions", "Brier", "log-loss"],
-                       [["model", f"{sim['tvd']:.3f}", f"{sim['brier']:.3f}", f"{sim['log_loss']:.3f}"],
-                        ["marginal prior (train positions)", "", f"{sim['marginal_prior']['brier']:.3f}",
-                         f"{sim['marginal_prior']['log_loss']:.3f}"]])
-        hist = table(["position"] + list(sim["model_position_hist"]),
-                     [["model samples"] + [pct(v) for v in sim["model_position_hist"].values()],
-                      ["human clicks"] + [pct(sim["human_position_hist"].get(k)) if k in sim["human_position_hist"]
-                                          else "" for k in sim["model_position_hist"]]])
-        parts.append(f"Simulation quality ({sim['samples_per_row']} samples per row):\n\n{scores}\n\n{flag}\n\n{hist}")
-    return "\n\n".join(parts)
+def plots_section(runs, out_dir):
+    plots = [("curves.png", "training curves", plot_curves), ("positions.png", "click positions", plot_positions),
+             ("calibration.png", "calibration", plot_calibration)]
+    shown = [f"![{label}]({name})" for name, label, plot in plots if plot(runs, out_dir / name)]
+    return "## Plots\n\n" + ("\n\n".join(shown) if shown else "(nothing to plot)")
 
 
 def eval_section(run):
@@ -136,21 +220,25 @@ def eval_section(run):
         first = run["evals"][0]
         rows = [[view, with_ci(first["views"][view]), with_ci(ev["views"][view])]
                 for view in ev.get("views", {}) if view in first.get("views", {})]
-        parts.append("### Before and after training\n\n" + table(
+        parts.append("### Accuracy before and after training\n\n" + table(
             ["view", f"step {first.get('step')}", f"step {ev.get('step')}"], rows))
     return "\n\n".join(parts)
 
 
 def comparison_section(runs):
-    views = sorted({view for run in runs for view in run["eval"].get("views", {})})
     rows = []
     for run in runs:
         ev = run["eval"]
-        sim = ev.get("simulation") or {}
-        rows.append([run["name"]] + [with_ci(ev["views"][v]) if v in ev.get("views", {}) else "" for v in views]
-                    + [f"{sim['tvd']:.3f}" if sim else "", ("yes" if sim.get("collapse", {}).get("flag") else "no")
-                       if sim else ""])
-    return "## Runs side by side\n\n" + table(["run"] + [f"accuracy ({v})" for v in views] + ["TVD", "collapse"], rows)
+        choice = ev["views"].get("original", {}).get("choice")
+        model = choice["model"] if choice else {}
+        rows.append([run["name"], ev.get("step")] + [num(model.get(k)) for k, _ in SCORES]
+                    + [num((ev.get("untrained") or {}).get("model", {}).get("logloss")),
+                       num(choice["prior"]["logloss"]) if choice else "", num(choice["uniform"]["logloss"]) if choice else "",
+                       with_ci(ev["views"]["original"]) if "original" in ev["views"] else "",
+                       ("yes" if choice["collapse"]["flag"] else "no") if choice else ""])
+    header = ["run", "step", *(label for _, label in SCORES), "untrained log-loss", "prior log-loss",
+              "uniform log-loss", "accuracy (original)", "collapse"]
+    return "## Runs side by side\n\n" + table(header, rows)
 
 
 def samples_section(run, limit=6):
@@ -165,11 +253,12 @@ def write_report(run_dirs, out=None):
     out_dir = Path(out) if out else Path("reports") / (
         runs[0]["name"] if len(runs) == 1 else "compare-" + "-".join(run["name"] for run in runs))
     out_dir.mkdir(parents=True, exist_ok=True)
-    sections = [f"# GRAIL report: {', '.join(run['name'] for run in runs)}", config_section(runs)]
+    sections = [f"# GRAIL report: {', '.join(run['name'] for run in runs)}"]
     if len(runs) > 1:
         sections.append(comparison_section(runs))
-    sections.append(curves_section(runs, out_dir))
     sections += [eval_section(run) for run in runs]
+    sections.append(plots_section(runs, out_dir))
+    sections.append(config_section(runs))
     sections += [samples_section(run) for run in runs]
     path = out_dir / "README.md"
     path.write_text("\n\n".join(sections) + "\n", encoding="utf-8")

@@ -33,7 +33,7 @@ import prompts
 import reports
 import rewards
 import rollout
-from outputs import RunFolder
+from outputs import RunFolder, read_json
 
 
 @dataclass
@@ -143,6 +143,14 @@ def check_config(cfg):
                          "must have the same length")
     if cfg.num_generations < 2 and not cfg.eval_only:
         raise SystemExit("num_generations must be >= 2: advantages are relative to the group")
+    if "calibration" in cfg.reward_funcs and not cfg.eval_only:
+        if cfg.num_generations < 3:
+            raise SystemExit("the calibration reward compares each sample with the others of its group: "
+                             "num_generations must be >= 3")
+        if cfg.scale_rewards == "group":
+            raise SystemExit("the calibration reward is proper only with scale_rewards=batch or none: a per-group "
+                             "std reweights groups by what they sampled and pulls the policy toward the mode "
+                             "(rewards.calibration_rewards)")
 
 
 def prompt_format(cfg):
@@ -172,12 +180,21 @@ def train(cfg, world, ignored_keys=()):
         keep = sorted(random.Random(f"{cfg.seed}:eval").sample(range(len(eval_rows)), cfg.eval_max_rows))
         eval_rows = [eval_rows[i] for i in keep]
     prompt = prompt_format(cfg)
+    # The untrained model's scores stand beside every later evaluation (kept from step 0's).
+    untrained = None
+    if run.eval_at(0).exists() and not cfg.eval_only:  # a resumed run
+        untrained = evaluate.untrained_scores(read_json(run.eval_at(0)))
 
     def evaluate_and_save(model, tokenizer, step):
+        nonlocal untrained
         t0 = time.time()
         metrics, predictions = evaluate.evaluate(model, tokenizer, eval_rows, train_rows, prompt, cfg, world)
         metrics.update(step=step, seconds=round(time.time() - t0, 1), model=cfg.eval_only or cfg.model_name_or_path,
                        dataset=cfg.dataset or "bundled data/", split=cfg.eval_split)
+        if step == 0 and not cfg.eval_only:
+            untrained = evaluate.untrained_scores(metrics)
+        elif untrained:
+            metrics["untrained"] = untrained
         if world.is_main:
             run.write_eval(metrics, predictions)
             print(f"[eval step {step}, {len(eval_rows)} {cfg.eval_split} rows, {metrics['seconds']}s]\n"
@@ -278,7 +295,7 @@ def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, world, 
     parsed = [rewards.parse(text, was_truncated, row, prompt.answer_only)
               for text, was_truncated, row in zip(out.texts, truncated, expanded)]
     total, components, counts = rewards.score(parsed, expanded, prompt.answer_only, cfg.reward_funcs,
-                                              cfg.reward_weights)
+                                              cfg.reward_weights, G)
     d_policy = []
     if disc_trainer is not None:
         choices = [p.choice for p in parsed]

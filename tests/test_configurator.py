@@ -46,6 +46,9 @@ def test_json_config_lists_and_bools(tmp_path):
     (["--shuffle_slates=maybe"], {}, "not a boolean"),
     ([], {"GAIL_REWARD": "odds"}, "gail_reward='odds'"),
     (["--gail_negatives=some"], {}, "gail_negatives='some'"),
+    (["--reward_funcs=calibration", "--reward_weights=1", "--scale_rewards=group"], {}, "scale_rewards=batch or none"),
+    (["--reward_funcs=calibration", "--reward_weights=1", "--scale_rewards=batch", "--num_generations=2"], {},
+     "num_generations must be >= 3"),
 ])
 def test_bad_config_stops_with_a_clear_message(argv, env, message):
     with pytest.raises(SystemExit, match=message):

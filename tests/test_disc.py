@@ -26,6 +26,11 @@ def rows():
     return train
 
 
+def prefix(row, k):
+    """The row with its first k options: option k keeps its state and its displayed position."""
+    return {**row, "slate_items_json": row["slate_items_json"][:k], "n_options": k}
+
+
 def test_batched_table_equals_scoring_each_pair_alone(tiny, rows):
     model, tokenizer = tiny
     discriminator = disc.build("", model, tokenizer, CPU, seed=0).eval()
@@ -33,10 +38,38 @@ def test_batched_table_equals_scoring_each_pair_alone(tiny, rows):
     with torch.no_grad():
         table = discriminator(batch)
         for b, row in enumerate(batch):
-            for k, item in enumerate(row["slate_items_json"]):
-                alone = discriminator([{**row, "slate_items_json": [item], "n_options": 1}])[0, 0]
-                assert abs(alone.item() - table[b, k].item()) < 1e-5
+            for k in range(1, row["n_options"] + 1):
+                alone = discriminator([prefix(row, k)])[0, k - 1]
+                assert abs(alone.item() - table[b, k - 1].item()) < 1e-5
             assert torch.isinf(table[b, row["n_options"]:]).all()
+
+
+def test_the_displayed_position_changes_the_score(tiny, rows):
+    model, tokenizer = tiny
+    discriminator = disc.build("", model, tokenizer, CPU, seed=0).eval()
+    row = next(r for r in rows if r["n_options"] >= 4)
+    reversed_row = {**row, "slate_items_json": row["slate_items_json"][::-1]}
+    with torch.no_grad():
+        table, flipped = discriminator([row, reversed_row])
+        n = row["n_options"]
+        moved = [abs(table[k] - flipped[n - 1 - k]).item() for k in range(n) if k != n - 1 - k]  # same title, other slot
+        assert min(moved) > 1e-3
+        discriminator.position.weight.zero_()  # without the position feature only the titles count
+        table, flipped = discriminator([row, reversed_row])
+        assert torch.allclose(table[:n], flipped[:n].flip(0), atol=1e-5)
+
+
+def test_policy_pairs_remember_the_slate_as_shown(tiny, rows):
+    model, tokenizer = tiny
+    cfg = tg.Config(gail_disc_batch=4, seed=0)
+    trainer = disc.DiscriminatorTrainer(disc.build("", model, tokenizer, CPU, seed=0), rows[:5], cfg, rank=0)
+    row = rows[0]
+    shown = {**row, "slate_items_json": row["slate_items_json"][::-1]}
+    rewards_, _ = trainer.policy_rewards([row, shown], [0, 0], [1, None, 1, 2], num_generations=2)
+    assert rewards_[1] == 0.0 and len(trainer.buffer) == 3
+    n = row["n_options"]
+    assert trainer.buffer[0] == disc.Pair(0, 1) and trainer.buffer[1] == disc.Pair(0, 1, list(range(n))[::-1])
+    assert trainer.buffer[1].shown(trainer.rows)["slate_items_json"] == shown["slate_items_json"]
 
 
 def test_reward_forms_by_hand():
@@ -156,8 +189,8 @@ def test_hf_encoder_backbone_scores_the_same_way(tiny, rows, tmp_path):
     row = rows[3]
     with torch.no_grad():
         table = discriminator([row, rows[4]])
-        alone = discriminator([{**row, "slate_items_json": [row["slate_items_json"][1]], "n_options": 1}])
-    assert abs(alone[0, 0].item() - table[0, 1].item()) < 1e-5
+        alone = discriminator([prefix(row, 2)])
+    assert abs(alone[0, 1].item() - table[0, 1].item()) < 1e-5
     cfg = tg.Config(gail_lr=1e-3, gail_buffer_size=32, gail_disc_batch=4, gail_gradient_penalty=0.1, seed=0)
     trainer = disc.DiscriminatorTrainer(discriminator.train(), rows[:20], cfg, rank=0)
     trainer.add_policy_pairs([disc.Pair(i, 1) for i in range(20)])

@@ -1,6 +1,5 @@
 """reports.py on run folders written by a tiny end-to-end run."""
 import json
-import sys
 
 import pytest
 
@@ -24,23 +23,27 @@ def run_dirs(tiny_model_dir, tmp_path_factory):
     return dirs
 
 
-def test_report_holds_every_table(run_dirs, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the no-matplotlib path: curves as tables
+def test_report_holds_every_table_and_plot(run_dirs, tmp_path):
     path = reports.write_report([run_dirs[0]], out=tmp_path / "one")
     text = path.read_text()
-    for heading in ("## Configuration", "## Training curves", "## Evaluation: run_a", "### Before and after training",
-                    "Published checkpoints on the same rows", "Simulation quality (2 samples per row)",
-                    "## Sample completions"):
+    for heading in ("## Configuration", "## Plots", "## Evaluation: run_a", "### Accuracy before and after training",
+                    "Choice distribution on 6 held-out rows, exact", "By issue / study (log-loss)",
+                    "Published checkpoints on the same rows", "## Sample completions"):
         assert heading in text, heading
-    views = text.split("Greedy accuracy [95% CI] by view")[1].split("Published checkpoints")[0]
+    for png in ("curves.png", "positions.png", "calibration.png"):
+        assert f"]({png})" in text and (tmp_path / "one" / png).stat().st_size > 1000, png
+    headline = text.split("Choice distribution on")[1].split("By issue")[0]
+    for line in ("**model (step 2)**", "untrained (step 0)", "position prior (train, per slate size)", "uniform"):
+        assert f"| {line}" in headline, line
+    ev = json.loads((run_dirs[0] / "eval.json").read_text())
+    assert reports.num(ev["choice_logloss"]) in headline and reports.num(ev["uniform_logloss"]) in headline
+    views = text.split("Accuracy [95% CI]")[1].split("Published checkpoints")[0]
     assert "| predictor | original | shuffled | cue_neutral |" in views
     for predictor in ("**model**", "random", "always_first", "always_last", "most_frequent_index_train_",
                       "cue_no_duration"):
         assert f"| {predictor}" in views, predictor
     cue_row = next(line for line in views.splitlines() if line.startswith("| cue_no_duration"))
     assert cue_row.rstrip().endswith("|  |")  # no cue rule in the cue-neutral view
-    assert "| step | total reward |" in text
-    ev = json.loads((run_dirs[0] / "eval.json").read_text())
     assert reports.with_ci(ev["views"]["original"]) in views
     assert "grail_checkpoint_50" in text  # the bundled rows carry the published answers
 
@@ -54,7 +57,7 @@ def test_eval_section_shows_what_the_trainer_prints(run_dirs):
 def test_runs_side_by_side(run_dirs, tmp_path):
     text = reports.write_report(run_dirs, out=tmp_path / "both").read_text()
     table = text.split("## Runs side by side")[1].split("##")[0]
-    assert "run_a" in table and "run_b" in table and "accuracy (original)" in table
+    assert "run_a" in table and "run_b" in table and "accuracy (original)" in table and "log-loss" in table
 
 
 def test_not_a_run_folder_is_a_clear_error(tmp_path):

@@ -25,7 +25,7 @@ def test_parse_answer_is_strict(text, expected, reason):
 def score(texts, rows, answer_only=False, truncated=None, funcs=("accuracy", "format"), weights=(1.0, 0.0)):
     truncated = truncated or [False] * len(texts)
     parsed = [rewards.parse(text, cut, row, answer_only) for text, cut, row in zip(texts, truncated, rows)]
-    return rewards.score(parsed, rows, answer_only, list(funcs), list(weights))
+    return rewards.score(parsed, rows, answer_only, list(funcs), list(weights), num_generations=len(texts))
 
 
 def test_accuracy_counts_out_of_range_and_unparseable():
@@ -73,7 +73,8 @@ def test_format_requires_strict_tag_order(text, ok):
 def test_weighted_sum_and_every_component_returned():
     texts = ["<think>a</think><answer>3</answer><opinion>increase</opinion>", "<answer>3</answer>"]
     total, comps, _ = score(texts, [UNLABELLED] * 2, weights=(1.0, 0.25))
-    assert set(comps) == {"accuracy", "format"}
+    assert set(comps) == {"accuracy", "format"}  # calibration needs groups of 3 or more
+    assert set(score(texts + texts[:1], [UNLABELLED] * 3)[1]) == {"accuracy", "calibration", "format"}
     assert total == [1.0 * 1 + 0.25 * 1, 1.0 * 1 + 0.25 * 0]
     total, _, _ = score(texts, [UNLABELLED] * 2, funcs=("format",), weights=(2.0,))
     assert total == [2.0, 0.0]
@@ -83,3 +84,34 @@ def test_reward_names_accept_upstream_aliases_and_reject_unknown():
     assert rewards.canonical_reward_names(["pure_accuracy_reward", "format"]) == ["accuracy", "format"]
     with pytest.raises(ValueError, match="unknown reward"):
         rewards.canonical_reward_names(["cosine"])
+
+
+def test_calibration_reward_by_hand():
+    # group 1: gold 1; two samples chose 1, one chose 2, one is unparseable (G - 2 = 2)
+    # group 2: gold 3; two unparseable samples penalise each other, one chose 3
+    choices = [1, 1, 2, None, None, None, 3, 1]
+    golds = [1] * 4 + [3] * 4
+    got = rewards.calibration_rewards(choices, golds, num_generations=4)
+    assert got == pytest.approx([1 - 1 / 2, 1 - 1 / 2, 0.0, 0.0, -1 / 2, -1 / 2, 1.0, 0.0])
+
+
+def test_calibration_advantage_expectation_is_proportional_to_q_minus_p():
+    """With the group mean subtracted (GRPO), E[A | a = k] = (G-1)/G (q_k - p_k) + c: estimated by
+    simulation, the differences between outcomes match, so the fixed point is p = q."""
+    import random
+
+    rng = random.Random(0)
+    p, q, G = [0.6, 0.3, 0.1], [0.2, 0.5, 0.3], 6
+    totals, counts = [0.0] * 3, [0] * 3
+    for _ in range(20000):
+        choices = rng.choices([1, 2, 3], weights=p, k=G)
+        gold = rng.choices([1, 2, 3], weights=q)[0]
+        values = rewards.calibration_rewards(choices, [gold] * G, G)
+        mean = sum(values) / G
+        for choice, r in zip(choices, values):
+            totals[choice - 1] += r - mean
+            counts[choice - 1] += 1
+    advantage = [t / c for t, c in zip(totals, counts)]
+    want = [(G - 1) / G * (b - a) for a, b in zip(p, q)]
+    for k in (1, 2):  # the constant c cancels in differences
+        assert advantage[k] - advantage[0] == pytest.approx(want[k] - want[0], abs=0.01)

@@ -73,8 +73,11 @@ def test_two_step_run_writes_metrics_eval_and_a_loadable_checkpoint(tiny_model_d
     ev = json.loads((tmp_path / "eval.json").read_text())
     for key in ("accuracy_overall", "parsed_rate", "format_rate", "by_n_options", "group_metrics",
                 "gold_index_distribution", "baseline_most_frequent_gold_index", "random_baseline_expected_accuracy",
-                "views", "reference_checkpoints", "simulation"):
+                "views", "reference_checkpoints", "choice_logloss", "choice_logloss_renorm", "choice_brier",
+                "choice_tvd", "choice_valid_mass", "prior_logloss", "uniform_logloss"):
         assert key in ev, key
+    assert ev["choice_method"] == "exact" and 0 < ev["choice_valid_mass"] <= 1
+    assert ev["untrained"]["step"] == 0  # step 0's scores stand beside the final ones
     assert set(ev["views"]) == {"original", "shuffled", "cue_neutral"}
     original = ev["views"]["original"]
     assert {"always_first", "always_last", "random", "cue_no_duration"} <= set(original["baselines"])
@@ -193,19 +196,29 @@ def test_stop_file_raises_preempted_after_the_checkpoint(tiny_model_dir, tmp_pat
     assert [p.name for p in RunFolder(out).checkpoints()] == ["checkpoint-000001"] and not stop.exists()
 
 
-def test_rollouts_and_evaluation_generate_under_the_training_autocast(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("prompt_mode", ["think", "answer"])
+def test_rollouts_and_evaluation_run_under_the_training_autocast(tiny_model_dir, tmp_path, monkeypatch, prompt_mode):
     """On CUDA that is bf16 autocast; here a CPU autocast stands in for it, and every generate call
-    (training rollouts, greedy and sampled evaluation) must run inside it."""
+    (training rollouts; greedy and sampled evaluation in think mode) and every exact choice forward
+    (evaluation in answer mode) must run inside it."""
+    import choices
     import rollout
 
-    inside = []
-    real_generate = rollout.generate
+    inside = {"generate": [], "choice": []}
 
-    def recording_generate(*args, **kwargs):
-        inside.append(torch.is_autocast_enabled("cpu"))
-        return real_generate(*args, **kwargs)
+    def recording(name, real):
+        def wrapper(*args, **kwargs):
+            inside[name].append(torch.is_autocast_enabled("cpu"))
+            return real(*args, **kwargs)
+        return wrapper
 
-    monkeypatch.setattr(rollout, "generate", recording_generate)
+    monkeypatch.setattr(rollout, "generate", recording("generate", rollout.generate))
+    monkeypatch.setattr(choices, "choice_logprobs", recording("choice", choices.choice_logprobs))
     monkeypatch.setattr(distributed, "autocast", lambda bf16, device: torch.autocast("cpu", dtype=torch.bfloat16))
-    tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=1, save_steps=0), CPU)
-    assert len(inside) >= 3 and all(inside)  # eval before, one rollout, eval after
+    tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=1, save_steps=0, prompt_mode=prompt_mode,
+                       eval_samples=2, eval_max_rows=3), CPU)
+    if prompt_mode == "think":  # eval before (greedy x 3 views, sampled), one rollout, eval after
+        assert len(inside["generate"]) >= 9 and not inside["choice"]
+    else:  # one rollout; 3 views x 3 rows, before and after
+        assert len(inside["generate"]) == 1 and len(inside["choice"]) == 18
+    assert all(inside["generate"] + inside["choice"])

@@ -1,0 +1,189 @@
+"""The exact choice distribution of a prompt, and the proper scores of a simulator on it.
+
+In answer mode the prompt ends with `<answer>`, so the model's next tokens are its choice. For each
+option k, p(k) = P(the tokens of "k") × P(the tag closes after them), where closing is either a stop
+token (the turn ends; the parser closes the tag) or the tokens of "</answer>". A prompt and all its
+options run as one sequence under the tree mask of the shared-prefix forward (grpo.tree_attention_mask):
+one forward per row, exact for any number of options (option 1 excludes "10", "11", … because "0"
+and "1" do not close the tag). Mass on anything else (other spellings, other text, numbers outside
+the slate) is the invalid mass.
+
+Scores, each beside uniform and the position prior of the training split:
+- log-loss of the human choice: raw (-log p(gold), invalid mass counts as loss) and renormalised
+  over the valid options (-log q(gold), q = p / valid mass);
+- Brier score of q;
+- TVD between the mean q over rows (by position) and the humans' click positions;
+- valid mass, and a calibration table (predicted q of every (row, option) pair, binned, against how
+  often that option was the click).
+"""
+import math
+from collections import Counter
+
+import torch
+
+import grpo
+
+CLOSE_TAG = "</answer>"
+SMOOTHING = 0.5  # additive pseudo-count of the position prior
+CALIBRATION_BINS = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# The distribution
+
+
+def option_branches(tokenizer, n_options):
+    """Token ids of each option's number and of the closing tag: ([ids of "1"], …), ids of "</answer>"."""
+    numbers = [tokenizer.encode(str(k), add_special_tokens=False) for k in range(1, n_options + 1)]
+    return numbers, tokenizer.encode(CLOSE_TAG, add_special_tokens=False)
+
+
+@torch.no_grad()
+def choice_logprobs(model, tokenizer, prompt_text, n_options, stop_ids):
+    """log p(k) for k = 1..n_options [n] of one answer-mode prompt, at temperature 1."""
+    device = next(model.parameters()).device
+    prompt = torch.tensor(tokenizer(prompt_text, add_special_tokens=False).input_ids, device=device)
+    numbers, close = option_branches(tokenizer, n_options)
+    branches = [torch.tensor(ids + close, device=device) for ids in numbers]
+    digits = [len(ids) for ids in numbers]
+    window = getattr(model.config, "sliding_window", None)
+    if window and len(prompt) + max(len(b) for b in branches) > window:  # the tree mask has no window
+        scored = [_branch_logprobs(model, prompt, branch, d) for branch, d in zip(branches, digits)]
+    else:
+        scored = _tree_logprobs(model, prompt, branches, digits)
+    stops = torch.tensor(stop_ids, device=device)
+    out = []
+    for d, (token_logp, after_number) in zip(digits, scored):
+        # The tag closes after the number: the turn ends, or "</answer>" follows.
+        close_logp = torch.logaddexp(torch.logsumexp(after_number[stops], 0), token_logp[d:].sum())
+        out.append(token_logp[:d].sum() + close_logp)
+    return torch.stack(out)
+
+
+def _tree_logprobs(model, prompt, branches, digits):
+    """Per branch: (log-prob of each of its tokens, the next-token log-distribution after its number).
+    The prompt and every branch run as one sequence: each branch sees the prompt and its own tokens."""
+    P, device = len(prompt), prompt.device
+    lengths = torch.tensor([len(b) for b in branches], device=device)
+    tokens = torch.cat([prompt] + branches)
+    positions = torch.cat([torch.arange(P, device=device)] +
+                          [P + torch.arange(n, device=device) for n in lengths.tolist()])
+    predictors = torch.arange(P, len(tokens), device=device) - 1
+    starts = (torch.cumsum(lengths, 0) - lengths).tolist()
+    predictors[starts] = P - 1  # each branch's first token is predicted by the prompt's last one
+    logits = model(input_ids=tokens[None], position_ids=positions[None], use_cache=False,
+                   attention_mask=grpo.tree_attention_mask(P, lengths, model.config._attn_implementation),
+                   logits_to_keep=predictors).logits[0]
+    logp = torch.log_softmax(logits.float(), dim=-1)  # row i predicts tokens[P + i]
+    token_logp = logp.gather(-1, tokens[P:, None]).squeeze(-1)
+    return [(token_logp[start:start + len(branch)], logp[start + d])
+            for start, branch, d in zip(starts, branches, digits)]
+
+
+def _branch_logprobs(model, prompt, branch, digits):
+    """One option as its own prompt + branch sequence (models whose attention window is too short)."""
+    tokens = torch.cat([prompt, branch])[None]
+    logits = model(input_ids=tokens, use_cache=False, logits_to_keep=len(branch) + 1).logits[0, :-1]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, branch[:, None]).squeeze(-1), logp[digits]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+
+
+def position_prior(train_rows):
+    """P(click position | slate size) from the training split, add-0.5 smoothed: the baseline a
+    simulator must beat (uniform where no training slate has that size)."""
+    counts = Counter((row["n_options"], row["gold_index"]) for row in train_rows)
+
+    def prior(n):
+        weights = [counts[n, k] + SMOOTHING for k in range(1, n + 1)]
+        return [w / sum(weights) for w in weights]
+
+    return prior
+
+
+def brier_score(probabilities, gold):
+    """Multi-class Brier score of one row's choice distribution (a list over options 1..n)."""
+    return sum((p - (k == gold)) ** 2 for k, p in enumerate(probabilities, 1))
+
+
+def distribution_scores(rows, distributions):
+    """Mean scores of per-row distributions over options 1..n (each may sum to less than 1: the
+    rest is invalid mass) against the human clicks."""
+    raw, renorm, brier, valid = [], [], [], []
+    n_max = max(row["n_options"] for row in rows)
+    predicted, human = [0.0] * n_max, [0.0] * n_max
+    for row, p in zip(rows, distributions):
+        mass = sum(p)
+        q = [x / mass for x in p] if mass > 0 else [1 / len(p)] * len(p)
+        gold = row["gold_index"]
+        raw.append(-math.log(max(p[gold - 1], 1e-300)))
+        renorm.append(-math.log(max(q[gold - 1], 1e-300)))
+        brier.append(brier_score(q, gold))
+        valid.append(mass)
+        for k, x in enumerate(q):
+            predicted[k] += x / len(rows)
+        human[gold - 1] += 1 / len(rows)
+    return {"logloss": _mean(raw), "logloss_renorm": _mean(renorm), "brier": _mean(brier),
+            "tvd": 0.5 * sum(abs(a - b) for a, b in zip(predicted, human)), "valid_mass": _mean(valid),
+            "position_mass": {str(k): x for k, x in enumerate(predicted, 1)},
+            "human_positions": {str(k): x for k, x in enumerate(human, 1)}, "n": len(rows)}
+
+
+def calibration_table(rows, distributions, bins=CALIBRATION_BINS):
+    """Every (row, option) pair's renormalised probability, binned: mean predicted vs how often the
+    option was the click. A calibrated simulator lies on the diagonal."""
+    table = [{"lo": b / bins, "hi": (b + 1) / bins, "n": 0, "predicted": 0.0, "observed": 0.0} for b in range(bins)]
+    for row, p in zip(rows, distributions):
+        mass = sum(p) or 1.0
+        for k, x in enumerate(p, 1):
+            cell = table[min(int(x / mass * bins), bins - 1)]
+            cell["n"] += 1
+            cell["predicted"] += x / mass
+            cell["observed"] += k == row["gold_index"]
+    for cell in table:
+        if cell["n"]:
+            cell["predicted"] /= cell["n"]
+            cell["observed"] /= cell["n"]
+    return table
+
+
+def collapse(scores, margin=0.25):
+    """Does the model pile onto one position? Its most likely position's mass against the humans'
+    share of that position; flagged beyond `margin`."""
+    top = max(scores["position_mass"], key=scores["position_mass"].get)
+    model, human = scores["position_mass"][top], scores["human_positions"][top]
+    return {"flag": model - human > margin, "position": int(top), "model_share": model, "human_share": human}
+
+
+def choice_metrics(rows, distributions, train_rows):
+    """The model's scores beside uniform and the position prior, overall and per issue and study,
+    with the calibration table and the collapse flag."""
+    prior = position_prior(train_rows)
+
+    def scored(subset):
+        rows_, dists = [rows[i] for i in subset], [distributions[i] for i in subset]
+        return {"model": distribution_scores(rows_, dists),
+                "prior": distribution_scores(rows_, [prior(r["n_options"]) for r in rows_]),
+                "uniform": distribution_scores(rows_, [[1 / r["n_options"]] * r["n_options"] for r in rows_])}
+
+    groups = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(f"{row.get('issue')} / {row.get('participant_study')}", []).append(i)
+    overall = scored(range(len(rows)))
+    return {**overall, "by_group": {name: scored(idx) for name, idx in sorted(groups.items())},
+            "calibration": calibration_table(rows, distributions), "collapse": collapse(overall["model"])}
+
+
+def sampled_distribution(answers, n_options):
+    """An estimate of p(k) from K sampled answers (None = unparseable), add-0.5 smoothed over the n
+    options and the invalid bucket, so a gold never sampled still has a finite log-loss."""
+    counts = Counter(answers)
+    total = len(answers) + SMOOTHING * (n_options + 1)
+    return [(counts[k] + SMOOTHING) / total for k in range(1, n_options + 1)]
+
+
+def _mean(values):
+    return sum(values) / len(values)

@@ -1,0 +1,134 @@
+"""choices.py: the exact choice distribution against brute force and against sampled answers, and
+the scores of a distribution by hand."""
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+import checkpoint
+import choices
+import data
+import prompts
+import rewards
+import rollout
+
+CPU = torch.device("cpu")
+
+
+def row_with(n, gold=1):
+    slate = [{"id": f"v{k}", "title": f"Video number {k}"} for k in range(1, n + 1)]
+    return data.clean_row({"slate_items_json": slate, "gold_index": gold, "viewer_profile_sentence": "a viewer"})
+
+
+def brute_force_logprob(model, tokenizer, prompt_text, k, stop_ids):
+    """log p(k) from plain forwards over whole sequences: P(digits of k) x (P(a stop token next) +
+    P("</answer>" next))."""
+    prompt = tokenizer(prompt_text, add_special_tokens=False).input_ids
+    digits = tokenizer.encode(str(k), add_special_tokens=False)
+    close = tokenizer.encode("</answer>", add_special_tokens=False)
+    sequence = torch.tensor([prompt + digits + close])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=sequence).logits[0].double(), -1)
+    follow = [logp[len(prompt) - 1 + i, token] for i, token in enumerate(digits + close)]
+    after_digits = logp[len(prompt) - 1 + len(digits)]
+    p_digits = math.exp(sum(follow[:len(digits)]))
+    p_close = sum(after_digits[s].exp().item() for s in stop_ids) + math.exp(sum(follow[len(digits):]))
+    return math.log(p_digits * p_close)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_exact_distribution_equals_brute_force(tiny_model_dir, attention):
+    model = checkpoint.load_model(str(tiny_model_dir), CPU, trainable=False)
+    model.set_attn_implementation(attention)
+    tokenizer = checkpoint.load_tokenizer(str(tiny_model_dir))
+    stop_ids = rollout.stop_token_ids(model, tokenizer)
+    row = row_with(12)  # options 10-12 take two digits: "1" must not count their mass
+    text = prompts.PromptFormat("answer").text(tokenizer, row)
+    exact = choices.choice_logprobs(model, tokenizer, text, 12, stop_ids)
+    want = [brute_force_logprob(model, tokenizer, text, k, stop_ids) for k in range(1, 13)]
+    assert exact.tolist() == pytest.approx(want, abs=1e-4)
+    assert exact.exp().sum() < 1  # the rest is invalid mass
+
+
+def test_window_shorter_than_the_prompt_scores_each_option_alone(tmp_path):
+    import tiny
+
+    folder = tiny.make_tiny_model(tmp_path, sliding_window=16)
+    model, tokenizer = checkpoint.load_model(str(folder), CPU, trainable=False), checkpoint.load_tokenizer(str(folder))
+    stop_ids = rollout.stop_token_ids(model, tokenizer)
+    text = prompts.PromptFormat("answer").text(tokenizer, row_with(3))
+    exact = choices.choice_logprobs(model, tokenizer, text, 3, stop_ids)
+    assert exact.tolist() == pytest.approx([brute_force_logprob(model, tokenizer, text, k, stop_ids)
+                                            for k in (1, 2, 3)], abs=1e-4)
+
+
+def teach(model, tokenizer, text, targets, steps=150):
+    """A few Adam steps of maximum likelihood on completions drawn with the given weights, so the
+    tiny model puts most of its mass on answers."""
+    prompt = tokenizer(text, add_special_tokens=False).input_ids
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        for completion, weight in targets.items():
+            ids = prompt + tokenizer.encode(completion, add_special_tokens=False)
+            logits = model(input_ids=torch.tensor([ids])).logits[0, len(prompt) - 1:-1]
+            loss = weight * torch.nn.functional.cross_entropy(logits, torch.tensor(ids[len(prompt):]))
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def test_exact_distribution_agrees_with_sampled_answers(tiny_model_dir):
+    model = checkpoint.load_model(str(tiny_model_dir), CPU, trainable=True)
+    tokenizer = checkpoint.load_tokenizer(str(tiny_model_dir))
+    row = row_with(3)
+    text = prompts.PromptFormat("answer").text(tokenizer, row)
+    eos = tokenizer.eos_token
+    teach(model, tokenizer, text, {f"1</answer>{eos}": 0.5, f"2{eos}": 0.3, f"3</answer>{eos}": 0.2})
+    exact = choices.choice_logprobs(model, tokenizer, text, 3, rollout.stop_token_ids(model, tokenizer)).exp()
+    assert 0.8 < exact.sum() <= 1.0 and (exact > 0.05).all()  # the test compares real masses
+    K = 600
+    torch.manual_seed(0)
+    out = rollout.generate(model, tokenizer, [text], K, 12, temperature=1.0)  # room for "</answer>"
+    answers = Counter(rewards.parse(t, c, row, answer_only=True).choice for t, c in zip(out.texts, out.truncated.tolist()))
+    for k in (1, 2, 3):
+        p = exact[k - 1].item()
+        assert abs(answers[k] / K - p) < 4 * math.sqrt(p * (1 - p) / K) + 0.01, (k, answers, exact)
+
+
+def test_scores_by_hand():
+    rows = [row_with(2, gold=1), row_with(2, gold=2)]
+    dists = [[0.6, 0.2], [0.5, 0.5]]  # row 1 has 0.2 invalid mass
+    scores = choices.distribution_scores(rows, dists)
+    q1 = [0.75, 0.25]
+    assert scores["logloss"] == pytest.approx((-math.log(0.6) - math.log(0.5)) / 2)
+    assert scores["logloss_renorm"] == pytest.approx((-math.log(0.75) - math.log(0.5)) / 2)
+    assert scores["brier"] == pytest.approx(((q1[0] - 1) ** 2 + q1[1] ** 2 + 0.25 + 0.25) / 2)
+    assert scores["valid_mass"] == pytest.approx(0.9)
+    assert scores["position_mass"] == pytest.approx({"1": 0.625, "2": 0.375})
+    assert scores["human_positions"] == {"1": 0.5, "2": 0.5}
+    assert scores["tvd"] == pytest.approx(0.125)
+
+
+def test_prior_uniform_collapse_and_calibration():
+    train = [row_with(2, gold=1)] * 3 + [row_with(2, gold=2)] + [row_with(3, gold=3)]
+    prior = choices.position_prior(train)
+    assert prior(2) == pytest.approx([3.5 / 5, 1.5 / 5])  # add-0.5 counts of 2-option slates
+    assert prior(4) == pytest.approx([0.25] * 4)  # no 4-option slate in training: uniform
+    rows = [row_with(2, gold=g) for g in (1, 1, 2, 1)]
+    constant = choices.choice_metrics(rows, [[0.0, 1.0]] * 4, train)
+    assert constant["collapse"] == {"flag": True, "position": 2, "model_share": 1.0, "human_share": 0.25}
+    assert constant["uniform"]["logloss"] == pytest.approx(math.log(2))
+    assert constant["prior"]["logloss"] < constant["uniform"]["logloss"]
+    assert set(constant["by_group"]) == {"None / None"}
+    calibrated = choices.choice_metrics(rows, [[0.75, 0.25]] * 4, train)
+    assert not calibrated["collapse"]["flag"] and calibrated["model"]["tvd"] == pytest.approx(0.0)
+    cells = {round(c["predicted"], 2): c for c in calibrated["calibration"] if c["n"]}
+    assert cells[0.75]["observed"] == 0.75 and cells[0.25]["observed"] == 0.25  # on the diagonal
+
+
+def test_sampled_distribution_is_smoothed_over_options_and_invalid():
+    got = choices.sampled_distribution([1, 1, None, 2], 3)
+    assert got == pytest.approx([2.5 / 6, 1.5 / 6, 0.5 / 6])  # 4 samples + 0.5 x (3 options + invalid)
