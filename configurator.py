@@ -1,6 +1,7 @@
 """Overrides of a config dataclass's defaults, later sources winning: `--config=FILE` (YAML or JSON;
 also `--config FILE`), the GAIL_*/GRAIL_* environment variables named after its fields, then
-`--key=value` arguments. Unknown keys and malformed values stop the run with a one-line message.
+`--key=value` (or `--key value`) arguments; a list is `a,b` or `[a,b]`. Unknown keys and malformed
+values stop the run with a one-line message.
 """
 import dataclasses
 import json
@@ -14,7 +15,7 @@ FOREIGN_KEYS = {
     "dataset_prompt_column", "dataset_solution_column", "max_prompt_length", "use_vllm", "do_eval",
     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_checkpointing_kwargs",
     "lr_scheduler_type", "save_strategy", "evaluation_strategy", "eval_strategy",
-    "logging_strategy", "logging_steps", "log_level", "log_completions", "report_to", "kl_target",
+    "logging_strategy", "logging_steps", "log_level", "log_completions", "kl_target",
     "init_kl_coeff", "kl_horizon", "kl_ctl_step_size", "clip_range", "clip_range_vf", "vf_coef",
     "reward_normalization", "gamma", "gae_lambda", "advantage_normalization", "reward_clip",
     "advantage_clip", "log_kl_per_token", "log_grad_norm_after_clip", "push_to_hub", "hub_model_id",
@@ -30,8 +31,10 @@ def parse_value(kind, text):
             if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise ValueError(f"not a boolean: {text!r}")
             return text.lower() in ("1", "true", "yes")
-        if kind is list:
-            return [part.strip() for part in text.split(",") if part.strip()]
+        if kind is list:  # a,b or [a,b] (the YAML spelling), items optionally quoted
+            inner = text.strip()
+            inner = inner[1:-1] if inner.startswith("[") and inner.endswith("]") else inner
+            return [part.strip().strip("'\"") for part in inner.split(",") if part.strip().strip("'\"")]
         return kind(text)
     if kind is float and isinstance(text, int):
         return float(text)
@@ -42,15 +45,13 @@ def parse_value(kind, text):
     return text
 
 
-def apply_overrides(config_class, argv, environ):
-    """(an instance of config_class with every override applied, the ignored recipe keys)."""
+def apply_overrides(config_class, argv, environ, base=None):
+    """(an instance of config_class with every override applied, the ignored recipe keys). `base`
+    replaces some class defaults (below every override)."""
+    base = base or {}
     kinds = {f.name: f.type for f in dataclasses.fields(config_class)}
     values, ignored = {}, []
-    args = list(argv)
-    for i, arg in enumerate(args):  # `--config FILE` and `--config=FILE`
-        if arg == "--config" and i + 1 < len(args):
-            args[i:i + 2] = [f"--config={args[i + 1]}"]
-            break
+    args = joined_arguments(argv)
     for arg in args:
         if arg.startswith("--config="):
             values.update(read_config_file(arg.split("=", 1)[1], kinds, ignored))
@@ -62,23 +63,52 @@ def apply_overrides(config_class, argv, environ):
         if arg.startswith("--config="):
             continue
         if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"arguments are --key=value, got {arg!r}")
+            raise SystemExit(f"[config] arguments are --key=value or --key value, got {arg!r}")
         key, value = arg[2:].split("=", 1)
         key = key.lower()
         if key not in kinds:
-            raise SystemExit(f"unknown config key {key!r}; known: {', '.join(sorted(kinds))}")
+            raise SystemExit(f"[config] unknown config key {key!r}; known: {', '.join(sorted(kinds))}")
         values[key] = value
-    try:
-        return config_class(**{key: parse_value(kinds[key], value) for key, value in values.items()}), ignored
-    except ValueError as err:
-        raise SystemExit(f"bad config value: {err}") from None
+    parsed = {}
+    for key, value in values.items():
+        try:
+            parsed[key] = parse_value(kinds[key], value)
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"[config] {key}={value!r}: expected {kinds[key].__name__} ({err})") from None
+    return config_class(**{**base, **parsed}), ignored
+
+
+def joined_arguments(argv):
+    """`--key value` as `--key=value`, for every key alike."""
+    args, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            args.append(f"{arg}={argv[i + 1]}")
+            i += 2
+        else:
+            args.append(arg)
+            i += 1
+    return args
 
 
 def read_config_file(path, kinds, ignored):
     import yaml  # comes with transformers
 
-    text = Path(path).read_text(encoding="utf-8")
-    loaded = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise SystemExit(f"[config] cannot read {path}: {err.strerror or err}") from None
+    try:
+        loaded = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SystemExit(f"[config] {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}{at}: "
+                         f"{problem}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise SystemExit(f"[config] {path}: expected key: value pairs, got a {type(loaded).__name__}")
     out = {}
     for key, value in (loaded or {}).items():
         key = CONFIG_FILE_ALIASES.get(key, key)
@@ -87,5 +117,15 @@ def read_config_file(path, kinds, ignored):
         elif key in FOREIGN_KEYS:
             ignored.append(key)
         else:
-            raise SystemExit(f"{path}: unknown config key {key!r}")
+            raise SystemExit(f"[config] {path}: unknown config key {key!r}")
     return out
+
+
+def check_ranges(config, ranges):
+    """Stop with one line when a value is outside its range; `ranges`: {key: (low, high or None,
+    whether low itself is allowed)}."""
+    for key, (low, high, low_allowed) in ranges.items():
+        value = getattr(config, key)
+        if value < low or (value == low and not low_allowed) or (high is not None and value > high):
+            bound = f"{'>=' if low_allowed else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+            raise SystemExit(f"[config] {key}={value}: must be {bound}")

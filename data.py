@@ -15,7 +15,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import errors
 import prompts
+from errors import UserError, first_line
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUNDLED_FILES = ("gun_control.jsonl", "minimum_wage.jsonl")
@@ -26,8 +28,11 @@ TEXT_FIELDS = ("viewer_profile_sentence", "initial_viewpoint", "survey_highlight
                "participant_key", "next_video_id", "opinion_direction", "state_text", "id")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset that cannot be used at all."""
+
+    def __init__(self, message):
+        super().__init__("data", message)
 
 
 class BadRow(ValueError):
@@ -195,16 +200,20 @@ def load_raw(source):
             return _as_splits(loaded)
         paths = sorted(p for p in folder.iterdir() if p.suffix in (".jsonl", ".json", ".parquet"))
         if not paths:
-            raise FileNotFoundError(f"{folder}: no .jsonl/.json/.parquet files and not a save_to_disk folder")
+            raise DataError(f"{folder}: no .jsonl/.json/.parquet files and not a save_to_disk folder")
     if all(p.exists() for p in paths):
         kinds = {"parquet" if p.suffix == ".parquet" else "json" for p in paths}
         if len(kinds) > 1:
-            raise ValueError(f"mixed file types in {source}: use one of .jsonl/.json or .parquet")
+            raise DataError(f"mixed file types in {source}: use one of .jsonl/.json or .parquet")
         return {"train": _rows_from_files(paths, kinds.pop())}
     missing = [str(p) for p in paths if not p.exists()]
     if len(paths) > 1 or any(p.suffix in (".jsonl", ".json", ".parquet") for p in paths):
-        raise FileNotFoundError(f"data files not found: {missing}")
-    return _as_splits(datasets.load_dataset(str(paths[0])))  # a hub dataset id
+        raise DataError(f"data files not found: {missing}")
+    try:
+        return _as_splits(datasets.load_dataset(str(paths[0])))  # a hub dataset id
+    except (OSError, ValueError, ConnectionError) as err:  # offline, no such dataset, a bad folder
+        raise DataError(f"{paths[0]}: no such file or folder, and not a loadable hub dataset ({first_line(err)})") \
+            from err
 
 
 def _rows_from_files(paths, kind):
@@ -343,6 +352,11 @@ def rank_share(global_batch, rank, world_size):
     return global_batch[rank::world_size]
 
 
+def rank_step_prompts(n_rows, prompts_per_step, step, seed, world):
+    """This rank's share of the row indices of `step` (step_prompts, then rank_share)."""
+    return rank_share(step_prompts(n_rows, prompts_per_step, step, seed), world.rank, world.size)
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 
@@ -377,4 +391,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    errors.run(main, sys.argv[1:])

@@ -6,9 +6,11 @@ so the same code runs with and without torchrun.
 """
 import gc
 import os
+import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -34,6 +36,16 @@ class World:
 
 def single_process(device="cpu"):
     return World(0, 1, 0, torch.device(device))
+
+
+STOP_REQUESTED = threading.Event()  # set by SIGTERM / SIGUSR1 (train_grail.main)
+
+
+def stop_requested(world, stop_file=""):
+    """Has any rank been asked to stop (a signal, or `stop_file` appearing)? One all-reduce: every
+    rank must call it at the same point, and they all get the same answer."""
+    local = STOP_REQUESTED.is_set() or bool(stop_file and Path(stop_file).exists())
+    return all_reduce_sum(torch.tensor(float(local), device=world.device)).item() > 0
 
 
 def setup(timeout_minutes):

@@ -45,6 +45,19 @@ def accuracy_ci(correct):
             "n": len(correct)}
 
 
+def select_rows(train_rows, val_rows, split, max_rows, seed, needed=True):
+    """The rows of `split` (validation | train | all); a seeded sample of `max_rows` of them (0 = all),
+    in their order, which keeps every study in. An empty split that is `needed` is a DataError."""
+    rows = {"validation": val_rows, "train": train_rows, "all": train_rows + val_rows}[split]
+    if not rows and needed:
+        raise data.DataError(f"the {split} split is empty ({len(train_rows)} train, {len(val_rows)} validation "
+                             "rows): use eval_split=train or all, a larger val_fraction, or more participants")
+    if max_rows and max_rows < len(rows):
+        keep = sorted(random.Random(f"{seed}:eval").sample(range(len(rows)), max_rows))
+        rows = [rows[i] for i in keep]
+    return rows
+
+
 def view_rows(rows, view, seed):
     if view == "shuffled":
         return [data.shuffle_slate(row, random.Random(f"{seed}:eval-shuffle:{i}")) for i, row in enumerate(rows)]
@@ -60,7 +73,7 @@ def cue_rule(row):
 
 
 def baseline_predictions(rows, train_rows, with_cue):
-    top_train = Counter(row["gold_index"] for row in train_rows).most_common(1)[0][0]
+    top_train = Counter(row["gold_index"] for row in train_rows).most_common(1)[0][0] if train_rows else 1
     out = {"always_first": [1] * len(rows), "always_last": [row["n_options"] for row in rows],
            f"most_frequent_index_train_{top_train}": [top_train] * len(rows)}
     if with_cue:
@@ -108,14 +121,28 @@ def reference_metrics(rows):
     return out
 
 
-def complete_rows(model, tokenizer, rows, prompt, cfg, world, num_samples, greedy):
+class Stopped(Exception):
+    """A stop was requested during an evaluation (`should_stop` said so on every rank)."""
+
+
+def rounds(n_rows, per_rank, world, should_stop):
+    """Row indices of this rank, `per_rank` at a time, in the same number of rounds on every rank,
+    asking `should_stop` (a collective) before each, so that all ranks stop within one batch."""
+    chunk = per_rank * world.size
+    for lo in range(0, n_rows, chunk):
+        if should_stop():
+            raise Stopped()
+        yield list(range(lo + world.rank, min(lo + chunk, n_rows), world.size))
+
+
+def complete_rows(model, tokenizer, rows, prompt, cfg, world, num_samples, greedy, should_stop):
     """`num_samples` completions of every row (each rank decodes its share of the rows). Returns, in
     row order, one (texts, truncated flags) pair per row."""
-    mine = list(range(world.rank, len(rows), world.size))
     results = []
     # eval_batch_size counts prompts: with the shared prefix a prompt's samples cost one prefill.
-    for lo in range(0, len(mine), cfg.eval_batch_size):
-        idx = mine[lo:lo + cfg.eval_batch_size]
+    for idx in rounds(len(rows), cfg.eval_batch_size, world, should_stop):
+        if not idx:
+            continue
         out = rollout.generate(model, tokenizer, [prompt.text(tokenizer, rows[i]) for i in idx], num_samples,
                                cfg.max_completion_length, temperature=1.0, greedy=greedy, shared_prefix=cfg.shared_prefix)
         truncated = out.truncated.tolist()
@@ -125,12 +152,12 @@ def complete_rows(model, tokenizer, rows, prompt, cfg, world, num_samples, greed
     return [(texts, truncated) for _, texts, truncated in sorted(distributed.all_gather_list(results))]
 
 
-def exact_distributions(model, tokenizer, rows, prompt, world):
+def exact_distributions(model, tokenizer, rows, prompt, world, should_stop):
     """p(k) over each row's options (answer mode), each rank scoring its share of the rows."""
     stop_ids = rollout.stop_token_ids(model, tokenizer)
     mine = [(i, choices.choice_logprobs(model, tokenizer, prompt.text(tokenizer, rows[i]), rows[i]["n_options"],
                                         stop_ids).exp().tolist())
-            for i in range(world.rank, len(rows), world.size)]
+            for idx in rounds(len(rows), 1, world, should_stop) for i in idx]
     return [dist for _, dist in sorted(distributed.all_gather_list(mine))]
 
 
@@ -139,11 +166,16 @@ def mode(distribution):
     return max(range(len(distribution)), key=distribution.__getitem__) + 1
 
 
-def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world):
+def never():
+    return False
+
+
+def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world, should_stop=never):
     """Every view's answers beside their baselines, the choice distribution's scores (exact in answer
     mode; from `eval_samples` samples in think mode, original view), and the published checkpoints on
     the same rows. Reads from cfg: eval_views, seed, eval_samples, eval_batch_size,
-    max_completion_length, shared_prefix, bf16.
+    max_completion_length, shared_prefix, bf16. Raises Stopped within one batch of `should_stop()`
+    turning true (a collective: every rank calls it as often).
 
     Returns (metrics, predictions): the same metrics on every rank, and one prediction per row of the
     original view (its answer, and its distribution or completion)."""
@@ -153,10 +185,11 @@ def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world):
         for view in cfg.eval_views:
             shown = view_rows(rows, view, cfg.seed)
             if prompt.answer_only:
-                view_metrics_, shown_predictions = exact_view(model, tokenizer, shown, train_rows, prompt, world, view)
+                view_metrics_, shown_predictions = exact_view(model, tokenizer, shown, train_rows, prompt, world, view,
+                                                              should_stop)
             else:
                 view_metrics_, shown_predictions = sampled_view(model, tokenizer, shown, train_rows, prompt, cfg,
-                                                                world, view)
+                                                                world, view, should_stop)
             metrics["views"][view] = view_metrics_
             if view == "original":
                 predictions = shown_predictions
@@ -168,8 +201,8 @@ def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world):
     return metrics, predictions
 
 
-def exact_view(model, tokenizer, rows, train_rows, prompt, world, view):
-    distributions = exact_distributions(model, tokenizer, rows, prompt, world)
+def exact_view(model, tokenizer, rows, train_rows, prompt, world, view, should_stop):
+    distributions = exact_distributions(model, tokenizer, rows, prompt, world, should_stop)
     answers = [mode(p) for p in distributions]
     out = view_metrics(rows, answers, train_rows, view)
     out["choice"] = {**choices.choice_metrics(rows, distributions, train_rows), "method": "exact"}
@@ -177,8 +210,8 @@ def exact_view(model, tokenizer, rows, train_rows, prompt, world, view):
                   "distribution": [round(x, 6) for x in p]} for row, answer, p in zip(rows, answers, distributions)]
 
 
-def sampled_view(model, tokenizer, rows, train_rows, prompt, cfg, world, view):
-    outputs = complete_rows(model, tokenizer, rows, prompt, cfg, world, 1, greedy=True)
+def sampled_view(model, tokenizer, rows, train_rows, prompt, cfg, world, view, should_stop):
+    outputs = complete_rows(model, tokenizer, rows, prompt, cfg, world, 1, greedy=True, should_stop=should_stop)
     parsed = [rewards.parse(texts[0], truncated[0], row, answer_only=False) for (texts, truncated), row in zip(outputs, rows)]
     answers = [p.choice for p in parsed]
     out = view_metrics(rows, answers, train_rows, view, [p.formatted for p in parsed])
@@ -186,7 +219,8 @@ def sampled_view(model, tokenizer, rows, train_rows, prompt, cfg, world, view):
     if labelled and view == "original":
         out["opinion_accuracy"] = accuracy_ci([opinion == row["opinion_direction"] for row, opinion in labelled])
     if cfg.eval_samples and view == "original":
-        sampled = complete_rows(model, tokenizer, rows, prompt, cfg, world, cfg.eval_samples, greedy=False)
+        sampled = complete_rows(model, tokenizer, rows, prompt, cfg, world, cfg.eval_samples, greedy=False,
+                                should_stop=should_stop)
         distributions = [choices.sampled_distribution(
             [rewards.parse(text, cut, row, answer_only=False).choice for text, cut in zip(texts, truncated_flags)],
             row["n_options"]) for (texts, truncated_flags), row in zip(sampled, rows)]

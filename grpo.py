@@ -6,6 +6,7 @@ A batch of rollouts is a dict of tensors: `prompt_ids`, `prompt_mask` [B, P] (le
 row per sample (sample j of prompt i at row i*G + j): `completion_ids`, `completion_mask` [B*G, C],
 `advantages` [B*G], and optionally `old_logp`, `ref_logp` [B*G, C].
 """
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -194,6 +195,37 @@ def no_grad_logprobs(model, batch, cfg, world):
 # The update
 
 
+def cloning_batch(tokenizer, prompt_texts, answers, end_id, device):
+    """A batch whose completions are the given answers (then `end_id`), each with advantage 1: the
+    update's gradient on it is that of their log-likelihood (behaviour cloning)."""
+    prompt_ids, prompt_mask = rollout.encode_prompts(tokenizer, prompt_texts, device)
+    tokens = [torch.tensor(tokenizer.encode(text, add_special_tokens=False) + [end_id]) for text in answers]
+    completion_ids = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True, padding_value=end_id)
+    completion_mask = torch.arange(completion_ids.shape[1])[None] < torch.tensor([len(t) for t in tokens])[:, None]
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids.to(device),
+            "completion_mask": completion_mask.long().to(device), "advantages": torch.ones(len(tokens), device=device)}
+
+
+def behaviour_cloning(policy, model, tokenizer, batches, cfg, world):
+    """Maximum likelihood of given answers, one step per (prompt texts, answer texts) of `batches`
+    (`cfg.bc_steps` of them): the update with advantage 1 on "answer" + end-of-turn completions
+    (ratio 1, nothing clipped), whose gradient is that of their log-likelihood, with an AdamW and
+    cosine schedule of its own (`bc_learning_rate`). The log-loss is a proper scoring rule: it fits
+    the choice distribution, not its mode. Returns each step's negative log-likelihood per token."""
+    bc_cfg = dataclasses.replace(cfg, learning_rate=cfg.bc_learning_rate, max_steps=cfg.bc_steps, warmup_ratio=0.0,
+                                 num_iterations=1, beta=0.0, temperature=1.0, loss_type="dapo")
+    optimizer, scheduler = make_optimizer(model, bc_cfg)
+    end = rollout.stop_token_ids(model, tokenizer)[0]
+    losses = []
+    model.train()
+    for prompt_texts, answers in batches:
+        stats = update(policy, optimizer, scheduler, cloning_batch(tokenizer, prompt_texts, answers, end, world.device),
+                       bc_cfg, world)
+        totals = distributed.all_reduce_sum(torch.tensor([stats["logp_sum"], stats["tokens"]], device=world.device))
+        losses.append(-(totals[0] / totals[1]).item())
+    return losses
+
+
 def update(policy, optimizer, scheduler, batch, cfg, world):
     """One optimizer step per iteration on a batch of rollouts. `policy` is a Policy (DDP-wrapped
     under torchrun). Reads from cfg: num_iterations, gradient_accumulation_steps, temperature,
@@ -201,7 +233,7 @@ def update(policy, optimizer, scheduler, batch, cfg, world):
     Returns the step's statistics."""
     normaliser = loss_normaliser(cfg.loss_type, batch["completion_mask"], cfg.max_completion_length)
     model = distributed.unwrap(policy).model
-    stats = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0.0, "tokens": 0.0, "skipped_updates": 0}
+    stats = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0.0, "tokens": 0.0, "logp_sum": 0.0, "skipped_updates": 0}
     for _ in range(cfg.num_iterations):
         chunks = list(micro_batches(batch, cfg.gradient_accumulation_steps))
         for i, chunk in enumerate(chunks):
@@ -220,6 +252,7 @@ def update(policy, optimizer, scheduler, batch, cfg, world):
             stats["loss"] += loss.item() / world.size
             stats["tokens"] += mask.sum().item()
             stats["clipped"] += (clipped.float() * mask).sum().item()
+            stats["logp_sum"] += (logp.detach().float() * mask).sum().item()
             if kl is not None:
                 stats["kl_sum"] += (kl.detach() * mask).sum().item()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
@@ -292,6 +325,7 @@ def step_metrics(step, records, num_generations, lr, seconds):
     tokens = total("tokens")
     out.update({"loss": total("loss"), "kl": total("kl_sum") / tokens if tokens else 0.0,
                 "clip_ratio": total("clipped") / tokens if tokens else 0.0,
+                "logp/mean": total("logp_sum") / tokens if tokens else 0.0,
                 "grad_norm": records[0].update["grad_norm"], "lr": lr,
                 "skipped_updates": records[0].update["skipped_updates"], "step_seconds": seconds,
                 "tokens_per_second": sum(r.prompt_tokens + r.completion_tokens for r in records) / seconds})

@@ -51,6 +51,7 @@ ANSWER_SYSTEM_PROMPT = """You predict which recommended video a specific YouTube
 Read the viewer's profile, what they are watching, their history and the numbered OPTIONS.
 Reply with ONLY the chosen option's number inside answer tags, for example: <answer>2</answer>"""
 ANSWER_PREFIX = "<answer>"
+CLOSE_TAG = "</answer>"
 
 
 TITLE_LIMIT = 160  # upstream clips titles to 160 characters ("..." included)

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+import errors
 from outputs import RunFolder
 
 CURVES = [("reward/total/mean", "total reward"), ("reward/calibration/mean", "calibration reward"),
@@ -274,4 +275,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    errors.run(main, sys.argv[1:])

@@ -5,6 +5,10 @@
 #                                     (SmolLM2-135M on the bundled data, recipes/cpu_default.yaml).
 #                                     GPUs: torchrun with one process per GPU.
 #   ./run.sh test [pytest args]       set up .venv if needed, then run the tests
+#   ./run.sh ablation [--key=value]   GRPO alone from the untrained model (30 steps at 2e-5, no cloning
+#                                     warm start, so the reward decides) three ways on the same seed and
+#                                     rows: the accuracy reward, the calibration reward, and GRAIL (accuracy
+#                                     + the discriminator, as upstream); one report with the runs side by side
 #   sbatch run.sh --config=recipes/grail_gun.yaml    one or more nodes; GAIL_*/GRAIL_* pass through
 #
 #SBATCH --job-name=grail
@@ -51,15 +55,33 @@ gpu_count() {
 setup
 if [ "${1:-}" = "test" ]; then
   shift
+  # Packages only the tests need (report_to=tensorboard is optional at run time).
+  if ! cmp -s requirements-test.txt .venv/.grail-test-requirements 2>/dev/null; then
+    "$PY" -m pip install -q -r requirements-test.txt && cp requirements-test.txt .venv/.grail-test-requirements
+  fi
   exec "$PY" -m pytest -q tests "$@"
+fi
+
+if [ "${1:-}" = "ablation" ]; then
+  shift
+  GRPO_ONLY=(--config=recipes/cpu_default.yaml --bc_steps=0 --max_steps=30 --learning_rate=2e-5 --save_steps=30)
+  ACCURACY=(--reward_funcs=accuracy,format --reward_weights=1.0,0.2 --scale_rewards=group)
+  GAIL_USE=0 "$PY" train_grail.py "${GRPO_ONLY[@]}" --output_dir=out/ablation/accuracy "${ACCURACY[@]}" "$@"
+  GAIL_USE=0 "$PY" train_grail.py "${GRPO_ONLY[@]}" --output_dir=out/ablation/calibration "$@"
+  GAIL_USE=1 "$PY" train_grail.py "${GRPO_ONLY[@]}" --output_dir=out/ablation/grail "${ACCURACY[@]}" "$@"
+  exec "$PY" reports.py out/ablation/accuracy out/ablation/calibration out/ablation/grail --out=reports/ablation
 fi
 
 NGPU=$(gpu_count)
 if [ "$NGPU" -eq 0 ]; then
-  "$PY" train_grail.py --config=recipes/cpu_default.yaml "$@"
-  # The report goes with the run's output_dir (out/default unless overridden).
-  OUT=$(printf '%s\n' "$@" | sed -n 's/^--output_dir=//p' | tail -n 1)
-  exec "$PY" reports.py "${OUT:-out/default}"
+  # The embedded default, unless the command line names a config file of its own.
+  RECIPE=(--config=recipes/cpu_default.yaml)
+  for arg in "$@"; do case "$arg" in --config|--config=*) RECIPE=() ;; esac; done
+  "$PY" train_grail.py "${RECIPE[@]}" "$@"
+  # The report of the run just trained, wherever its output_dir came from (CLI, file or default).
+  OUT=$("$PY" -c 'import os, sys, train_grail; print(train_grail.parse_config(sys.argv[1:], os.environ)[0].output_dir)' \
+        "${RECIPE[@]}" "$@")
+  exec "$PY" reports.py "$OUT"
 fi
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   export GRAIL_STOP_FILE="${GRAIL_STOP_FILE:-$PWD/logs/stop-$SLURM_JOB_ID}"

@@ -12,28 +12,30 @@ GAIL_*/GRAIL_* environment variables, then `--key=value` arguments (configurator
 import dataclasses
 import math
 import os
-import random
 import signal
+import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import checkpoint
 import configurator
 import data
 import disc
 import distributed
+import errors
 import evaluate
 import grpo
 import prompts
 import reports
 import rewards
 import rollout
-from outputs import RunFolder, read_json
+import outputs
+from outputs import RunFolder, Tracker, read_json
 
 
 @dataclass
@@ -46,7 +48,8 @@ class Config:
     system_prompt: str = ""       # '' = the default prompt of prompt_mode
     grail_max_history: int = 12   # most recent history entries in the prompt (0 = all); env GRAIL_MAX_HISTORY
     val_fraction: float = 0.1     # participants held out (per issue and study) when the dataset has no validation split
-    shuffle_slates: bool = True   # permute each training slate (gold remapped): position carries no reward
+    shuffle_slates: bool = False  # permute each training slate (gold remapped), for content-only studies: which
+    #                               slot people click is most of the behaviour, so a simulator keeps the order
     shared_prefix: bool = True    # compute each prompt once for its G samples (rollouts and training forward)
     # --- GRPO ---
     max_steps: int = 200          # <= 0: num_train_epochs passes over the training rows
@@ -84,6 +87,9 @@ class Config:
     gail_warmup_steps: int = 2    # policy steps whose reward leaves the discriminator out (it trains already)
     gail_gradient_penalty: float = 0.0  # R1 weight on human states' input embeddings
     gail_label_smoothing: float = 0.0  # targets 1-eps for humans, eps for the policy
+    # --- behaviour-cloning warm start (answer mode) ---
+    bc_steps: int = 0             # steps of maximum likelihood on the human answers before GRPO (0 = none)
+    bc_learning_rate: float = 1e-5  # its own AdamW, cosine to 0 over bc_steps; prompts_per_step rows a step
     # --- optimisation ---
     gradient_accumulation_steps: int = 1  # micro-batches per rank per optimizer step (one normaliser for the step)
     warmup_ratio: float = 0.1     # linear warm-up share of the optimizer steps, then cosine to 0
@@ -96,7 +102,10 @@ class Config:
     fsdp: bool = False            # FSDP2 (fully_shard per decoder layer) instead of DDP, for models too big for DDP
     bf16: bool = True             # bf16 autocast on CUDA (weights and optimizer stay fp32)
     # --- evaluation, logging, checkpoints ---
-    eval_steps: int = 50          # also evaluated before the first and after the last step; 0 = only those
+    # When to evaluate: nothing unless asked, as in HF/TRL (an evaluation costs minutes; the recipes ask)
+    eval_on_start: bool = False   # the untrained model first (its scores then stand beside every later one)
+    eval_steps: int = 0           # every N steps; 0 = no periodic evaluation
+    eval_on_end: bool = False     # after the last step
     eval_max_rows: int = 0        # 0 = the whole split: a seeded sample of this many rows otherwise
     eval_split: str = "validation"  # validation | train | all: the rows evaluated
     eval_views: list = field(default_factory=lambda: list(evaluate.VIEWS))  # original, shuffled, cue_neutral
@@ -110,45 +119,85 @@ class Config:
     seed: int = 42                # data order, slate shuffles, split, and (plus the rank) sampling
     dist_timeout_minutes: int = 60  # process-group timeout: long generations on one rank can be slow
     grail_stop_file: str = ""     # env GRAIL_STOP_FILE: when this file appears, checkpoint and exit 99 (run.sh under SLURM)
+    report_to: list = field(default_factory=list)  # tensorboard and/or wandb (TRL's option; none = []), rank 0
 
 
 PREEMPTED_EXIT_CODE = 99  # "checkpointed on request, requeue me"; run.sh requeues the SLURM job on it
-STOP_REQUESTED = threading.Event()  # set by SIGTERM / SIGUSR1 (see main)
+
+
+# Keys that may change when a run resumes (schedules, logging, memory layout); any other difference
+# from the run's config.json is another experiment, and resuming refuses it.
+RESUMABLE_KEYS = {
+    "max_steps", "num_train_epochs", "eval_on_start", "eval_steps", "eval_on_end", "eval_max_rows", "eval_split",
+    "eval_views", "eval_samples", "eval_batch_size", "log_completions_steps", "save_steps", "save_total_limit",
+    "resume", "dist_timeout_minutes", "grail_stop_file", "report_to", "output_dir", "gradient_checkpointing",
+    "gradient_accumulation_steps", "shared_prefix", "fsdp",
+}
 
 
 def parse_config(argv, environ):
-    """The effective Config and the ignored recipe keys."""
+    """The effective Config and the ignored recipe keys. `--eval_only` scores a checkpoint with the
+    prompt it was trained with, into a folder of its own, unless told otherwise."""
     cfg, ignored = configurator.apply_overrides(Config, argv, environ)
+    if cfg.eval_only:
+        base = {**checkpoint.prompt_settings(cfg.eval_only), "output_dir": outputs.eval_folder(cfg.eval_only)}
+        cfg, ignored = configurator.apply_overrides(Config, argv, environ, base)
     try:
         cfg.reward_funcs = rewards.canonical_reward_names(cfg.reward_funcs)
         cfg.reward_weights = [float(w) for w in cfg.reward_weights]
+        cfg.report_to = [name for name in cfg.report_to if name != "none"]
     except ValueError as err:
-        raise SystemExit(f"bad config value: {err}") from None
-    check_config(cfg)
+        raise SystemExit(f"[config] {err}") from None
+    check_config(cfg, int(environ.get("WORLD_SIZE", 1)))
     return cfg, ignored
 
 
-def check_config(cfg):
+# The valid range of every numeric key: (low, high, whether low itself is allowed). Checked before
+# anything loads, so a value that generate or the optimizer would reject later fails in one line now.
+RANGES = {
+    "temperature": (0, None, False), "top_p": (0, 1, False), "max_completion_length": (1, None, True),
+    "grail_max_history": (0, None, True), "val_fraction": (0, 1, True), "num_train_epochs": (0, None, False),
+    "prompts_per_step": (1, None, True), "num_generations": (2, None, True), "learning_rate": (0, None, False),
+    "beta": (0, None, True), "epsilon": (0, 1, True), "epsilon_high": (0, None, True), "num_iterations": (1, None, True),
+    "std_floor": (0, None, False), "gail_weight": (0, None, True), "gail_reward_clip": (0, None, False),
+    "gail_lr": (0, None, False), "gail_disc_steps": (0, None, True), "gail_disc_batch": (1, None, True),
+    "gail_human_fraction": (0, 1, True), "gail_buffer_size": (1, None, True), "gail_warmup_steps": (0, None, True),
+    "gail_gradient_penalty": (0, None, True), "gail_label_smoothing": (0, 0.5, True), "bc_steps": (0, None, True),
+    "bc_learning_rate": (0, None, False), "gradient_accumulation_steps": (1, None, True), "warmup_ratio": (0, 1, True),
+    "weight_decay": (0, None, True), "adam_beta1": (0, 1, True), "adam_beta2": (0, 1, True),
+    "adam_epsilon": (0, None, False), "max_grad_norm": (0, None, False), "eval_steps": (0, None, True),
+    "eval_max_rows": (0, None, True), "eval_samples": (0, None, True), "eval_batch_size": (1, None, True),
+    "log_completions_steps": (0, None, True), "save_steps": (0, None, True), "save_total_limit": (1, None, True),
+    "dist_timeout_minutes": (1, None, True),
+}
+
+
+def check_config(cfg, world_size=1):
     choices = {"prompt_mode": ("think", "answer"), "loss_type": ("grpo", "dr_grpo", "dapo"),
                "scale_rewards": ("group", "batch", "none"), "eval_split": ("validation", "train", "all"),
-               "gail_reward": tuple(disc.REWARD_FORMS), "gail_negatives": ("all", "wrong")}
+               "gail_reward": tuple(disc.REWARD_FORMS), "gail_negatives": ("all", "wrong"),
+               "report_to": ("tensorboard", "wandb")}
     for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise SystemExit(f"{key}={getattr(cfg, key)!r}: choose one of {allowed}")
+        values = getattr(cfg, key)
+        if any(value not in allowed for value in (values if isinstance(values, list) else [values])):
+            raise SystemExit(f"[config] {key}={values!r}: choose {'from' if isinstance(values, list) else 'one of'} {allowed}")
+    configurator.check_ranges(cfg, RANGES)
+    if cfg.prompts_per_step % world_size:
+        raise SystemExit(f"[config] prompts_per_step={cfg.prompts_per_step} must divide by the {world_size} ranks")
     unknown_views = set(cfg.eval_views) - set(evaluate.VIEWS)
     if unknown_views or not cfg.eval_views:
-        raise SystemExit(f"eval_views={cfg.eval_views}: choose from {evaluate.VIEWS}")
+        raise SystemExit(f"[config] eval_views={cfg.eval_views}: choose from {evaluate.VIEWS}")
     if len(cfg.reward_funcs) != len(cfg.reward_weights):
-        raise SystemExit(f"reward_funcs {cfg.reward_funcs} and reward_weights {cfg.reward_weights} "
+        raise SystemExit(f"[config] reward_funcs {cfg.reward_funcs} and reward_weights {cfg.reward_weights} "
                          "must have the same length")
-    if cfg.num_generations < 2 and not cfg.eval_only:
-        raise SystemExit("num_generations must be >= 2: advantages are relative to the group")
+    if cfg.bc_steps > 0 and cfg.prompt_mode != "answer":
+        raise SystemExit("[config] bc_steps needs prompt_mode=answer: the human answer is the whole completion there")
     if "calibration" in cfg.reward_funcs and not cfg.eval_only:
         if cfg.num_generations < 3:
-            raise SystemExit("the calibration reward compares each sample with the others of its group: "
+            raise SystemExit("[config] the calibration reward compares each sample with the others of its group: "
                              "num_generations must be >= 3")
         if cfg.scale_rewards == "group":
-            raise SystemExit("the calibration reward is proper only with scale_rewards=batch or none: a per-group "
+            raise SystemExit("[config] the calibration reward is proper only with scale_rewards=batch or none: a per-group "
                              "std reweights groups by what they sampled and pulls the policy toward the mode "
                              "(rewards.calibration_rewards)")
 
@@ -158,7 +207,16 @@ def prompt_format(cfg):
 
 
 class Preempted(Exception):
-    """A stop was requested (signal or stop file); the checkpoint of step `args[0]` is written."""
+    """A stop was requested (signal or stop file); every rank stopped at the same point, after writing
+    the checkpoint of step `args[0]` where a step has run."""
+
+
+def preempted(step, message, cfg, world):
+    """Say where the run stopped and consume the stop file (a restart must not stop again)."""
+    world.print(message)
+    if world.is_main and cfg.grail_stop_file:
+        Path(cfg.grail_stop_file).unlink(missing_ok=True)
+    return Preempted(step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,26 +227,31 @@ def train(cfg, world, ignored_keys=()):
     """Train (or with `eval_only`, evaluate) as `cfg` says. Returns the final evaluation's metrics;
     raises Preempted after checkpointing when a stop is requested."""
     run = RunFolder(cfg.output_dir)
+    run.check_writable()
+    changed = run.check_reuse(dataclasses.asdict(cfg), cfg.resume, RESUMABLE_KEYS)
+    tracker = Tracker(cfg.report_to if world.is_main else [], run, dataclasses.asdict(cfg))
     torch.manual_seed(cfg.seed + world.rank)  # per-rank seed: ranks sample different completions
     if ignored_keys:
         world.print(f"[config] ignored recipe keys with no meaning here: {', '.join(sorted(ignored_keys))}")
+    if changed:
+        world.print(f"[config] changed since the run began: {'; '.join(changed)}")
     train_rows, val_rows = data.load_examples(cfg.dataset, cfg.val_fraction, cfg.seed, world.print)
+    evaluates = bool(cfg.eval_only or cfg.eval_on_start or cfg.eval_on_end or cfg.eval_steps)
+    eval_rows = evaluate.select_rows(train_rows, val_rows, cfg.eval_split, cfg.eval_max_rows, cfg.seed, evaluates)
+    if not train_rows and not cfg.eval_only:
+        raise data.DataError("no training rows: every participant is in the validation split")
     if cfg.max_steps <= 0:
         cfg.max_steps = math.ceil(cfg.num_train_epochs * len(train_rows) / cfg.prompts_per_step)
-    eval_rows = {"validation": val_rows, "train": train_rows, "all": train_rows + val_rows}[cfg.eval_split]
-    if cfg.eval_max_rows and cfg.eval_max_rows < len(eval_rows):  # a seeded sample keeps every study in
-        keep = sorted(random.Random(f"{cfg.seed}:eval").sample(range(len(eval_rows)), cfg.eval_max_rows))
-        eval_rows = [eval_rows[i] for i in keep]
     prompt = prompt_format(cfg)
     # The untrained model's scores stand beside every later evaluation (kept from step 0's).
-    untrained = None
-    if run.eval_at(0).exists() and not cfg.eval_only:  # a resumed run
-        untrained = evaluate.untrained_scores(read_json(run.eval_at(0)))
+    resumed_eval = run.eval_at(0).exists() and not cfg.eval_only
+    untrained = evaluate.untrained_scores(read_json(run.eval_at(0))) if resumed_eval else None
 
     def evaluate_and_save(model, tokenizer, step):
         nonlocal untrained
         t0 = time.time()
-        metrics, predictions = evaluate.evaluate(model, tokenizer, eval_rows, train_rows, prompt, cfg, world)
+        metrics, predictions = evaluate.evaluate(model, tokenizer, eval_rows, train_rows, prompt, cfg, world,
+                                                 should_stop=lambda: distributed.stop_requested(world, cfg.grail_stop_file))
         metrics.update(step=step, seconds=round(time.time() - t0, 1), model=cfg.eval_only or cfg.model_name_or_path,
                        dataset=cfg.dataset or "bundled data/", split=cfg.eval_split)
         if step == 0 and not cfg.eval_only:
@@ -197,6 +260,7 @@ def train(cfg, world, ignored_keys=()):
             metrics["untrained"] = untrained
         if world.is_main:
             run.write_eval(metrics, predictions)
+            tracker.log({f"eval/{k}": v for k, v in metrics.items() if k.startswith("choice_")}, step)
             print(f"[eval step {step}, {len(eval_rows)} {cfg.eval_split} rows, {metrics['seconds']}s]\n"
                   f"{reports.eval_summary(metrics)}", flush=True)
         return metrics
@@ -204,10 +268,17 @@ def train(cfg, world, ignored_keys=()):
     if cfg.eval_only:
         path = checkpoint.resolve_model(cfg.eval_only, world)
         model, tokenizer = checkpoint.load_model(path, world.device, trainable=False), checkpoint.load_tokenizer(path)
-        return evaluate_and_save(model, tokenizer, step=0)
+        environment = checkpoint.environment(world)  # every rank: it all-gathers the device names
+        try:
+            metrics = evaluate_and_save(model, tokenizer, step=0)
+        except evaluate.Stopped:
+            raise preempted(0, "[stop] evaluation stopped on request: nothing written", cfg, world) from None
+        if world.is_main:
+            run.write_config(dataclasses.asdict(cfg), environment, None)
+        return metrics
 
     model_path = checkpoint.resolve_model(cfg.model_name_or_path, world)
-    resume_from = run.checkpoints()[-1] if cfg.resume and run.checkpoints() else None
+    resume_from = checkpoint.newest_complete(run.checkpoints(), world.print) if cfg.resume else None
     policy_path = str(resume_from) if resume_from else model_path
     tokenizer = checkpoint.load_tokenizer(policy_path)
     # Generation and checkpoints use the bare model; the update goes through `policy`.
@@ -225,15 +296,21 @@ def train(cfg, world, ignored_keys=()):
     environment = checkpoint.environment(world)  # every rank: it all-gathers the device names
     if world.is_main:
         run.write_config(dataclasses.asdict(cfg), environment, resume_from)
+        run.forget_steps_after(start_step)  # a run that died between checkpoints logged steps it will redo
     world.print(f"[train] {len(train_rows)} train rows, {len(eval_rows)} eval rows, world size {world.size}, "
                 f"steps {start_step}->{cfg.max_steps}" + (f", resumed from {resume_from}" if resume_from else ""))
 
-    if start_step == 0:
-        evaluate_and_save(model, tokenizer, step=0)
+    try:
+        if start_step == 0:
+            if cfg.eval_on_start:
+                evaluate_and_save(model, tokenizer, step=0)
+            if cfg.bc_steps:
+                behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world)
+    except evaluate.Stopped:
+        raise preempted(0, "[stop] requested before the first step: nothing to checkpoint, a restart begins again",
+                        cfg, world) from None
     progress = range(start_step, cfg.max_steps)
     if world.is_main:
-        from tqdm import tqdm
-
         progress = tqdm(progress, initial=start_step, total=cfg.max_steps, desc="grpo", dynamic_ncols=True)
     for step in progress:
         t0 = time.time()
@@ -254,6 +331,7 @@ def train(cfg, world, ignored_keys=()):
             with_samples = step == start_step or (cfg.log_completions_steps and
                                                   (step + 1) % cfg.log_completions_steps == 0)
             run.append_step(metrics, samples if with_samples else ())
+            tracker.log(metrics, step + 1)
             progress.set_postfix(reward=f"{metrics['reward/total/mean']:.3f}",
                                  acc=f"{metrics['reward/accuracy/mean']:.3f}",
                                  zero_std=f"{metrics['frac_reward_zero_std']:.2f}", s=f"{seconds:.1f}")
@@ -261,18 +339,28 @@ def train(cfg, world, ignored_keys=()):
         saved = cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or done)
         if saved:
             checkpoint.save(model, tokenizer, optimizer, scheduler, disc_trainer, step + 1, cfg, world)
-        if not done and stop_requested(cfg, world):  # every rank agrees, so all stop after the same step
+        stop = not done and distributed.stop_requested(world, cfg.grail_stop_file)  # the same answer on every rank
+        if not stop and not done and cfg.eval_steps and (step + 1) % cfg.eval_steps == 0:
+            try:
+                evaluate_and_save(model, tokenizer, step=step + 1)
+            except evaluate.Stopped:
+                stop = True
+        if stop:
             if not saved:
                 checkpoint.save(model, tokenizer, optimizer, scheduler, disc_trainer, step + 1, cfg, world)
-            world.print(f"[stop] requested: checkpoint-{step + 1:06d} written; a restart resumes from it")
-            if world.is_main and cfg.grail_stop_file:  # consumed: the resumed run must not stop again
-                Path(cfg.grail_stop_file).unlink(missing_ok=True)
-            raise Preempted(step + 1)
-        if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and not done:
-            evaluate_and_save(model, tokenizer, step=step + 1)
+            raise preempted(step + 1, f"[stop] requested: checkpoint-{step + 1:06d} written; a restart resumes "
+                                      "from it", cfg, world)
     final = None
-    if start_step < cfg.max_steps or not run.eval.exists():
-        final = evaluate_and_save(model, tokenizer, step=cfg.max_steps)
+    # Resumed after the last step (stopped during the final evaluation, say): rank 0's eval.json decides.
+    evaluated = start_step == cfg.max_steps and distributed.all_gather_list(
+        [read_json(run.eval)["step"] if run.eval.exists() else None])[0] == cfg.max_steps
+    if cfg.eval_on_end and not evaluated:
+        try:
+            final = evaluate_and_save(model, tokenizer, step=cfg.max_steps)
+        except evaluate.Stopped:  # the last checkpoint is written: a restart only evaluates
+            raise preempted(cfg.max_steps, "[stop] requested during the final evaluation: a restart runs it again",
+                            cfg, world) from None
+    tracker.close()
     world.print(f"[done] outputs in {run.path}/: metrics.jsonl, completions.jsonl, eval.json, evals/, checkpoint-*/")
     return final
 
@@ -281,8 +369,7 @@ def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, world, 
     """This rank's prompts of `step`, their G samples, rewards (with the discriminator's when
     `disc_trainer`) and advantages, and the no-grad log-prob passes (old policy, reference).
     Returns (batch, StepRecord without the update's statistics, sample completions)."""
-    indices = data.rank_share(data.step_prompts(len(train_rows), cfg.prompts_per_step, step, cfg.seed),
-                              world.rank, world.size)
+    indices = data.rank_step_prompts(len(train_rows), cfg.prompts_per_step, step, cfg.seed, world)
     rows = [data.training_row(train_rows[i], i, step, cfg.seed, cfg.shuffle_slates) for i in indices]
     G, prompt = cfg.num_generations, prompt_format(cfg)
     model.eval()
@@ -321,10 +408,23 @@ def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, world, 
     return batch, record, samples
 
 
-def stop_requested(cfg, world):
-    """Has any rank been asked to stop (a signal, or the stop file)? One all-reduce per step."""
-    local = STOP_REQUESTED.is_set() or bool(cfg.grail_stop_file and Path(cfg.grail_stop_file).exists())
-    return distributed.all_reduce_sum(torch.tensor(float(local), device=world.device)).item() > 0
+def behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world):
+    """The warm start (grpo.behaviour_cloning) on the training split's human answers, `prompts_per_step`
+    rows a step; a stop request ends it (it is not checkpointed: a restart begins it again)."""
+    prompt = prompt_format(cfg)
+
+    def batches():
+        for step in range(cfg.bc_steps):
+            if distributed.stop_requested(world, cfg.grail_stop_file):
+                raise preempted(0, f"[stop] requested during behaviour cloning (step {step}): a restart begins "
+                                   "again", cfg, world)
+            rows = [train_rows[i] for i in data.rank_step_prompts(len(train_rows), cfg.prompts_per_step, step,
+                                                                   f"{cfg.seed}:bc", world)]
+            yield [prompt.text(tokenizer, r) for r in rows], [f"{r['gold_index']}{prompts.CLOSE_TAG}" for r in rows]
+
+    losses = grpo.behaviour_cloning(policy, model, tokenizer, batches(), cfg, world)
+    world.print(f"[bc] {cfg.bc_steps} steps of behaviour cloning on the human answers: negative log-likelihood per "
+                f"token {statistics.fmean(losses[:5]):.3f} (first 5) -> {statistics.fmean(losses[-5:]):.3f} (last 5)")
 
 
 def main():
@@ -333,20 +433,18 @@ def main():
     transformers.utils.logging.disable_progress_bar()  # per-tensor load bars drown the training log
     cfg, ignored = parse_config(sys.argv[1:], os.environ)
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption: finish the step, checkpoint, exit
-        signal.signal(sig, lambda *_: STOP_REQUESTED.set())
+        signal.signal(sig, lambda *_: distributed.STOP_REQUESTED.set())
     world = distributed.setup(cfg.dist_timeout_minutes)
     finished = False
     try:
         train(cfg, world, ignored)
         finished = True
-    except Preempted:  # every rank stops after the same step
+    except Preempted:  # every rank stops at the same point
         finished = True
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
-    except (data.DataError, FileNotFoundError) as err:  # a bad dataset is a message, not a traceback
-        raise SystemExit(f"[data] {err}") from None
     finally:
         distributed.shutdown(wait_for_peers=finished)
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

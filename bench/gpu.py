@@ -21,6 +21,7 @@ import time
 import torch
 
 import distributed
+import errors
 import grpo
 import rollout
 import train_grail as tg
@@ -140,4 +141,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    run(parse_args(sys.argv[1:]))
+    errors.run(lambda argv: run(parse_args(argv)), sys.argv[1:])

@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+import errors
 import grpo
 from bench.steps import parse_options
 
@@ -89,4 +90,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    run(parse_args(sys.argv[1:]))
+    errors.run(lambda argv: run(parse_args(argv)), sys.argv[1:])

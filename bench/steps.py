@@ -30,6 +30,7 @@ import checkpoint
 import data
 import disc
 import distributed
+import errors
 import grpo
 import prompts
 import rollout
@@ -66,8 +67,11 @@ def parse_options(argv, defaults):
     for arg in argv:
         key, _, value = arg.lstrip("-").partition("=")
         if key not in args:
-            raise SystemExit(f"unknown option {arg}")
-        args[key] = type(args[key])(value)
+            raise SystemExit(f"[bench] unknown option {arg}; known: {', '.join(sorted(args))}")
+        try:
+            args[key] = type(args[key])(value)
+        except ValueError:
+            raise SystemExit(f"[bench] {arg}: expected {type(args[key]).__name__}") from None
     return args
 
 
@@ -238,4 +242,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    errors.run(main, sys.argv[1:])

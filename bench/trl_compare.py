@@ -19,6 +19,7 @@ from trl import GRPOConfig, GRPOTrainer
 import checkpoint
 import data
 import distributed
+import errors
 import prompts
 
 
@@ -53,4 +54,4 @@ def main(beta):
 
 
 if __name__ == "__main__":
-    main(float(sys.argv[1]))
+    errors.run(lambda argv: main(float(argv[0])), sys.argv[1:])

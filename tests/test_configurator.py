@@ -40,7 +40,7 @@ def test_json_config_lists_and_bools(tmp_path):
 
 @pytest.mark.parametrize("argv, env, message", [
     (["--no_such_key=1"], {}, "unknown config key 'no_such_key'"),
-    (["--max_steps=ten"], {}, "bad config value"),
+    (["--max_steps=ten"], {}, "max_steps=.ten.: expected int"),
     (["--loss_type=ppo"], {}, "loss_type='ppo'"),
     (["--reward_weights=1,2,3"], {}, "same length"),
     (["--shuffle_slates=maybe"], {}, "not a boolean"),
@@ -49,6 +49,7 @@ def test_json_config_lists_and_bools(tmp_path):
     (["--reward_funcs=calibration", "--reward_weights=1", "--scale_rewards=group"], {}, "scale_rewards=batch or none"),
     (["--reward_funcs=calibration", "--reward_weights=1", "--scale_rewards=batch", "--num_generations=2"], {},
      "num_generations must be >= 3"),
+    (["--bc_steps=3", "--prompt_mode=think"], {}, "bc_steps needs prompt_mode=answer"),
 ])
 def test_bad_config_stops_with_a_clear_message(argv, env, message):
     with pytest.raises(SystemExit, match=message):
@@ -61,6 +62,7 @@ def test_upstream_recipe_loads_with_one_warning_list():
     assert cfg.dataset == "od2961/grail-gun" and cfg.reward_funcs == ["accuracy"]
     assert cfg.system_prompt.startswith("You are choosing EXACTLY ONE item") and cfg.max_steps == -1
     assert {"use_vllm", "kl_target", "per_device_train_batch_size", "hub_model_id"} <= set(ignored)
+    assert cfg.report_to == ["wandb"]  # TRL's key, honoured (offline by default; stops up front without wandb)
 
 
 def test_shipped_recipes_parse():

@@ -124,6 +124,19 @@ def test_micro_batches_keep_groups_together():
     assert torch.cat([c["completion_ids"] for c in chunks]).tolist() == list(range(12))
 
 
+def test_advantage_one_at_ratio_one_is_the_likelihood_gradient():
+    """Behaviour cloning reuses the update: with advantage 1 and old = logp, the dapo loss has the
+    gradient of the token-averaged negative log-likelihood."""
+    torch.manual_seed(0)
+    logp = (torch.randn(4, 5) - 2).requires_grad_()
+    mask = (torch.arange(5)[None] < torch.tensor([5, 3, 1, 4])[:, None]).long()
+    token_loss, _, clipped = grpo.per_token_loss(logp, logp.detach(), None, torch.ones(4), 0.2, 0.2, 0.0)
+    loss = grpo.loss_numerator(token_loss, mask, "dapo") / grpo.loss_normaliser("dapo", mask, 5)
+    nll = -(logp * mask).sum() / mask.sum()
+    assert torch.allclose(torch.autograd.grad(loss, logp)[0], torch.autograd.grad(nll, logp)[0])
+    assert not clipped.any()
+
+
 def test_lr_schedule_warmup_then_cosine():
     cfg = tg.Config(max_steps=10, warmup_ratio=0.2, learning_rate=1.0)
     model = torch.nn.Linear(2, 2)

@@ -4,6 +4,7 @@ import json
 import pytest
 
 import distributed
+import errors
 import reports
 import train_grail as tg
 
@@ -18,7 +19,7 @@ def run_dirs(tiny_model_dir, tmp_path_factory):
         tg.train(tg.Config(model_name_or_path=str(tiny_model_dir), output_dir=str(out), prompt_mode="answer",
                            max_steps=steps, prompts_per_step=2, num_generations=3, max_completion_length=6,
                            eval_max_rows=6, eval_batch_size=6, eval_samples=2, save_steps=0, learning_rate=1e-3,
-                           log_completions_steps=1), CPU)
+                           log_completions_steps=1, eval_on_start=True, eval_on_end=True), CPU)
         dirs.append(out)
     return dirs
 
@@ -61,5 +62,5 @@ def test_runs_side_by_side(run_dirs, tmp_path):
 
 
 def test_not_a_run_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no eval.json"):
+    with pytest.raises(errors.UserError, match="no eval.json"):
         reports.write_report([tmp_path])

@@ -21,7 +21,8 @@ CPU = distributed.single_process()
 def small_cfg(model_dir, out_dir, **overrides):
     values = dict(model_name_or_path=str(model_dir), output_dir=str(out_dir), prompt_mode="answer", max_steps=2,
                   prompts_per_step=2, num_generations=3, max_completion_length=6, eval_max_rows=6,
-                  eval_batch_size=6, save_steps=2, learning_rate=1e-3, log_completions_steps=1)
+                  eval_batch_size=6, save_steps=2, learning_rate=1e-3, log_completions_steps=1, eval_on_start=True,
+                  eval_on_end=True)
     values.update(overrides)
     return tg.Config(**values)
 
@@ -37,6 +38,19 @@ def test_gail_run_logs_disc_metrics(tiny_model_dir, tmp_path):
         assert key in lines[-1], key
     assert len({m["disc/loss"] for m in lines}) == 3  # it trains
     assert (tmp_path / "checkpoint-000002" / "disc.pt").exists()
+
+
+def test_behaviour_cloning_raises_the_likelihood_of_the_human_answers(tiny_model_dir, tmp_path):
+    import json as json_
+
+    cfg = small_cfg(tiny_model_dir, tmp_path, max_steps=1, bc_steps=30, bc_learning_rate=1e-2, eval_split="train",
+                    eval_max_rows=4, eval_views=["original"], reward_funcs=["calibration", "format"],
+                    scale_rewards="batch")
+    tg.train(cfg, CPU)
+    before = json_.loads((tmp_path / "evals" / "step_000000.json").read_text())
+    after = json_.loads((tmp_path / "eval.json").read_text())
+    assert after["choice_valid_mass"] > 2 * before["choice_valid_mass"]  # it learned "N</answer>"
+    assert after["choice_logloss"] < before["choice_logloss"] - 1
 
 
 def run_cli(args, nproc=None):
@@ -57,7 +71,7 @@ def first_error(stderr):
 def tiny_args(model_dir, out_dir):
     return [f"--model_name_or_path={model_dir}", f"--output_dir={out_dir}", "--prompt_mode=answer",
             "--max_steps=2", "--prompts_per_step=2", "--num_generations=3", "--max_completion_length=6",
-            "--eval_max_rows=6", "--save_steps=2", "--learning_rate=1e-3"]
+            "--eval_max_rows=6", "--save_steps=2", "--learning_rate=1e-3", "--eval_on_start=true", "--eval_on_end=true"]
 
 
 def test_two_step_run_writes_metrics_eval_and_a_loadable_checkpoint(tiny_model_dir, tmp_path):
@@ -146,7 +160,8 @@ def test_torchrun_two_processes_train(tiny_model_dir, tmp_path, fsdp):
                                                            "--gradient_accumulation_steps=2"], nproc=2)
     assert result.returncode == 0, first_error(result.stderr)
     AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-000002")
-    resumed = run_cli(tiny_args(tiny_model_dir, tmp_path) + [f"--fsdp={fsdp}", "--max_steps=3"], nproc=2)
+    resumed = run_cli(tiny_args(tiny_model_dir, tmp_path) + [f"--fsdp={fsdp}", "--max_steps=3", "--num_iterations=2"],
+                      nproc=2)
     assert resumed.returncode == 0, first_error(resumed.stderr)
     assert "resumed from" in resumed.stdout and (tmp_path / "checkpoint-000003").exists()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -170,7 +185,7 @@ def test_upstream_recipe_runs(tiny_model_dir, tmp_path):
     result = run_cli([f"--config={recipe}", f"--model_name_or_path={tiny_model_dir}",
                       "--dataset=data/gun_control.jsonl", f"--output_dir={tmp_path}", "--max_steps=1",
                       "--prompts_per_step=2", "--max_completion_length=8", "--eval_max_rows=4",
-                      "--gradient_accumulation_steps=2"])
+                      "--gradient_accumulation_steps=2", "--report_to=none"])  # it asks for wandb
     assert result.returncode == 0, result.stderr[-3000:]
     warning = [line for line in result.stdout.splitlines() if line.startswith("[config] ignored")]
     assert len(warning) == 1 and "use_vllm" in warning[0] and "kl_target" in warning[0]
@@ -191,7 +206,8 @@ def test_stop_file_raises_preempted_after_the_checkpoint(tiny_model_dir, tmp_pat
     stop.touch()
     out = tmp_path / "run"
     with pytest.raises(tg.Preempted) as stopped:
-        tg.train(small_cfg(tiny_model_dir, out, max_steps=3, save_steps=0, grail_stop_file=str(stop)), CPU)
+        tg.train(small_cfg(tiny_model_dir, out, max_steps=3, save_steps=0, grail_stop_file=str(stop),
+                           eval_on_start=False), CPU)
     assert stopped.value.args == (1,)  # after the first step
     assert [p.name for p in RunFolder(out).checkpoints()] == ["checkpoint-000001"] and not stop.exists()
 

@@ -1,0 +1,289 @@
+"""One line for every user mistake, at every entry point (errors.py): each bad input below exits
+non-zero with one line on stderr naming what failed, and no traceback; runs are never mixed or
+overwritten; a stop during an evaluation ends it within one batch."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import distributed
+import errors
+import train_grail as tg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def run_trainer(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    """Run train_grail.py's entry point in this process as `python train_grail.py ARGS` would, on the
+    tiny model. Returns (exit code, stdout, stderr)."""
+    def run(args, env=None, out=None):
+        monkeypatch.delenv("GAIL_USE", raising=False)
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        base = [f"--model_name_or_path={tiny_model_dir}", f"--output_dir={out or tmp_path / 'run'}",
+                "--prompt_mode=answer", "--max_steps=1", "--prompts_per_step=2", "--num_generations=3",
+                "--max_completion_length=6", "--eval_max_rows=4", "--save_steps=1", "--learning_rate=1e-3"]
+        monkeypatch.setattr(sys, "argv", ["train_grail.py", *base, *args])
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        distributed.STOP_REQUESTED.clear()
+        try:
+            errors.run(tg.main)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+            if not isinstance(exit_.code, int) and exit_.code is not None:
+                print(exit_.code, file=sys.stderr)  # what the interpreter prints for SystemExit("...")
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return run
+
+
+def one_line(stderr):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def rows_file(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def first_bundled_rows(n):
+    import data
+
+    return [json.loads(line) for line in (data.DATA_DIR / data.BUNDLED_FILES[0]).read_text().splitlines()[:n]]
+
+
+# --- values that generate, the optimizer or the split would reject later ---------------------
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--temperature=0"], {}, "[config] temperature=0.0: must be > 0"),
+    (["--max_completion_length=0"], {}, "[config] max_completion_length=0: must be >= 1"),
+    (["--beta=-1"], {}, "[config] beta=-1.0: must be >= 0"),
+    (["--eval_max_rows=-1"], {}, "[config] eval_max_rows=-1: must be >= 0"),
+    (["--top_p=1.5"], {}, "[config] top_p=1.5: must be > 0 and <= 1"),
+    ([], {"GRAIL_MAX_HISTORY": "-3"}, "[config] grail_max_history=-3: must be >= 0"),
+    ([], {"WORLD_SIZE": "2"}, None),  # prompts_per_step=2 divides by 2 ranks: passes parse_config
+    (["--prompts_per_step=3"], {"WORLD_SIZE": "2"}, "[config] prompts_per_step=3 must divide by the 2 ranks"),
+    (["--max_steps=many"], {}, "[config] max_steps='many': expected int"),
+    (["--report_to=mlflow"], {}, "[config] report_to=['mlflow']: choose from"),
+])
+def test_bad_values_stop_before_anything_loads(args, env, message, monkeypatch, capsys):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    argv = ["--prompts_per_step=2", *args]
+    if message is None:
+        tg.parse_config(argv, os.environ)
+        return
+    with pytest.raises(SystemExit) as exit_:
+        tg.parse_config(argv, os.environ)
+    assert str(exit_.value.code).startswith(message), exit_.value.code
+    assert "\n" not in str(exit_.value.code)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "[config] cannot read {path}"),
+    ("learning_rate: [1e-6\nmax_steps: 3\n", "[config] {path} is not valid YAML at line"),
+    ("- just\n- a list\n", "[config] {path}: expected key: value pairs, got a list"),
+])
+def test_bad_config_files(content, message, run_trainer, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    if content is not None:
+        path.write_text(content)
+    code, _, err = run_trainer([f"--config={path}"])
+    assert code == 1
+    assert one_line(err).startswith(message.format(path=path))
+
+
+def test_output_dir_that_is_a_file_or_cannot_be_created(run_trainer, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, _, err = run_trainer([], out=afile)
+    assert code == 1 and one_line(err) == f"[output] output_dir {afile} is a file, not a folder"
+    code, _, err = run_trainer([], out=afile / "run")
+    assert code == 1 and one_line(err).startswith(f"[output] cannot write to output_dir {afile / 'run'}")
+
+
+@pytest.mark.parametrize("target, message", [
+    ("/no/such/model/folder", "[model] /no/such/model/folder: no such folder, and not a hub id"),
+    ("{tmp}", "[model] {tmp} is not a model folder (no config.json)"),
+    ("not a hub id!", "[model] not a hub id!: no such folder, and not a hub id"),
+])
+def test_eval_only_on_something_that_is_not_a_model(target, message, run_trainer, tmp_path):
+    code, _, err = run_trainer([f"--eval_only={target.format(tmp=tmp_path)}"])
+    assert code == 1
+    assert one_line(err).startswith(message.format(tmp=tmp_path))
+
+
+def test_a_dataset_too_small_for_its_split(run_trainer, tmp_path):
+    one_row = rows_file(tmp_path / "one.jsonl", first_bundled_rows(1))
+    code, _, err = run_trainer([f"--dataset={one_row}", "--eval_on_end=true"])
+    assert code == 1 and one_line(err).startswith("[data] the validation split is empty (1 train, 0 validation rows)")
+    # Evaluated on its training row instead, the single-row dataset runs (it crashed once).
+    code, out, err = run_trainer([f"--dataset={one_row}", "--eval_split=train", "--eval_on_start=true"],
+                                 out=tmp_path / "run2")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run2" / "eval.json").read_text())["n_total"] == 1
+
+
+def test_data_cli_on_a_file_of_bad_rows_prints_the_counted_reasons(tmp_path):
+    rows = first_bundled_rows(3)
+    rows[0]["slate_items_json"] = []
+    rows[1]["gold_index"] = 99
+    rows[2] = "not an object"
+    path = rows_file(tmp_path / "bad.jsonl", rows)
+    result = subprocess.run([sys.executable, "data.py", str(path)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert line.startswith("[data] train: every row is bad (") and "empty_slate=1" in line, line
+
+
+def test_reports_and_benches_name_their_mistake(tmp_path):
+    for argv, message in [(["reports.py", str(tmp_path)], f"[report] {tmp_path}: no eval.json"),
+                          (["-m", "bench.steps", "--no_such=1"], "[bench] unknown option --no_such=1"),
+                          (["-m", "bench.memory", "--generations=two"], "[bench] --generations=two: expected int")]:
+        result = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 1, result.stderr
+        assert one_line(result.stderr).startswith(message)
+
+
+def test_an_unforeseen_failure_is_one_line_unless_debugging(monkeypatch, capsys):
+    def broken():
+        raise RuntimeError("first line\nsecond line")
+
+    with pytest.raises(SystemExit) as exit_:
+        errors.run(broken)
+    assert exit_.value.code == "[error] RuntimeError: first line (GRAIL_DEBUG=1 shows the traceback)"
+    monkeypatch.setenv("GRAIL_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        errors.run(broken)
+
+
+def test_ctrl_c_is_one_line(monkeypatch, run_trainer):
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tg, "train", interrupted)
+    code, _, err = run_trainer([])
+    assert code == errors.INTERRUPTED_EXIT_CODE
+    assert one_line(err) == "[stop] interrupted (Ctrl-C)"
+
+
+# --- runs are never mixed or overwritten ------------------------------------------------------
+
+def test_resume_refuses_another_experiment_and_allows_schedule_changes(run_trainer, tmp_path):
+    assert run_trainer([])[0] == 0
+    code, _, err = run_trainer(["--num_generations=4", "--learning_rate=2e-3", "--max_steps=2"])
+    assert code == 1
+    line = one_line(err)
+    assert "learning_rate: 0.001 -> 0.002; num_generations: 3 -> 4" in line and "max_steps" not in line, line
+    code, out, err = run_trainer(["--max_steps=2", "--save_steps=2"])
+    assert code == 0, err
+    assert "[config] changed since the run began: max_steps: 1 -> 2; save_steps: 1 -> 2" in out
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_resume_false_and_eval_only_never_overwrite_a_run(run_trainer, tmp_path):
+    run = tmp_path / "run"
+    assert run_trainer([])[0] == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, _, err = run_trainer(["--resume=false"])
+    assert code == 1 and "already holds a run and resume=false never overwrites it" in one_line(err)
+    code, _, err = run_trainer([f"--eval_only={run / 'checkpoint-000001'}", f"--output_dir={run}"])
+    assert code == 1 and "holds a training run; an evaluation writes to its own output_dir" in one_line(err)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_eval_only_uses_its_own_folder_and_the_checkpoints_prompt(run_trainer, tmp_path, monkeypatch):
+    assert run_trainer([])[0] == 0
+    monkeypatch.chdir(tmp_path)
+    checkpoint_dir = tmp_path / "run" / "checkpoint-000001"
+    cfg, _ = tg.parse_config([f"--eval_only={checkpoint_dir}"], {})
+    assert (cfg.prompt_mode, cfg.max_completion_length) == ("answer", 6)  # not the think-mode defaults
+    assert cfg.output_dir == str(Path("out") / "eval-run-checkpoint-000001")
+    assert tg.parse_config([f"--eval_only={checkpoint_dir}", "--prompt_mode=think"], {})[0].prompt_mode == "think"
+
+
+def test_a_damaged_newest_checkpoint_is_named_and_passed_over(run_trainer, tmp_path):
+    run = tmp_path / "run"
+    assert run_trainer(["--max_steps=2"])[0] == 0
+    weights = run / "checkpoint-000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    code, out, err = run_trainer(["--max_steps=3"])
+    assert code == 0, err
+    assert f"[checkpoint] skipping {run / 'checkpoint-000002'}: model.safetensors is truncated" in out
+    assert "resumed from " + str(run / "checkpoint-000001") in out
+    # With no usable checkpoint at all, it stops rather than silently starting over.
+    for path in run.glob("checkpoint-*"):
+        (path / "optimizer.pt").unlink()
+    code, _, err = run_trainer(["--max_steps=4"])
+    assert code == 1
+    line = one_line(err)
+    assert line.startswith("[checkpoint] no usable checkpoint to resume from") and "optimizer.pt is missing" in line
+
+
+# --- stopping -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("eval_only", [False, True])
+def test_a_stop_during_an_evaluation_ends_it_within_one_batch(eval_only, run_trainer, tmp_path, tiny_model_dir):
+    stop_file = tmp_path / "stop"
+    stop_file.write_text("")
+    args = [f"--grail_stop_file={stop_file}", "--eval_max_rows=0", "--eval_split=all"]  # every row: minutes
+    args += [f"--eval_only={tiny_model_dir}", f"--output_dir={tmp_path / 'eval'}"] if eval_only \
+        else ["--eval_on_start=true"]
+    code, out, err = run_trainer(args)
+    assert code == tg.PREEMPTED_EXIT_CODE, err
+    assert "Traceback" not in err
+    assert ("[stop] evaluation stopped on request: nothing written" if eval_only
+            else "[stop] requested before the first step") in out
+    assert not stop_file.exists()  # consumed: a restart does not stop again
+    assert not (tmp_path / ("eval" if eval_only else "run") / "eval.json").exists()
+
+
+# --- the command line agrees with the docs ------------------------------------------------------
+
+def test_list_syntax_and_key_space_value():
+    cfg, _ = tg.parse_config(["--reward_funcs=[accuracy,format]", "--reward_weights", "[1, 0.5]",
+                              "--learning_rate", "3e-6", "--eval_views='original'"], {})
+    assert cfg.reward_funcs == ["accuracy", "format"] and cfg.reward_weights == [1.0, 0.5]
+    assert cfg.learning_rate == 3e-6 and cfg.eval_views == ["original"]
+
+
+def test_report_to_tensorboard_writes_event_files(run_trainer, tmp_path):
+    code, _, err = run_trainer(["--report_to=tensorboard", "--max_steps=2", "--eval_on_end=true"])
+    assert code == 0, err
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "loss" in tags and "eval/choice_logloss" in tags
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+
+
+def test_run_sh_reports_the_run_its_config_file_names(tmp_path, tiny_model_dir):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(f"model_name_or_path: {tiny_model_dir}\noutput_dir: {tmp_path / 'from_file'}\n"
+                      "prompt_mode: answer\nmax_steps: 1\nprompts_per_step: 2\nnum_generations: 3\n"
+                      "max_completion_length: 6\neval_max_rows: 4\neval_on_end: true\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env.pop("GAIL_USE", None)
+    result = subprocess.run(["./run.sh", "--config", str(recipe)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (ROOT / "reports" / "from_file" / "README.md").exists()
+    config = json.loads((tmp_path / "from_file" / "config.json").read_text())["config"]
+    assert config["bc_steps"] == 0 and config["max_completion_length"] == 6  # cpu_default.yaml not merged in
+    shutil.rmtree(ROOT / "reports" / "from_file")
