@@ -97,6 +97,9 @@ if [ "$NNODES" -gt 1 ]; then
 else
   launch=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU")
 fi
+# Check the config once before the ranks start: a mistake is one line here, not one per rank plus
+# torchrun's own traceback.
+WORLD_SIZE=$((NGPU * NNODES)) "$PY" -c 'import os, sys, train_grail; train_grail.parse_config(sys.argv[1:], os.environ)' "$@"
 "${launch[@]}" train_grail.py "$@" &
 child=$!
 stop_asked=0

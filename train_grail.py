@@ -361,7 +361,7 @@ def train(cfg, world, ignored_keys=()):
             raise preempted(cfg.max_steps, "[stop] requested during the final evaluation: a restart runs it again",
                             cfg, world) from None
     tracker.close()
-    world.print(f"[done] outputs in {run.path}/: metrics.jsonl, completions.jsonl, eval.json, evals/, checkpoint-*/")
+    world.print(f"[done] outputs in {run.path}/ (the files: outputs.py)")
     return final
 
 

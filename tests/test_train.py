@@ -152,6 +152,22 @@ def test_eval_only_on_a_checkpoint_folder(tiny_model_dir, tmp_path):
     assert not (out / "metrics.jsonl").exists()
 
 
+def test_eval_only_command_writes_the_choice_keys(tiny_model_dir, tmp_path, bundled):
+    """The documented command: any checkpoint, any rows, every split; scored in the checkpoint's own
+    (answer) prompt mode, so exactly."""
+    tg.train(small_cfg(tiny_model_dir, tmp_path / "run", max_steps=1, save_steps=1), CPU)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(row) + "\n" for row in bundled[:5]))
+    result = run_cli([f"--eval_only={tmp_path / 'run' / 'checkpoint-000001'}", f"--dataset={rows}", "--eval_split=all",
+                      f"--output_dir={tmp_path / 'eval'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert saved["n_total"] == 5 and saved["choice_method"] == "exact"
+    for key in ("choice_logloss", "choice_logloss_renorm", "choice_brier", "choice_tvd", "choice_valid_mass",
+                "prior_logloss", "uniform_logloss"):
+        assert isinstance(saved[key], float), key
+
+
 @pytest.mark.parametrize("fsdp", ["false", "true"])
 def test_torchrun_two_processes_train(tiny_model_dir, tmp_path, fsdp):
     from transformers import AutoModelForCausalLM
