@@ -172,7 +172,8 @@ def clean_rows(raw_rows, split_name="data", log=print):
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
     log(f"[data] {split_name}: {len(good)} rows kept, {sum(skipped.values())} skipped ({reasons})")
     if not good:
-        raise DataError(f"{split_name}: every row is bad ({reasons}); nothing to train or evaluate on")
+        problem = f"every row is bad ({reasons})" if skipped else "no rows at all"
+        raise DataError(f"{split_name}: {problem}; nothing to train or evaluate on")
     return good, skipped
 
 

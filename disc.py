@@ -26,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 import prompts
+from errors import UserError, first_line
 
 MAX_STATE_TOKENS = 384   # the state's first tokens: profile, viewpoint, current video, history, survey
 MAX_OPTION_TOKENS = 48   # an option's title
@@ -135,7 +136,10 @@ def build(gail_disc_model, policy, tokenizer, device, seed):
     if gail_disc_model:
         from transformers import AutoTokenizer
 
-        disc = Discriminator(HFEncoder(gail_disc_model), AutoTokenizer.from_pretrained(gail_disc_model))
+        try:
+            disc = Discriminator(HFEncoder(gail_disc_model), AutoTokenizer.from_pretrained(gail_disc_model))
+        except (OSError, ValueError) as err:  # no such folder or hub id, offline, not an encoder
+            raise UserError("model", f"cannot load the discriminator {gail_disc_model}: {first_line(err)}") from err
     else:
         disc = Discriminator(TokenEncoder(policy.get_input_embeddings().weight, tokenizer.pad_token_id), tokenizer)
     torch.set_rng_state(generator_state)

@@ -25,6 +25,9 @@ def run(main, *args):
     """Call main(*args); a failure ends the process with one line and exit code 1 (130 on Ctrl-C)."""
     if os.environ.get("GRAIL_DEBUG", "") not in ("", "0"):
         return main(*args)
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # a failed hub request surfaces once, as the error of what needed it
     try:
         return main(*args)
     except UserError as err:

@@ -119,6 +119,7 @@ def test_output_dir_that_is_a_file_or_cannot_be_created(run_trainer, tmp_path):
     ("/no/such/model/folder", "[model] /no/such/model/folder: no such folder, and not a hub id"),
     ("{tmp}", "[model] {tmp} is not a model folder (no config.json)"),
     ("not a hub id!", "[model] not a hub id!: no such folder, and not a hub id"),
+    ("no-such-org/no-such-model", "[model] cannot load no-such-org/no-such-model: "),  # offline here, or no such id
 ])
 def test_eval_only_on_something_that_is_not_a_model(target, message, run_trainer, tmp_path):
     code, _, err = run_trainer([f"--eval_only={target.format(tmp=tmp_path)}"])
@@ -135,6 +136,15 @@ def test_a_dataset_too_small_for_its_split(run_trainer, tmp_path):
                                  out=tmp_path / "run2")
     assert code == 0, err
     assert json.loads((tmp_path / "run2" / "eval.json").read_text())["n_total"] == 1
+
+
+def test_an_empty_dataset_and_a_discriminator_that_is_not_there(run_trainer, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, _, err = run_trainer([f"--dataset={empty}"])
+    assert code == 1 and one_line(err) == "[data] all: no rows at all; nothing to train or evaluate on"
+    code, _, err = run_trainer(["--gail_use=true", f"--gail_disc_model={tmp_path / 'no_encoder'}"])
+    assert code == 1 and one_line(err).startswith(f"[model] cannot load the discriminator {tmp_path / 'no_encoder'}")
 
 
 def test_data_cli_on_a_file_of_bad_rows_prints_the_counted_reasons(tmp_path):
