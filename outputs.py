@@ -150,12 +150,12 @@ class RunFolder:
 
     def read(self):
         """Everything a report shows: config, environment, step metrics, evaluations, completions."""
-        if not self.eval.exists():
-            raise UserError("report", f"{self.path}: no eval.json, not a finished run folder")
+        if not self.eval.exists() and not self.metrics.exists():
+            raise UserError("report", f"{self.path}: no eval.json and no metrics.jsonl, not a run folder")
         config = read_json(self.config) if self.config.exists() else {}
         return {"name": self.name, "dir": self.path, "config": config.get("config", {}),
                 "environment": config.get("environment", {}), "metrics": read_jsonl(self.metrics),
-                "eval": read_json(self.eval), "evals": [read_json(p) for p in sorted(self.evals.glob("step_*.json"))],
+                "eval": read_json(self.eval) if self.eval.exists() else {}, "evals": [read_json(p) for p in sorted(self.evals.glob("step_*.json"))],
                 "completions": read_jsonl(self.completions)}
 
 

@@ -215,6 +215,9 @@ def plots_section(runs, out_dir):
 
 def eval_section(run):
     ev = run["eval"]
+    if not ev:
+        return (f"## Evaluation: {run['name']}\n\n(none: this run evaluated nothing; train with `eval_on_end=true`, "
+                "or run `--eval_only` on its checkpoint)")
     parts = [f"## Evaluation: {run['name']} (step {ev.get('step')}, {ev.get('n_total')} {ev.get('split', '')} rows)",
              eval_summary(ev)]
     if run["evals"] and len(run["evals"]) > 1:
@@ -230,12 +233,13 @@ def comparison_section(runs):
     rows = []
     for run in runs:
         ev = run["eval"]
-        choice = ev["views"].get("original", {}).get("choice")
+        views = ev.get("views", {})
+        choice = views.get("original", {}).get("choice")
         model = choice["model"] if choice else {}
         rows.append([run["name"], ev.get("step")] + [num(model.get(k)) for k, _ in SCORES]
                     + [num((ev.get("untrained") or {}).get("model", {}).get("logloss")),
                        num(choice["prior"]["logloss"]) if choice else "", num(choice["uniform"]["logloss"]) if choice else "",
-                       with_ci(ev["views"]["original"]) if "original" in ev["views"] else "",
+                       with_ci(views["original"]) if "original" in views else "",
                        ("yes" if choice["collapse"]["flag"] else "no") if choice else ""])
     header = ["run", "step", *(label for _, label in SCORES), "untrained log-loss", "prior log-loss",
               "uniform log-loss", "accuracy (original)", "collapse"]

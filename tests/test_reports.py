@@ -64,3 +64,13 @@ def test_runs_side_by_side(run_dirs, tmp_path):
 def test_not_a_run_folder_is_a_clear_error(tmp_path):
     with pytest.raises(errors.UserError, match="no eval.json"):
         reports.write_report([tmp_path])
+
+
+def test_a_run_without_evaluation_still_has_a_report(tiny_model_dir, tmp_path):
+    """./run.sh --config=FILE reports whatever FILE trained, evaluated or not."""
+    out = tmp_path / "plain"
+    tg.train(tg.Config(model_name_or_path=str(tiny_model_dir), output_dir=str(out), prompt_mode="answer", max_steps=1,
+                       prompts_per_step=2, num_generations=3, max_completion_length=6, save_steps=0), CPU)
+    assert not (out / "eval.json").exists()
+    text = reports.write_report([out], out=tmp_path / "report").read_text()
+    assert "(none: this run evaluated nothing" in text and "## Configuration" in text and "curves.png" in text
