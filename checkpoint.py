@@ -198,21 +198,23 @@ def checkpoint_problem(path):
     for name in REQUIRED_FILES:
         if not (path / name).exists():
             return f"{name} is missing"
+    for name in ("trainer_state.json", "model.safetensors.index.json"):
+        try:
+            if (path / name).exists():
+                json.loads((path / name).read_text())
+        except (OSError, ValueError) as err:
+            return f"{name} is unreadable ({first_line(err)})"
     index = path / "model.safetensors.index.json"
-    try:
-        weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
-            else ["model.safetensors"]
-        json.loads((path / "trainer_state.json").read_text())["step"]
-    except (OSError, ValueError, KeyError) as err:
-        return f"{index.name if index.exists() else 'trainer_state.json'} is unreadable ({first_line(err)})"
+    weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
     for name in weights:
         if not (path / name).exists():
             return f"{name} is missing"
         if problem := safetensors_problem(path / name):
             return problem
-    for name in ["optimizer.pt", *(p.name for p in path.glob("*rank*.pt")), *(["disc.pt"] if (path / "disc.pt").exists() else [])]:
-        if not zipfile.is_zipfile(path / name):
-            return f"{name} is truncated or not a torch file"
+    for file in sorted(path.glob("*.pt")):  # optimizer, RNG and discriminator state: torch's zip format
+        if not zipfile.is_zipfile(file):
+            return f"{file.name} is truncated or not a torch file"
     return None
 
 

@@ -152,12 +152,13 @@ def complete_rows(model, tokenizer, rows, prompt, cfg, world, num_samples, greed
     return [(texts, truncated) for _, texts, truncated in sorted(distributed.all_gather_list(results))]
 
 
-def exact_distributions(model, tokenizer, rows, prompt, world, should_stop):
-    """p(k) over each row's options (answer mode), each rank scoring its share of the rows."""
+def exact_distributions(model, tokenizer, rows, prompt, world, batch_size, should_stop):
+    """p(k) over each row's options (answer mode), each rank scoring its share of the rows, one
+    forward a row; `should_stop` is asked every `batch_size` rows."""
     stop_ids = rollout.stop_token_ids(model, tokenizer)
     mine = [(i, choices.choice_logprobs(model, tokenizer, prompt.text(tokenizer, rows[i]), rows[i]["n_options"],
                                         stop_ids).exp().tolist())
-            for idx in rounds(len(rows), 1, world, should_stop) for i in idx]
+            for idx in rounds(len(rows), batch_size, world, should_stop) for i in idx]
     return [dist for _, dist in sorted(distributed.all_gather_list(mine))]
 
 
@@ -185,8 +186,8 @@ def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world, should_stop
         for view in cfg.eval_views:
             shown = view_rows(rows, view, cfg.seed)
             if prompt.answer_only:
-                view_metrics_, shown_predictions = exact_view(model, tokenizer, shown, train_rows, prompt, world, view,
-                                                              should_stop)
+                view_metrics_, shown_predictions = exact_view(model, tokenizer, shown, train_rows, prompt, cfg, world,
+                                                              view, should_stop)
             else:
                 view_metrics_, shown_predictions = sampled_view(model, tokenizer, shown, train_rows, prompt, cfg,
                                                                 world, view, should_stop)
@@ -201,8 +202,8 @@ def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world, should_stop
     return metrics, predictions
 
 
-def exact_view(model, tokenizer, rows, train_rows, prompt, world, view, should_stop):
-    distributions = exact_distributions(model, tokenizer, rows, prompt, world, should_stop)
+def exact_view(model, tokenizer, rows, train_rows, prompt, cfg, world, view, should_stop):
+    distributions = exact_distributions(model, tokenizer, rows, prompt, world, cfg.eval_batch_size, should_stop)
     answers = [mode(p) for p in distributions]
     out = view_metrics(rows, answers, train_rows, view)
     out["choice"] = {**choices.choice_metrics(rows, distributions, train_rows), "method": "exact"}

@@ -40,7 +40,7 @@ def test_json_config_lists_and_bools(tmp_path):
 
 @pytest.mark.parametrize("argv, env, message", [
     (["--no_such_key=1"], {}, "unknown config key 'no_such_key'"),
-    (["--max_steps=ten"], {}, "max_steps=.ten.: expected int"),
+    (["--max_steps=ten"], {}, "max_steps='ten': expected int"),
     (["--loss_type=ppo"], {}, "loss_type='ppo'"),
     (["--reward_weights=1,2,3"], {}, "same length"),
     (["--shuffle_slates=maybe"], {}, "not a boolean"),
@@ -50,10 +50,25 @@ def test_json_config_lists_and_bools(tmp_path):
     (["--reward_funcs=calibration", "--reward_weights=1", "--scale_rewards=batch", "--num_generations=2"], {},
      "num_generations must be >= 3"),
     (["--bc_steps=3", "--prompt_mode=think"], {}, "bc_steps needs prompt_mode=answer"),
+    # values that generate, the optimizer or the split would reject later: before anything loads
+    (["--temperature=0"], {}, "temperature=0.0: must be > 0"),
+    (["--max_completion_length=0"], {}, "max_completion_length=0: must be >= 1"),
+    (["--beta=-1"], {}, "beta=-1.0: must be >= 0"),
+    (["--eval_max_rows=-1"], {}, "eval_max_rows=-1: must be >= 0"),
+    (["--top_p=1.5"], {}, "top_p=1.5: must be > 0 and <= 1"),
+    ([], {"GRAIL_MAX_HISTORY": "-3"}, "grail_max_history=-3: must be >= 0"),
+    (["--prompts_per_step=3"], {"WORLD_SIZE": "2"}, "prompts_per_step=3 must divide by the 2 ranks"),
+    (["--report_to=mlflow"], {}, "report_to=['mlflow']: choose from"),
 ])
 def test_bad_config_stops_with_a_clear_message(argv, env, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit) as exit_:
         tg.parse_config(argv, env)
+    line = str(exit_.value.code)
+    assert line.startswith("[config] ") and message in line and "\n" not in line, line
+
+
+def test_prompts_per_step_that_divides_by_the_ranks_passes():
+    assert tg.parse_config(["--prompts_per_step=4"], {"WORLD_SIZE": "2"})[0].prompts_per_step == 4
 
 
 def test_upstream_recipe_loads_with_one_warning_list():

@@ -14,6 +14,7 @@ import pytest
 import distributed
 import errors
 import train_grail as tg
+from outputs import append_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,43 +55,8 @@ def one_line(stderr):
     return lines[0]
 
 
-def rows_file(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def first_bundled_rows(n):
-    import data
-
-    return [json.loads(line) for line in (data.DATA_DIR / data.BUNDLED_FILES[0]).read_text().splitlines()[:n]]
-
-
-# --- values that generate, the optimizer or the split would reject later ---------------------
-
-@pytest.mark.parametrize("args, env, message", [
-    (["--temperature=0"], {}, "[config] temperature=0.0: must be > 0"),
-    (["--max_completion_length=0"], {}, "[config] max_completion_length=0: must be >= 1"),
-    (["--beta=-1"], {}, "[config] beta=-1.0: must be >= 0"),
-    (["--eval_max_rows=-1"], {}, "[config] eval_max_rows=-1: must be >= 0"),
-    (["--top_p=1.5"], {}, "[config] top_p=1.5: must be > 0 and <= 1"),
-    ([], {"GRAIL_MAX_HISTORY": "-3"}, "[config] grail_max_history=-3: must be >= 0"),
-    ([], {"WORLD_SIZE": "2"}, None),  # prompts_per_step=2 divides by 2 ranks: passes parse_config
-    (["--prompts_per_step=3"], {"WORLD_SIZE": "2"}, "[config] prompts_per_step=3 must divide by the 2 ranks"),
-    (["--max_steps=many"], {}, "[config] max_steps='many': expected int"),
-    (["--report_to=mlflow"], {}, "[config] report_to=['mlflow']: choose from"),
-])
-def test_bad_values_stop_before_anything_loads(args, env, message, monkeypatch, capsys):
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    argv = ["--prompts_per_step=2", *args]
-    if message is None:
-        tg.parse_config(argv, os.environ)
-        return
-    with pytest.raises(SystemExit) as exit_:
-        tg.parse_config(argv, os.environ)
-    assert str(exit_.value.code).startswith(message), exit_.value.code
-    assert "\n" not in str(exit_.value.code)
-
+# --- entry points ---------------------------------------------------------------------------
+# (values out of range, bad keys and bad values of parse_config: tests/test_configurator.py)
 
 @pytest.mark.parametrize("content, message", [
     (None, "[config] cannot read {path}"),
@@ -127,8 +93,9 @@ def test_eval_only_on_something_that_is_not_a_model(target, message, run_trainer
     assert one_line(err).startswith(message.format(tmp=tmp_path))
 
 
-def test_a_dataset_too_small_for_its_split(run_trainer, tmp_path):
-    one_row = rows_file(tmp_path / "one.jsonl", first_bundled_rows(1))
+def test_a_dataset_too_small_for_its_split(run_trainer, tmp_path, bundled):
+    one_row = tmp_path / "one.jsonl"
+    append_jsonl(one_row, bundled[:1])
     code, _, err = run_trainer([f"--dataset={one_row}", "--eval_on_end=true"])
     assert code == 1 and one_line(err).startswith("[data] the validation split is empty (1 train, 0 validation rows)")
     # Evaluated on its training row instead, the single-row dataset runs (it crashed once).
@@ -147,12 +114,13 @@ def test_an_empty_dataset_and_a_discriminator_that_is_not_there(run_trainer, tmp
     assert code == 1 and one_line(err).startswith(f"[model] cannot load the discriminator {tmp_path / 'no_encoder'}")
 
 
-def test_data_cli_on_a_file_of_bad_rows_prints_the_counted_reasons(tmp_path):
-    rows = first_bundled_rows(3)
+def test_data_cli_on_a_file_of_bad_rows_prints_the_counted_reasons(tmp_path, bundled):
+    rows = [dict(row) for row in bundled[:3]]
     rows[0]["slate_items_json"] = []
     rows[1]["gold_index"] = 99
     rows[2] = "not an object"
-    path = rows_file(tmp_path / "bad.jsonl", rows)
+    path = tmp_path / "bad.jsonl"
+    append_jsonl(path, rows)
     result = subprocess.run([sys.executable, "data.py", str(path)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1
     line = one_line(result.stderr)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import distributed
 import train_grail as tg
-from outputs import RunFolder
+from outputs import RunFolder, append_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = distributed.single_process()
@@ -41,14 +41,12 @@ def test_gail_run_logs_disc_metrics(tiny_model_dir, tmp_path):
 
 
 def test_behaviour_cloning_raises_the_likelihood_of_the_human_answers(tiny_model_dir, tmp_path):
-    import json as json_
-
     cfg = small_cfg(tiny_model_dir, tmp_path, max_steps=1, bc_steps=30, bc_learning_rate=1e-2, eval_split="train",
                     eval_max_rows=4, eval_views=["original"], reward_funcs=["calibration", "format"],
                     scale_rewards="batch")
     tg.train(cfg, CPU)
-    before = json_.loads((tmp_path / "evals" / "step_000000.json").read_text())
-    after = json_.loads((tmp_path / "eval.json").read_text())
+    before = json.loads((tmp_path / "evals" / "step_000000.json").read_text())
+    after = json.loads((tmp_path / "eval.json").read_text())
     assert after["choice_valid_mass"] > 2 * before["choice_valid_mass"]  # it learned "N</answer>"
     assert after["choice_logloss"] < before["choice_logloss"] - 1
 
@@ -157,7 +155,7 @@ def test_eval_only_command_writes_the_choice_keys(tiny_model_dir, tmp_path, bund
     (answer) prompt mode, so exactly."""
     tg.train(small_cfg(tiny_model_dir, tmp_path / "run", max_steps=1, save_steps=1), CPU)
     rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps(row) + "\n" for row in bundled[:5]))
+    append_jsonl(rows, bundled[:5])
     result = run_cli([f"--eval_only={tmp_path / 'run' / 'checkpoint-000001'}", f"--dataset={rows}", "--eval_split=all",
                       f"--output_dir={tmp_path / 'eval'}"])
     assert result.returncode == 0, result.stderr[-3000:]
