@@ -104,6 +104,18 @@ def position_prior(train_rows):
     return prior
 
 
+def cloning_targets(row, prior, smoothing):
+    """The behaviour-cloning target of a row, [(answer text, weight)]: the click, with weight
+    1 - `smoothing`, mixed with the training split's position prior for the slate's size (label
+    smoothing). A model cloned on a few hundred rows reads confident slot preferences into noise;
+    the mixture keeps eps x prior on every option. Toward the prior, not uniform: where the prior is
+    sharp (the gun-control rows' last slot) it costs almost nothing."""
+    if smoothing == 0:
+        return [(f"{row['gold_index']}{CLOSE_TAG}", 1.0)]
+    return [(f"{k}{CLOSE_TAG}", (1 - smoothing) * (k == row["gold_index"]) + smoothing * p)
+            for k, p in enumerate(prior(row["n_options"]), 1)]
+
+
 def brier_score(probabilities, gold):
     """Multi-class Brier score of one row's choice distribution (a list over options 1..n)."""
     return sum((p - (k == gold)) ** 2 for k, p in enumerate(probabilities, 1))

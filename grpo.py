@@ -195,33 +195,40 @@ def no_grad_logprobs(model, batch, cfg, world):
 # The update
 
 
-def cloning_batch(tokenizer, prompt_texts, answers, end_id, device):
-    """A batch whose completions are the given answers (then `end_id`), each with advantage 1: the
-    update's gradient on it is that of their log-likelihood (behaviour cloning)."""
+def cloning_batch(tokenizer, prompt_texts, targets, end_id, device):
+    """A batch whose completions are each prompt's target answers (then `end_id`), an answer's
+    advantage its weight: the update's gradient on it is that of sum_k weight_k log p(answer_k), a
+    cross-entropy to the targets (behaviour cloning). `targets` holds a [(answer text, weight)] list
+    per prompt; shorter lists are padded with weight-0 copies so every prompt has as many completions."""
+    width = max(len(t) for t in targets)
+    targets = [t + [(t[0][0], 0.0)] * (width - len(t)) for t in targets]
     prompt_ids, prompt_mask = rollout.encode_prompts(tokenizer, prompt_texts, device)
-    tokens = [torch.tensor(tokenizer.encode(text, add_special_tokens=False) + [end_id]) for text in answers]
+    tokens = [torch.tensor(tokenizer.encode(text, add_special_tokens=False) + [end_id]) for t in targets for text, _ in t]
     completion_ids = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True, padding_value=end_id)
     completion_mask = torch.arange(completion_ids.shape[1])[None] < torch.tensor([len(t) for t in tokens])[:, None]
+    weights = torch.tensor([w for t in targets for _, w in t], dtype=torch.float32)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids.to(device),
-            "completion_mask": completion_mask.long().to(device), "advantages": torch.ones(len(tokens), device=device)}
+            "completion_mask": completion_mask.long().to(device), "advantages": weights.to(device)}
 
 
 def behaviour_cloning(policy, model, tokenizer, batches, cfg, world):
-    """Maximum likelihood of given answers, one step per (prompt texts, answer texts) of `batches`
-    (`cfg.bc_steps` of them): the update with advantage 1 on "answer" + end-of-turn completions
-    (ratio 1, nothing clipped), whose gradient is that of their log-likelihood, with an AdamW and
-    cosine schedule of its own (`bc_learning_rate`). The log-loss is a proper scoring rule: it fits
-    the choice distribution, not its mode. Returns each step's negative log-likelihood per token."""
+    """Maximum likelihood of given answers, one step per (prompt texts, targets) of `batches`
+    (`cfg.bc_steps` of them; targets as in cloning_batch): the update with advantages = the target
+    weights on "answer" + end-of-turn completions (ratio 1, nothing clipped), whose gradient is that
+    of the cross-entropy to the targets, with an AdamW and cosine schedule of its own
+    (`bc_learning_rate`). The log-loss is a proper scoring rule: it fits the choice distribution, not
+    its mode. Returns each step's cross-entropy per prompt (nats)."""
     bc_cfg = dataclasses.replace(cfg, learning_rate=cfg.bc_learning_rate, max_steps=cfg.bc_steps, warmup_ratio=0.0,
                                  num_iterations=1, beta=0.0, temperature=1.0, loss_type="dapo")
     optimizer, scheduler = make_optimizer(model, bc_cfg)
     end = rollout.stop_token_ids(model, tokenizer)[0]
     losses = []
     model.train()
-    for prompt_texts, answers in batches:
-        stats = update(policy, optimizer, scheduler, cloning_batch(tokenizer, prompt_texts, answers, end, world.device),
+    for prompt_texts, targets in batches:
+        stats = update(policy, optimizer, scheduler, cloning_batch(tokenizer, prompt_texts, targets, end, world.device),
                        bc_cfg, world)
-        totals = distributed.all_reduce_sum(torch.tensor([stats["logp_sum"], stats["tokens"]], device=world.device))
+        totals = distributed.all_reduce_sum(torch.tensor([stats["weighted_logp_sum"], len(prompt_texts)],
+                                                         device=world.device, dtype=torch.float64))
         losses.append(-(totals[0] / totals[1]).item())
     return losses
 
@@ -233,7 +240,8 @@ def update(policy, optimizer, scheduler, batch, cfg, world):
     Returns the step's statistics."""
     normaliser = loss_normaliser(cfg.loss_type, batch["completion_mask"], cfg.max_completion_length)
     model = distributed.unwrap(policy).model
-    stats = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0.0, "tokens": 0.0, "logp_sum": 0.0, "skipped_updates": 0}
+    stats = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0.0, "tokens": 0.0, "logp_sum": 0.0, "weighted_logp_sum": 0.0,
+             "skipped_updates": 0}
     for _ in range(cfg.num_iterations):
         chunks = list(micro_batches(batch, cfg.gradient_accumulation_steps))
         for i, chunk in enumerate(chunks):
@@ -252,7 +260,10 @@ def update(policy, optimizer, scheduler, batch, cfg, world):
             stats["loss"] += loss.item() / world.size
             stats["tokens"] += mask.sum().item()
             stats["clipped"] += (clipped.float() * mask).sum().item()
-            stats["logp_sum"] += (logp.detach().float() * mask).sum().item()
+            token_logp = logp.detach().float() * mask
+            logp_sums = torch.stack([token_logp.sum(), (chunk["advantages"][:, None] * token_logp).sum()]).tolist()
+            stats["logp_sum"] += logp_sums[0]
+            stats["weighted_logp_sum"] += logp_sums[1]  # the cloning loss (advantages = target weights)
             if kl is not None:
                 stats["kl_sum"] += (kl.detach() * mask).sum().item()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)

@@ -182,6 +182,11 @@ class PromptFormat:
     system_prompt: str = ""
     max_history: int = 12
 
+    @classmethod
+    def of(cls, cfg):
+        """The prompt of a run's config (prompt_mode, system_prompt, grail_max_history)."""
+        return cls(cfg.prompt_mode, cfg.system_prompt, cfg.grail_max_history)
+
     @property
     def answer_only(self):
         return self.mode == "answer"

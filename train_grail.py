@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
+import choices
 import configurator
 import data
 import disc
@@ -35,7 +36,6 @@ import reports
 import rewards
 import rollout
 import outputs
-from outputs import RunFolder, Tracker, read_json
 
 
 @dataclass
@@ -90,6 +90,7 @@ class Config:
     # --- behaviour-cloning warm start (answer mode) ---
     bc_steps: int = 0             # steps of maximum likelihood on the human answers before GRPO (0 = none)
     bc_learning_rate: float = 1e-5  # its own AdamW, cosine to 0 over bc_steps; prompts_per_step rows a step
+    bc_label_smoothing: float = 0.0  # target (1-eps) x the click + eps x the train split's position prior
     # --- optimisation ---
     gradient_accumulation_steps: int = 1  # micro-batches per rank per optimizer step (one normaliser for the step)
     warmup_ratio: float = 0.1     # linear warm-up share of the optimizer steps, then cosine to 0
@@ -163,7 +164,7 @@ RANGES = {
     "gail_lr": (0, None, False), "gail_disc_steps": (0, None, True), "gail_disc_batch": (1, None, True),
     "gail_human_fraction": (0, 1, True), "gail_buffer_size": (1, None, True), "gail_warmup_steps": (0, None, True),
     "gail_gradient_penalty": (0, None, True), "gail_label_smoothing": (0, 0.5, True), "bc_steps": (0, None, True),
-    "bc_learning_rate": (0, None, False), "gradient_accumulation_steps": (1, None, True), "warmup_ratio": (0, 1, True),
+    "bc_learning_rate": (0, None, False), "bc_label_smoothing": (0, 1, True), "gradient_accumulation_steps": (1, None, True), "warmup_ratio": (0, 1, True),
     "weight_decay": (0, None, True), "adam_beta1": (0, 1, True), "adam_beta2": (0, 1, True),
     "adam_epsilon": (0, None, False), "max_grad_norm": (0, None, False), "eval_steps": (0, None, True),
     "eval_max_rows": (0, None, True), "eval_samples": (0, None, True), "eval_batch_size": (1, None, True),
@@ -202,10 +203,6 @@ def check_config(cfg, world_size=1):
                              "(rewards.calibration_rewards)")
 
 
-def prompt_format(cfg):
-    return prompts.PromptFormat(cfg.prompt_mode, cfg.system_prompt, cfg.grail_max_history)
-
-
 class Preempted(Exception):
     """A stop was requested (signal or stop file); every rank stopped at the same point, after writing
     the checkpoint of step `args[0]` where a step has run."""
@@ -226,10 +223,10 @@ def preempted(step, message, cfg, world):
 def train(cfg, world, ignored_keys=()):
     """Train (or with `eval_only`, evaluate) as `cfg` says. Returns the final evaluation's metrics;
     raises Preempted after checkpointing when a stop is requested."""
-    run = RunFolder(cfg.output_dir)
+    run = outputs.RunFolder(cfg.output_dir)
     run.check_writable()
     changed = run.check_reuse(dataclasses.asdict(cfg), cfg.resume, RESUMABLE_KEYS)
-    tracker = Tracker(cfg.report_to if world.is_main else [], run, dataclasses.asdict(cfg))
+    tracker = outputs.Tracker(cfg.report_to if world.is_main else [], run, dataclasses.asdict(cfg))
     torch.manual_seed(cfg.seed + world.rank)  # per-rank seed: ranks sample different completions
     if ignored_keys:
         world.print(f"[config] ignored recipe keys with no meaning here: {', '.join(sorted(ignored_keys))}")
@@ -242,10 +239,10 @@ def train(cfg, world, ignored_keys=()):
         raise data.DataError("no training rows: every participant is in the validation split")
     if cfg.max_steps <= 0:
         cfg.max_steps = math.ceil(cfg.num_train_epochs * len(train_rows) / cfg.prompts_per_step)
-    prompt = prompt_format(cfg)
+    prompt = prompts.PromptFormat.of(cfg)
     # The untrained model's scores stand beside every later evaluation (kept from step 0's).
     resumed_eval = run.eval_at(0).exists() and not cfg.eval_only
-    untrained = evaluate.untrained_scores(read_json(run.eval_at(0))) if resumed_eval else None
+    untrained = evaluate.untrained_scores(outputs.read_json(run.eval_at(0))) if resumed_eval else None
 
     def evaluate_and_save(model, tokenizer, step):
         nonlocal untrained
@@ -353,7 +350,7 @@ def train(cfg, world, ignored_keys=()):
     final = None
     # Resumed after the last step (stopped during the final evaluation, say): rank 0's eval.json decides.
     evaluated = start_step == cfg.max_steps and distributed.all_gather_list(
-        [read_json(run.eval)["step"] if run.eval.exists() else None])[0] == cfg.max_steps
+        [outputs.read_json(run.eval)["step"] if run.eval.exists() else None])[0] == cfg.max_steps
     if cfg.eval_on_end and not evaluated:
         try:
             final = evaluate_and_save(model, tokenizer, step=cfg.max_steps)
@@ -371,7 +368,7 @@ def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, world, 
     Returns (batch, StepRecord without the update's statistics, sample completions)."""
     indices = data.rank_step_prompts(len(train_rows), cfg.prompts_per_step, step, cfg.seed, world)
     rows = [data.training_row(train_rows[i], i, step, cfg.seed, cfg.shuffle_slates) for i in indices]
-    G, prompt = cfg.num_generations, prompt_format(cfg)
+    G, prompt = cfg.num_generations, prompts.PromptFormat.of(cfg)
     model.eval()
     # Samples come from the same bf16 model the log-probs see.
     with distributed.full_params(model), distributed.autocast(cfg.bf16, world.device):
@@ -385,9 +382,9 @@ def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, world, 
                                               cfg.reward_weights, G)
     d_policy = []
     if disc_trainer is not None:
-        choices = [p.choice for p in parsed]
-        components["disc"], d_policy = disc_trainer.policy_rewards(rows, indices, choices, G)
-        counts["disc_no_choice"] = sum(c is None for c in choices)
+        picked = [p.choice for p in parsed]
+        components["disc"], d_policy = disc_trainer.policy_rewards(rows, indices, picked, G)
+        counts["disc_no_choice"] = sum(c is None for c in picked)
         if step >= cfg.gail_warmup_steps:
             total = rewards.mix_disc(total, components["disc"], cfg.gail_weight)
     rewards_bg = torch.tensor(total, dtype=torch.float32, device=world.device).view(-1, G)
@@ -411,7 +408,7 @@ def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, world, 
 def behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world):
     """The warm start (grpo.behaviour_cloning) on the training split's human answers, `prompts_per_step`
     rows a step; a stop request ends it (it is not checkpointed: a restart begins it again)."""
-    prompt = prompt_format(cfg)
+    prompt, prior = prompts.PromptFormat.of(cfg), choices.position_prior(train_rows)
 
     def batches():
         for step in range(cfg.bc_steps):
@@ -420,11 +417,12 @@ def behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world):
                                    "again", cfg, world)
             rows = [train_rows[i] for i in data.rank_step_prompts(len(train_rows), cfg.prompts_per_step, step,
                                                                    f"{cfg.seed}:bc", world)]
-            yield [prompt.text(tokenizer, r) for r in rows], [f"{r['gold_index']}{prompts.CLOSE_TAG}" for r in rows]
+            yield [prompt.text(tokenizer, r) for r in rows], [choices.cloning_targets(r, prior, cfg.bc_label_smoothing)
+                                                              for r in rows]
 
     losses = grpo.behaviour_cloning(policy, model, tokenizer, batches(), cfg, world)
-    world.print(f"[bc] {cfg.bc_steps} steps of behaviour cloning on the human answers: negative log-likelihood per "
-                f"token {statistics.fmean(losses[:5]):.3f} (first 5) -> {statistics.fmean(losses[-5:]):.3f} (last 5)")
+    world.print(f"[bc] {cfg.bc_steps} steps of behaviour cloning on the human answers: cross-entropy per row "
+                f"{statistics.fmean(losses[:5]):.3f} (first 5) -> {statistics.fmean(losses[-5:]):.3f} (last 5)")
 
 
 def main():

@@ -88,7 +88,7 @@ def setup(args):
 
 
 def prompt_texts(tokenizer, train_rows, cfg):
-    prompt = tg.prompt_format(cfg)
+    prompt = prompts.PromptFormat.of(cfg)
     return [prompt.text(tokenizer, row) for row in train_rows[:cfg.prompts_per_step]]
 
 

@@ -56,6 +56,7 @@ def test_json_config_lists_and_bools(tmp_path):
     (["--beta=-1"], {}, "beta=-1.0: must be >= 0"),
     (["--eval_max_rows=-1"], {}, "eval_max_rows=-1: must be >= 0"),
     (["--top_p=1.5"], {}, "top_p=1.5: must be > 0 and <= 1"),
+    (["--bc_label_smoothing=1.5"], {}, "bc_label_smoothing=1.5: must be >= 0 and <= 1"),
     ([], {"GRAIL_MAX_HISTORY": "-3"}, "grail_max_history=-3: must be >= 0"),
     (["--prompts_per_step=3"], {"WORLD_SIZE": "2"}, "prompts_per_step=3 must divide by the 2 ranks"),
     (["--report_to=mlflow"], {}, "report_to=['mlflow']: choose from"),

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 import checkpoint
+import choices
+import data
 import grpo
+import prompts
 import rollout
 import tiny
 import train_grail as tg
@@ -135,6 +138,55 @@ def test_advantage_one_at_ratio_one_is_the_likelihood_gradient():
     nll = -(logp * mask).sum() / mask.sum()
     assert torch.allclose(torch.autograd.grad(loss, logp)[0], torch.autograd.grad(nll, logp)[0])
     assert not clipped.any()
+
+
+def test_cloning_targets_mix_the_click_with_the_position_prior(bundled):
+    train_rows, _ = data.load_examples("", 0.1, 0, log=lambda msg: None)
+    prior = choices.position_prior(train_rows)
+    row = next(r for r in train_rows if r["n_options"] >= 4)
+    assert choices.cloning_targets(row, prior, 0.0) == [(f"{row['gold_index']}</answer>", 1.0)]
+    targets = choices.cloning_targets(row, prior, 0.3)
+    assert [answer for answer, _ in targets] == [f"{k}</answer>" for k in range(1, row["n_options"] + 1)]
+    assert sum(w for _, w in targets) == pytest.approx(1.0)
+    for k, (_, w) in enumerate(targets, 1):
+        assert w == pytest.approx(0.7 * (k == row["gold_index"]) + 0.3 * prior(row["n_options"])[k - 1])
+
+
+def test_smoothed_cloning_batch_has_the_cross_entropy_gradient(tiny_model_dir):
+    """Each prompt's completions are its options weighted by the targets (the shorter slate padded
+    with weight-0 copies); the update's loss then has the gradient of
+    -sum_rows sum_k t_k log p("k</answer>" + end), over the batch's normaliser, which the reference
+    computes one full prompt + answer sequence at a time."""
+    model = checkpoint.load_model(tiny_model_dir, CPU, trainable=True)
+    tokenizer = checkpoint.load_tokenizer(tiny_model_dir)
+    train_rows, _ = data.load_examples("", 0.1, 0, log=lambda msg: None)
+    prior = choices.position_prior(train_rows)
+    rows = [next(r for r in train_rows if r["n_options"] == 2), next(r for r in train_rows if r["n_options"] >= 4)]
+    texts = [prompts.PromptFormat("answer").text(tokenizer, r) for r in rows]
+    targets = [choices.cloning_targets(r, prior, 0.3) for r in rows]
+    end = rollout.stop_token_ids(model, tokenizer)[0]
+    batch = grpo.cloning_batch(tokenizer, texts, targets, end, CPU)
+    width = rows[1]["n_options"]
+    assert batch["completion_ids"].shape[0] == 2 * width
+    assert batch["advantages"][2:width].tolist() == [0.0] * (width - 2)  # the padding of the 2-option slate
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    logp = grpo.completion_logprobs(model, batch, 1.0)
+    token_loss, _, _ = grpo.per_token_loss(logp, logp.detach(), None, batch["advantages"], 0.2, 0.2, 0.0)
+    normaliser = grpo.loss_normaliser("dapo", batch["completion_mask"], 6)
+    got = torch.autograd.grad(grpo.loss_numerator(token_loss, batch["completion_mask"], "dapo") / normaliser, params)
+
+    cross_entropy = 0.0
+    for text, row_targets in zip(texts, targets):
+        prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
+        for answer, weight in row_targets:
+            answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [end]
+            logits = model(input_ids=torch.tensor([prompt_ids + answer_ids])).logits[0, len(prompt_ids) - 1:-1]
+            sequence_logp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(answer_ids)[:, None]).sum()
+            cross_entropy = cross_entropy - weight * sequence_logp
+    want = torch.autograd.grad(cross_entropy / normaliser, params)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-6, rtol=1e-4)
 
 
 def test_lr_schedule_warmup_then_cosine():
