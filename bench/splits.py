@@ -7,7 +7,6 @@ training rows against uniform, per issue (a script, not a test; data only, a few
 A model whose slot preferences stay close to the prior can beat uniform only where the prior does:
 the rows in which it does not say where that acceptance line cannot hold.
 """
-import math
 import sys
 
 import choices
@@ -23,9 +22,9 @@ def split_scores(dataset, val_fraction, seed):
     out = {}
     for issue in sorted({row.get("issue") for row in val_rows}):
         rows = [row for row in val_rows if row.get("issue") == issue]
-        prior_loss = sum(-math.log(prior(r["n_options"])[r["gold_index"] - 1]) for r in rows) / len(rows)
-        uniform_loss = sum(math.log(r["n_options"]) for r in rows) / len(rows)
-        out[issue] = (len(rows), prior_loss, uniform_loss)
+        prior_scores = choices.distribution_scores(rows, [prior(r["n_options"]) for r in rows])
+        uniform_scores = choices.distribution_scores(rows, [[1 / r["n_options"]] * r["n_options"] for r in rows])
+        out[issue] = (len(rows), prior_scores["logloss"], uniform_scores["logloss"])
     return out
 
 
