@@ -1,7 +1,15 @@
-"""Rollouts with HF `generate`: a batch of chat prompts -> G sampled (or greedy) completions each."""
+"""Rollouts with HF `generate`: a batch of chat prompts -> G sampled (or greedy) completions each.
+
+Samples come from softmax(logits / T) (with top-p where asked) and nothing else: the loss, the KL and
+the calibration reward all assume it. `generate` would merge the checkpoint's own generation config
+into every call (a hub model's `repetition_penalty`, `min_p`, `no_repeat_ngram_size`,
+`suppress_tokens`, ...); here it sees only the run's settings (`run_generation_config`).
+"""
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 
 from distributed import unwrap
 
@@ -89,20 +97,41 @@ def generate(model, tokenizer, prompt_texts, num_generations, max_new_tokens,
     return Rollout(prompt_ids, prompt_mask, completion_ids, mask, texts, truncated)
 
 
+def run_generation_config(max_new_tokens, stop_ids, pad_id, temperature=1.0, top_p=1.0, greedy=False):
+    """Everything `generate` may do here: the run's temperature and top-p (top-k off), or greedy,
+    the budget, the stop and pad ids. No stop ids: every sample runs the whole budget."""
+    decoding = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids) or None, pad_token_id=pad_id,
+                            **decoding)
+
+
+@contextmanager
+def only_generation_config(policy, config):
+    """`generate` fills every field a passed config leaves unset from `policy.generation_config`
+    (transformers' `_prepare_generation_config`), so the checkpoint's is swapped out for the call:
+    unset fields then take the library's neutral defaults."""
+    saved = policy.generation_config
+    policy.generation_config = config
+    try:
+        yield config
+    finally:
+        policy.generation_config = saved
+
+
 @torch.no_grad()
 def sample(policy, prompt_ids, prompt_mask, num_generations, max_new_tokens, stop_ids, pad_id,
            temperature=1.0, top_p=1.0, greedy=False, shared_prefix=True):
-    """Completion token ids [B*G, <= max_new_tokens] of a left-padded prompt batch. With no stop ids,
-    `generate` falls back to the model's own EOS (bench_gpu.py clears it to run the whole budget).
+    """Completion token ids [B*G, <= max_new_tokens] of a left-padded prompt batch, decoded with
+    `run_generation_config` only (the checkpoint's generation config does not take part).
 
     With `shared_prefix` each prompt is prefilled once and its cache expanded G ways, where
     `num_return_sequences=G` would prefill every prompt G times."""
-    sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=0)
     inputs = dict(input_ids=prompt_ids.repeat_interleave(num_generations, 0),
                   attention_mask=prompt_mask.repeat_interleave(num_generations, 0))
     if shared_prefix and num_generations > 1 and prompt_ids.shape[1] > 1:
         # The cache holds all but the last prompt token; `generate` runs that token per sample.
         inputs["past_key_values"] = prompt_cache(policy, prompt_ids[:, :-1], prompt_mask[:, :-1], num_generations)
-    out = policy.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=not greedy,
-                          eos_token_id=stop_ids or None, pad_token_id=pad_id, **sampling)
+    config = run_generation_config(max_new_tokens, stop_ids, pad_id, temperature, top_p, greedy)
+    with only_generation_config(policy, config):
+        out = policy.generate(**inputs, generation_config=config)
     return out[:, prompt_ids.shape[1]:]

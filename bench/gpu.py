@@ -47,7 +47,6 @@ def build_model(shape, device, checkpointing):
     torch.manual_seed(0)
     config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, bos_token_id=None, eos_token_id=None)
     model = Qwen2ForCausalLM(config).to(device)  # fp32 master weights, as train_grail loads them
-    model.generation_config.eos_token_id = None  # every sample runs the whole budget
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model

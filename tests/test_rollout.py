@@ -113,3 +113,86 @@ def test_shared_prefix_greedy_generation_on_the_real_model(embedded_model_dir):
     plain = rollout.generate(model, tokenizer, prompts, 2, 6, greedy=True, shared_prefix=False)
     shared = rollout.generate(model, tokenizer, prompts, 2, 6, greedy=True, shared_prefix=True)
     assert plain.texts == shared.texts and torch.equal(plain.completion_ids, shared.completion_ids)
+
+
+# --- samples come from softmax(logits / T), whatever the checkpoint's generation config says ---
+
+# Every field of a generation config that reshapes the next-token distribution or the decoding, set
+# to a value that would visibly change it (what hub models ship: Qwen2.5's repetition_penalty 1.05, ...).
+LEAKY_GENERATION_CONFIG = dict(
+    repetition_penalty=1.5, min_p=0.2, typical_p=0.5, no_repeat_ngram_size=1, bad_words_ids=[[5]],
+    suppress_tokens=[6, 7], begin_suppress_tokens=[8], forced_bos_token_id=9, forced_eos_token_id=10,
+    sequence_bias=[[[11], 4.0]], renormalize_logits=True, epsilon_cutoff=0.01, eta_cutoff=0.01,
+    min_new_tokens=2, exponential_decay_length_penalty=(1, 1.5), guidance_scale=1.5, top_k=5, top_p=0.5,
+    temperature=0.3, num_beams=2, do_sample=False, length_penalty=2.0, diversity_penalty=0.0)
+
+
+@pytest.fixture
+def leaky_model(tiny_model_dir):
+    model = checkpoint.load_model(str(tiny_model_dir), CPU, trainable=False)
+    for key, value in LEAKY_GENERATION_CONFIG.items():
+        setattr(model.generation_config, key, value)
+    return model, checkpoint.load_tokenizer(str(tiny_model_dir))
+
+
+def record_processors(monkeypatch):
+    """The class names of every logits processor `generate` builds, per call."""
+    from transformers.generation.utils import GenerationMixin
+
+    seen, build = [], GenerationMixin._get_logits_processor
+
+    def recording(self, *args, **kwargs):
+        processors = build(self, *args, **kwargs)
+        seen.append(sorted(type(p).__name__ for p in processors))
+        return processors
+
+    monkeypatch.setattr(GenerationMixin, "_get_logits_processor", recording)
+    return seen
+
+
+def one_prompt(model, tokenizer):
+    return rollout.encode_prompts(tokenizer, [chat(tokenizer, "VIEWER OPTIONS 1. a 2. b")], CPU)
+
+
+def test_checkpoint_generation_config_does_not_shape_sampling(leaky_model, monkeypatch):
+    model, tokenizer = leaky_model
+    ids, mask = one_prompt(model, tokenizer)
+    seen = record_processors(monkeypatch)
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=True, temperature=0.7)
+    assert {"RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor", "MinPLogitsWarper",
+            "SuppressTokensLogitsProcessor"} <= set(seen[-1])  # the fields are live in a plain generate
+    for greedy, allowed in ((False, {"TemperatureLogitsWarper", "TopPLogitsWarper"}), (True, set())):
+        out = rollout.sample(model, ids, mask, 3, 4, [tokenizer.eos_token_id], tokenizer.pad_token_id,
+                             temperature=0.7, top_p=0.9, greedy=greedy)
+        assert set(seen[-1]) == allowed, seen[-1]
+        assert out.shape[0] == 3  # one sequence per sample: no beams
+    assert model.generation_config.repetition_penalty == 1.5  # the checkpoint's own config is left as it was
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.7, 1.0), (1.3, 0.9)])
+def test_first_token_frequencies_match_softmax_of_logits_over_t(leaky_model, temperature, top_p):
+    model, tokenizer = leaky_model
+    ids, mask = one_prompt(model, tokenizer)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[0, -1].float()
+    want = torch.softmax(logits / temperature, -1)
+    if top_p < 1:  # the nucleus: the most likely tokens until their mass reaches top_p, renormalised
+        sorted_p, order = want.sort(descending=True)
+        keep = (sorted_p.cumsum(0) - sorted_p) < top_p
+        want = torch.zeros_like(want).scatter(0, order[keep], sorted_p[keep])
+        want /= want.sum()
+    N = 6000
+    torch.manual_seed(0)
+    first = rollout.sample(model, ids, mask, N, 1, [tokenizer.eos_token_id], tokenizer.pad_token_id,
+                           temperature=temperature, top_p=top_p)[:, 0]
+    got = torch.bincount(first, minlength=want.numel()).float() / N
+    sigma = (want * (1 - want) / N).sqrt()
+    assert (got - want).abs().max() < 1e-3 + (5 * sigma).max(), (got - want).abs().max()
+    # A statistic that sees all tokens at once: chi-square over tokens expected >= 5 times, with the rest pooled.
+    common = want * N >= 5
+    observed = torch.cat([got[common] * N, (got[~common].sum() * N).view(1)])
+    expected = torch.cat([want[common] * N, (want[~common].sum() * N).view(1)])
+    dof = int(common.sum())
+    chi2 = ((observed - expected) ** 2 / expected.clamp_min(1e-9)).sum().item()
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)
+    assert want.max() < 0.5  # a spread-out distribution, so the check sees many tokens
