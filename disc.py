@@ -30,6 +30,7 @@ from errors import UserError, first_line
 
 MAX_STATE_TOKENS = 384   # the state's first tokens: profile, viewpoint, current video, history, survey
 MAX_OPTION_TOKENS = 48   # an option's title
+HELDOUT_PAIRS = 64       # held-out human pairs scored every step (the diagnostics)
 WIDTH, DEPTH, HEADS = 128, 2, 4  # the built-in encoder
 REWARD_FORMS = {"prob": torch.sigmoid, "logit": lambda x: x,
                 "neglog": F.softplus}  # f(logit); -log(1 - sigmoid(x)) = softplus(x)
@@ -163,7 +164,7 @@ def reward_values(logits, form, alpha, clip):
 def choice_rewards(disc, rows, choices, num_generations, form, alpha, clip):
     """Reward of each completion: rows are the B prompts as shown, choices the B x G parsed options
     (1..n_options, or None when unparseable: reward 0, and no D). Returns (rewards, D of each valid
-    choice)."""
+    choice, the probability table D [B, N_max] with 0 at padding options)."""
     with torch.no_grad():
         table = disc(rows)  # [B, N_max], one state pass for the G samples of a prompt
     prompt = torch.arange(len(choices), device=table.device) // num_generations
@@ -171,7 +172,24 @@ def choice_rewards(disc, rows, choices, num_generations, form, alpha, clip):
     option = torch.tensor([0 if c is None else c - 1 for c in choices], device=table.device)
     logits = table[prompt, option]
     rewards = torch.where(valid, reward_values(logits, form, alpha, clip), torch.zeros_like(logits))
-    return rewards.tolist(), torch.sigmoid(logits[valid]).tolist()
+    return rewards.tolist(), torch.sigmoid(logits[valid]).tolist(), torch.sigmoid(table)
+
+
+def position_counts(rows, choices, d_table):
+    """Per displayed position k (1-based): [prompts whose human clicked k, valid policy choices of k,
+    sum of D(state, k) over the prompts, prompts with a k-th option]. Summed over ranks and steps,
+    the three shares side by side show D rewarding where people click, or where the policy piles up."""
+    counts = {}
+    for i, row in enumerate(rows):
+        for k in range(1, row["n_options"] + 1):
+            cell = counts.setdefault(k, [0, 0, 0.0, 0])
+            cell[0] += row["gold_index"] == k
+            cell[2] += float(d_table[i, k - 1])
+            cell[3] += 1
+    for choice in choices:
+        if choice is not None:
+            counts[choice][1] += 1
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,10 +216,13 @@ class DiscriminatorTrainer:
     """Discriminator updates on human pairs (the training split's clicks) mixed with a replay buffer
     of the policy's recent choices; and the policy's reward from the current discriminator."""
 
-    def __init__(self, model, rows, cfg, rank):
+    def __init__(self, model, rows, cfg, rank, heldout_rows=()):
         """model: a Discriminator; rows: the training rows (human pairs index them); cfg: the gail_*
-        settings and the seed."""
+        settings and the seed; heldout_rows: validation participants' rows, never trained on, whose
+        clicks measure D on humans it has not seen (a seeded sample of HELDOUT_PAIRS)."""
         self.model, self.rows = model, rows
+        heldout = list(heldout_rows)
+        self.heldout = random.Random(f"{cfg.seed}:disc-heldout").sample(heldout, min(HELDOUT_PAIRS, len(heldout)))
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.gail_lr)
         self.buffer, self.buffer_size = [], cfg.gail_buffer_size
         self.human_fraction, self.batch_size = cfg.gail_human_fraction, cfg.gail_disc_batch
@@ -213,9 +234,13 @@ class DiscriminatorTrainer:
     def policy_rewards(self, shown_rows, row_indices, choices, num_generations):
         """The discriminator's reward of each completion (shown_rows: the B prompts' rows as the
         policy saw them, training rows row_indices; choices: the B x G parsed options or None), and
-        the valid choices queued as negatives. Returns (rewards, D of each valid choice)."""
-        rewards, d_policy = choice_rewards(self.model, shown_rows, choices, num_generations, self.reward_form,
-                                           self.alpha, self.clip)
+        the valid choices queued as negatives. Returns (rewards, this rank's diagnostics for
+        `step_metrics`: D of each valid choice, fresh, before D trains on it; D of the held-out
+        humans' clicks; `position_counts`)."""
+        rewards, d_policy, d_table = choice_rewards(self.model, shown_rows, choices, num_generations,
+                                                    self.reward_form, self.alpha, self.clip)
+        diagnostics = {"d_policy": d_policy, "d_heldout_human": self.heldout_human_d(),
+                       "positions": position_counts(shown_rows, choices, d_table)}
         pairs = []
         for i, choice in enumerate(choices):
             if choice is not None:
@@ -224,7 +249,16 @@ class DiscriminatorTrainer:
                 order = [original.index(item) for item in shown["slate_items_json"]]
                 pairs.append(Pair(index, choice, None if order == sorted(order) else order))
         self.add_policy_pairs(pairs)
-        return rewards, d_policy
+        return rewards, diagnostics
+
+    def heldout_human_d(self):
+        """D of the held-out humans' own clicks (a human pair scores > 0.5 when D is right)."""
+        if not self.heldout:
+            return []
+        with torch.no_grad():
+            table = self.model(self.heldout)
+        clicks = torch.tensor([row["gold_index"] - 1 for row in self.heldout], device=table.device)
+        return torch.sigmoid(table[torch.arange(len(self.heldout)), clicks]).tolist()
 
     def add_policy_pairs(self, pairs):
         """Keep the policy's valid choices (all of them, or with GAIL_NEGATIVES=wrong only those that
@@ -301,13 +335,34 @@ def average_gradients(module):
 
 
 
-def step_metrics(d_policy, updates):
-    """Discriminator statistics of a step over every rank: d_policy, D of this step's policy choices
-    scored before the update; updates, the statistics of every `step` call."""
+def step_metrics(diagnostics, updates):
+    """Discriminator statistics of a step over every rank: diagnostics, each rank's from
+    `policy_rewards` (scored before this step's updates); updates, the statistics of every `step`
+    call. `acc_*` are on the pairs D trained on; `heldout_acc` is its balanced accuracy on the
+    held-out humans' clicks against this step's fresh policy choices, near 0.5 when it cannot tell
+    them apart (caught up: the policy looks human; or fallen behind) and near 1 when it can."""
     human = [d for u in updates for d in u["human_d"]]
     policy = [d for u in updates for d in u["policy_d"]]
-    return {"disc/loss": statistics.mean(u["loss"] for u in updates),
-            "disc/acc_human": statistics.mean(d > 0.5 for d in human),
-            "disc/acc_policy": statistics.mean(d < 0.5 for d in policy) if policy else None,
-            "disc/mean_d_policy": statistics.mean(d_policy) if d_policy else None,
-            "disc/entropy": statistics.mean(u["entropy"] for u in updates)}
+    d_policy = [d for diag in diagnostics for d in diag["d_policy"]]
+    heldout = [d for diag in diagnostics for d in diag["d_heldout_human"]]
+    out = {"disc/loss": statistics.mean(u["loss"] for u in updates) if updates else None,
+           "disc/acc_human": statistics.mean(d > 0.5 for d in human) if human else None,
+           "disc/acc_policy": statistics.mean(d < 0.5 for d in policy) if policy else None,
+           "disc/mean_d_policy": statistics.mean(d_policy) if d_policy else None,
+           "disc/entropy": statistics.mean(u["entropy"] for u in updates) if updates else None,
+           "disc/heldout_acc_human": statistics.mean(d > 0.5 for d in heldout) if heldout else None,
+           "disc/fresh_acc_policy": statistics.mean(d < 0.5 for d in d_policy) if d_policy else None}
+    if heldout and d_policy:
+        out["disc/heldout_acc"] = (out["disc/heldout_acc_human"] + out["disc/fresh_acc_policy"]) / 2
+    totals = {}
+    for diag in diagnostics:
+        for k, cell in diag["positions"].items():
+            total = totals.setdefault(int(k), [0, 0, 0.0, 0])
+            for i, value in enumerate(cell):
+                total[i] += value
+    humans, choices = sum(t[0] for t in totals.values()), sum(t[1] for t in totals.values())
+    for k, (human_clicks, policy_choices, d_sum, states) in sorted(totals.items()):
+        out[f"disc/pos{k}/human_share"] = human_clicks / humans if humans else None
+        out[f"disc/pos{k}/policy_share"] = policy_choices / choices if choices else None
+        out[f"disc/pos{k}/mean_d"] = d_sum / states
+    return out

@@ -48,6 +48,19 @@ def stop_requested(world, stop_file=""):
     return all_reduce_sum(torch.tensor(float(local), device=world.device)).item() > 0
 
 
+class Preempted(Exception):
+    """A stop was requested (signal or stop file); every rank stopped at the same point, after writing
+    the checkpoint of step `args[0]` where a step has run."""
+
+
+def preempted(step, message, stop_file, world):
+    """Say where the run stopped and consume the stop file (a restart must not stop again)."""
+    world.print(message)
+    if world.is_main and stop_file:
+        Path(stop_file).unlink(missing_ok=True)
+    return Preempted(step)
+
+
 def setup(timeout_minutes):
     """torchrun's environment -> a process group (NCCL on CUDA, gloo on CPU); plain `python` -> one process."""
     if "RANK" not in os.environ:

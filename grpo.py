@@ -311,7 +311,7 @@ class StepRecord:
     prompt_tokens: int
     completion_tokens: int
     update: dict = field(default_factory=dict)  # `update`'s statistics
-    d_policy: list = field(default_factory=list)  # with GAIL: D of this rank's valid choices, before its update
+    disc: dict = None             # with GAIL: this rank's discriminator diagnostics (disc.policy_rewards)
 
 
 def step_metrics(step, records, num_generations, lr, seconds):

@@ -127,7 +127,7 @@ def pyplot():
 def plot_curves(runs, path):
     names = [(key, label) for key, label in CURVES if any(key in m for run in runs for m in run["metrics"])]
     names += [(key, key) for key in sorted({k for run in runs for m in run["metrics"] for k in m
-                                            if k.startswith("disc/")})]
+                                            if k.startswith("disc/") and not k.startswith("disc/pos")})]
     if not names:
         return False
     fig, axes = pyplot().subplots(len(names), 1, figsize=(7, 2.2 * len(names)), squeeze=False)
@@ -246,6 +246,39 @@ def comparison_section(runs):
     return "## Runs side by side\n\n" + table(header, rows)
 
 
+def disc_section(run, last=10):
+    """What a GAIL user reads: D's accuracy on held-out humans against fresh policy samples over the
+    run, and per displayed position the humans' click share, the policy's and the mean D over the
+    last steps, so "D has fallen behind" and "D rewards the mode" show in one table."""
+    metrics = [m for m in run["metrics"] if "disc/loss" in m]
+    if not metrics:
+        return ""
+    steps = [m for m in metrics if m.get("disc/heldout_acc") is not None]
+    picks = [steps[0], steps[len(steps) // 2], steps[-1]] if steps else []
+    parts = [f"## Discriminator: {run['name']}"]
+    if picks:
+        rows = [[m["step"], num(m["disc/heldout_acc"]), num(m["disc/heldout_acc_human"]),
+                 num(m["disc/fresh_acc_policy"]), num(m.get("disc/mean_d_policy"))]
+                for m in {id(m): m for m in picks}.values()]
+        parts.append("Accuracy on held-out humans' clicks (validation participants) against this step's fresh "
+                     "policy choices, before D trains on them (0.5: D cannot tell them apart):\n\n" + table(
+                         ["step", "balanced accuracy", "humans called human", "policy called policy",
+                          "mean D of the policy's choices"], rows))
+    tail = metrics[-last:]
+    positions = sorted({int(k.split("/")[1][3:]) for m in tail for k in m if k.startswith("disc/pos")})
+
+    def mean(key):
+        values = [m[key] for m in tail if m.get(key) is not None]
+        return num(sum(values) / len(values)) if values else ""
+
+    rows = [[k, mean(f"disc/pos{k}/human_share"), mean(f"disc/pos{k}/policy_share"), mean(f"disc/pos{k}/mean_d")]
+            for k in positions]
+    parts.append(f"By displayed position, mean over the last {len(tail)} steps (human share: the clicks of the "
+                 "step's prompts; policy share: its valid choices; mean D: over every shown option there):\n\n"
+                 + table(["position", "human share", "policy share", "mean D"], rows))
+    return "\n\n".join(parts)
+
+
 def samples_section(run, limit=6):
     rows = [[c.get("step"), c.get("gold"), f"`{json.dumps(c.get('completion'))[:120]}`", c.get("reward")]
             for c in run["completions"][-limit:]]
@@ -262,6 +295,7 @@ def write_report(run_dirs, out=None):
     if len(runs) > 1:
         sections.append(comparison_section(runs))
     sections += [eval_section(run) for run in runs]
+    sections += [part for part in (disc_section(run) for run in runs) if part]
     sections.append(plots_section(runs, out_dir))
     sections.append(config_section(runs))
     sections += [samples_section(run) for run in runs]

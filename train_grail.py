@@ -17,7 +17,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -80,11 +79,11 @@ class Config:
     gail_disc_model: str = ""     # '' = built-in (policy embeddings + 2-layer encoder, width 128) | HF encoder id/folder
     gail_lr: float = 1e-4         # discriminator AdamW learning rate (upstream used 2e-5 for distilbert)
     gail_negatives: str = "all"   # all: every policy sample is a negative (GAIL) | wrong: only choices != gold (upstream)
-    gail_disc_steps: int = 1      # discriminator updates per policy step
+    gail_disc_steps: int = 4      # discriminator updates per policy step (tabular bandit: 1 lets the policy outrun D)
     gail_disc_batch: int = 32     # pairs per update
     gail_human_fraction: float = 0.5  # share of human pairs in an update, the rest from the replay buffer
     gail_buffer_size: int = 2048  # recent policy pairs kept per rank
-    gail_warmup_steps: int = 2    # policy steps whose reward leaves the discriminator out (it trains already)
+    gail_warmup_steps: int = 2    # discriminator-only steps before the first policy step, on the starting policy's samples
     gail_gradient_penalty: float = 0.0  # R1 weight on human states' input embeddings
     gail_label_smoothing: float = 0.0  # targets 1-eps for humans, eps for the policy
     # --- behaviour-cloning warm start (answer mode) ---
@@ -203,26 +202,13 @@ def check_config(cfg, world_size=1):
                              "(rewards.calibration_rewards)")
 
 
-class Preempted(Exception):
-    """A stop was requested (signal or stop file); every rank stopped at the same point, after writing
-    the checkpoint of step `args[0]` where a step has run."""
-
-
-def preempted(step, message, cfg, world):
-    """Say where the run stopped and consume the stop file (a restart must not stop again)."""
-    world.print(message)
-    if world.is_main and cfg.grail_stop_file:
-        Path(cfg.grail_stop_file).unlink(missing_ok=True)
-    return Preempted(step)
-
-
 # ---------------------------------------------------------------------------------------------
 # Set-up and the loop
 
 
 def train(cfg, world, ignored_keys=()):
     """Train (or with `eval_only`, evaluate) as `cfg` says. Returns the final evaluation's metrics;
-    raises Preempted after checkpointing when a stop is requested."""
+    raises distributed.Preempted after checkpointing when a stop is requested."""
     run = outputs.RunFolder(cfg.output_dir)
     run.check_writable()
     changed = run.check_reuse(dataclasses.asdict(cfg), cfg.resume, RESUMABLE_KEYS)
@@ -269,7 +255,8 @@ def train(cfg, world, ignored_keys=()):
         try:
             metrics = evaluate_and_save(model, tokenizer, step=0)
         except evaluate.Stopped:
-            raise preempted(0, "[stop] evaluation stopped on request: nothing written", cfg, world) from None
+            raise distributed.preempted(0, "[stop] evaluation stopped on request: nothing written",
+                                        cfg.grail_stop_file, world) from None
         if world.is_main:
             run.write_config(dataclasses.asdict(cfg), environment, None)
         return metrics
@@ -284,7 +271,7 @@ def train(cfg, world, ignored_keys=()):
     disc_trainer = None
     if cfg.gail_use:
         discriminator = disc.build(cfg.gail_disc_model, model, tokenizer, world.device, cfg.seed)
-        disc_trainer = disc.DiscriminatorTrainer(discriminator, train_rows, cfg, world.rank)
+        disc_trainer = disc.DiscriminatorTrainer(discriminator, train_rows, cfg, world.rank, val_rows)
     policy = distributed.wrap(grpo.Policy(model, cfg.shared_prefix), model, cfg.fsdp, world)
     optimizer, scheduler = grpo.make_optimizer(model, cfg)
     start_step = checkpoint.restore(resume_from, model, optimizer, scheduler, disc_trainer, world) \
@@ -303,9 +290,16 @@ def train(cfg, world, ignored_keys=()):
                 evaluate_and_save(model, tokenizer, step=0)
             if cfg.bc_steps:
                 behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world)
+            for k in tqdm(range(cfg.gail_warmup_steps if disc_trainer else 0), desc="gail warm-up",
+                          disable=not world.is_main):  # D learns the starting policy before its reward joins
+                if distributed.stop_requested(world, cfg.grail_stop_file):
+                    raise evaluate.Stopped
+                collect_rollouts(model, None, tokenizer, train_rows, k, cfg, world, disc_trainer, f"{cfg.seed}:gail")
+                for _ in range(cfg.gail_disc_steps):
+                    disc_trainer.step()
     except evaluate.Stopped:
-        raise preempted(0, "[stop] requested before the first step: nothing to checkpoint, a restart begins again",
-                        cfg, world) from None
+        raise distributed.preempted(0, "[stop] requested before the first step: nothing to checkpoint, a restart "
+                                       "begins again", cfg.grail_stop_file, world) from None
     progress = range(start_step, cfg.max_steps)
     if world.is_main:
         progress = tqdm(progress, initial=start_step, total=cfg.max_steps, desc="grpo", dynamic_ncols=True)
@@ -322,8 +316,7 @@ def train(cfg, world, ignored_keys=()):
         gathered = distributed.all_gather_list([(record, disc_updates)])
         metrics = grpo.step_metrics(step + 1, [r for r, _ in gathered], cfg.num_generations, lr, seconds)
         if disc_trainer is not None:
-            metrics.update(disc.step_metrics([d for r, _ in gathered for d in r.d_policy],
-                                             [u for _, updates in gathered for u in updates]))
+            metrics.update(disc.step_metrics([r.disc for r, _ in gathered], [u for _, ups in gathered for u in ups]))
         if world.is_main:
             with_samples = step == start_step or (cfg.log_completions_steps and
                                                   (step + 1) % cfg.log_completions_steps == 0)
@@ -345,8 +338,8 @@ def train(cfg, world, ignored_keys=()):
         if stop:
             if not saved:
                 checkpoint.save(model, tokenizer, optimizer, scheduler, disc_trainer, step + 1, cfg, world)
-            raise preempted(step + 1, f"[stop] requested: checkpoint-{step + 1:06d} written; a restart resumes "
-                                      "from it", cfg, world)
+            raise distributed.preempted(step + 1, f"[stop] requested: checkpoint-{step + 1:06d} written; a restart "
+                                                  "resumes from it", cfg.grail_stop_file, world)
     final = None
     # Resumed after the last step (stopped during the final evaluation, say): rank 0's eval.json decides.
     evaluated = start_step == cfg.max_steps and distributed.all_gather_list(
@@ -355,18 +348,18 @@ def train(cfg, world, ignored_keys=()):
         try:
             final = evaluate_and_save(model, tokenizer, step=cfg.max_steps)
         except evaluate.Stopped:  # the last checkpoint is written: a restart only evaluates
-            raise preempted(cfg.max_steps, "[stop] requested during the final evaluation: a restart runs it again",
-                            cfg, world) from None
+            raise distributed.preempted(cfg.max_steps, "[stop] requested during the final evaluation: a restart runs "
+                                                       "it again", cfg.grail_stop_file, world) from None
     tracker.close()
     world.print(f"[done] outputs in {run.path}/ (the files: outputs.py)")
     return final
 
 
-def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, world, disc_trainer=None):
-    """This rank's prompts of `step`, their G samples, rewards (with the discriminator's when
-    `disc_trainer`) and advantages, and the no-grad log-prob passes (old policy, reference).
-    Returns (batch, StepRecord without the update's statistics, sample completions)."""
-    indices = data.rank_step_prompts(len(train_rows), cfg.prompts_per_step, step, cfg.seed, world)
+def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, world, disc_trainer=None, prompt_seed=None):
+    """This rank's prompts of `step` (drawn with `prompt_seed`, default the run's seed), their G samples,
+    rewards (with the discriminator's when `disc_trainer`) and advantages, and the no-grad log-prob
+    passes (old policy, reference). Returns (batch, StepRecord without the update's statistics, samples)."""
+    indices = data.rank_step_prompts(len(train_rows), cfg.prompts_per_step, step, prompt_seed or cfg.seed, world)
     rows = [data.training_row(train_rows[i], i, step, cfg.seed, cfg.shuffle_slates) for i in indices]
     G, prompt = cfg.num_generations, prompts.PromptFormat.of(cfg)
     model.eval()
@@ -380,13 +373,12 @@ def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, world, 
               for text, was_truncated, row in zip(out.texts, truncated, expanded)]
     total, components, counts = rewards.score(parsed, expanded, prompt.answer_only, cfg.reward_funcs,
                                               cfg.reward_weights, G)
-    d_policy = []
+    diagnostics = None
     if disc_trainer is not None:
         picked = [p.choice for p in parsed]
-        components["disc"], d_policy = disc_trainer.policy_rewards(rows, indices, picked, G)
+        components["disc"], diagnostics = disc_trainer.policy_rewards(rows, indices, picked, G)
         counts["disc_no_choice"] = sum(c is None for c in picked)
-        if step >= cfg.gail_warmup_steps:
-            total = rewards.mix_disc(total, components["disc"], cfg.gail_weight)
+        total = rewards.mix_disc(total, components["disc"], cfg.gail_weight)
     rewards_bg = torch.tensor(total, dtype=torch.float32, device=world.device).view(-1, G)
     advantages = grpo.group_advantages(rewards_bg, cfg.scale_rewards, cfg.std_floor).view(-1)
     batch = {"prompt_ids": out.prompt_ids, "prompt_mask": out.prompt_mask, "completion_ids": out.completion_ids,
@@ -399,7 +391,7 @@ def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, world, 
     record = grpo.StepRecord(rewards=total, components=components, counts=dict(counts),
                              advantages=advantages.tolist(), lengths=out.completion_mask.sum(dim=1).tolist(),
                              truncated=truncated, prompt_tokens=int(out.prompt_mask.sum()),
-                             completion_tokens=int(out.completion_mask.sum()), d_policy=d_policy)
+                             completion_tokens=int(out.completion_mask.sum()), disc=diagnostics)
     samples = [{"step": step + 1, "row_id": row.get("id"), "gold": row["gold_index"], "completion": text,
                 "reward": r} for row, text, r in zip(expanded, out.texts, total)][:G]
     return batch, record, samples
@@ -413,8 +405,8 @@ def behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world):
     def batches():
         for step in range(cfg.bc_steps):
             if distributed.stop_requested(world, cfg.grail_stop_file):
-                raise preempted(0, f"[stop] requested during behaviour cloning (step {step}): a restart begins "
-                                   "again", cfg, world)
+                raise distributed.preempted(0, f"[stop] requested during behaviour cloning (step {step}): a restart "
+                                               "begins again", cfg.grail_stop_file, world)
             rows = [train_rows[i] for i in data.rank_step_prompts(len(train_rows), cfg.prompts_per_step, step,
                                                                    f"{cfg.seed}:bc", world)]
             yield [prompt.text(tokenizer, r) for r in rows], [choices.cloning_targets(r, prior, cfg.bc_label_smoothing)
@@ -437,7 +429,7 @@ def main():
     try:
         train(cfg, world, ignored)
         finished = True
-    except Preempted:  # every rank stops at the same point
+    except distributed.Preempted:  # every rank stops at the same point
         finished = True
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
     finally:

@@ -93,9 +93,38 @@ def test_unparseable_and_out_of_slate_choices_get_no_disc_reward(tiny, rows):
     texts = ["1</answer>", "one</answer>", f"{row['n_options'] + 1}</answer>", "2</answer>"]
     choices = [rewards.parse(text, False, row, answer_only=True).choice for text in texts]
     assert choices == [1, None, None, 2]  # parsed and range-checked once, before the discriminator
-    out, d_valid = disc.choice_rewards(discriminator, [row], choices, 4, "prob", 1.0, 5.0)
+    out, d_valid, d_table = disc.choice_rewards(discriminator, [row], choices, 4, "prob", 1.0, 5.0)
     assert out[1] == 0.0 and out[2] == 0.0 and 0 < out[0] < 1 and 0 < out[3] < 1
     assert len(d_valid) == 2 and d_valid == pytest.approx([out[0], out[3]])
+    assert d_table[0, :2].tolist() == pytest.approx([out[0], out[3]])
+
+
+def test_diagnostics_by_position_and_on_heldout_humans():
+    """The per-position counts (humans' clicks, the policy's choices, D of every shown option) and
+    the held-out accuracy, summed over ranks, on hand-made numbers."""
+    rows = [{"gold_index": 1, "n_options": 3}, {"gold_index": 2, "n_options": 2}]
+    table = torch.tensor([[0.9, 0.2, 0.4], [0.6, 0.8, 0.0]])
+    counts = disc.position_counts(rows, [1, 1, None, 2], table)  # G = 2
+    assert counts == {1: [1, 2, pytest.approx(1.5), 2], 2: [1, 1, pytest.approx(1.0), 2], 3: [0, 0, pytest.approx(0.4), 1]}
+    rank0 = {"d_policy": [0.9, 0.2], "d_heldout_human": [0.7, 0.4], "positions": counts}
+    rank1 = {"d_policy": [0.3], "d_heldout_human": [0.8], "positions": {1: [1, 1, 0.5, 1]}}
+    out = disc.step_metrics([rank0, rank1], [])
+    assert out["disc/heldout_acc_human"] == pytest.approx(2 / 3) and out["disc/fresh_acc_policy"] == pytest.approx(2 / 3)
+    assert out["disc/heldout_acc"] == pytest.approx(2 / 3)
+    assert out["disc/pos1/human_share"] == pytest.approx(2 / 3) and out["disc/pos1/policy_share"] == pytest.approx(3 / 4)
+    assert out["disc/pos1/mean_d"] == pytest.approx(2.0 / 3) and out["disc/pos3/mean_d"] == pytest.approx(0.4)
+    assert out["disc/loss"] is None  # no update this step (a warm-up-free first step, say)
+
+
+def test_heldout_pairs_are_the_validation_rows_clicks(tiny, rows):
+    model, tokenizer = tiny
+    cfg = tg.Config(seed=0)
+    trainer = disc.DiscriminatorTrainer(disc.build("", model, tokenizer, CPU, seed=0), rows[:5], cfg, 0, rows[5:9])
+    d = trainer.heldout_human_d()
+    with torch.no_grad():
+        table = trainer.model(trainer.heldout)
+    assert sorted(map(id, trainer.heldout)) == sorted(map(id, rows[5:9]))
+    assert d == pytest.approx([torch.sigmoid(table[i, r["gold_index"] - 1]).item() for i, r in enumerate(trainer.heldout)])
 
 
 def test_ranks_hold_identical_weights_after_updates(tiny_model_dir, tmp_path):

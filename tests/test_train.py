@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import distributed
+import reports
 import train_grail as tg
 from outputs import RunFolder, append_jsonl
 
@@ -30,13 +31,26 @@ def small_cfg(model_dir, out_dir, **overrides):
 # --- end to end ------------------------------------------------------------------------------
 
 def test_gail_run_logs_disc_metrics(tiny_model_dir, tmp_path):
+    # Cloned first, so some of the tiny model's answers parse and D scores them.
     tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=3, gail_use=True, gail_warmup_steps=1,
-                       gail_disc_batch=8, eval_samples=0, gail_disc_steps=2), CPU)
+                       gail_disc_batch=8, eval_samples=0, gail_disc_steps=2, bc_steps=30, bc_learning_rate=1e-2,
+                       max_completion_length=12), CPU)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for key in ("disc/loss", "disc/acc_human", "disc/acc_policy", "disc/mean_d_policy", "disc/entropy",
+                "disc/heldout_acc_human", "disc/pos1/human_share", "disc/pos1/policy_share", "disc/pos1/mean_d",
                 "reward/disc/mean", "reward/disc/std"):
         assert key in lines[-1], key
     assert len({m["disc/loss"] for m in lines}) == 3  # it trains
+    for m in lines:  # the warm-up trained D before step 1: its reward is in every step's total
+        base = m["reward/accuracy/mean"] + 0.2 * m["reward/format/mean"]
+        assert m["reward/total/mean"] == pytest.approx((base + 0.5 * m["reward/disc/mean"]) / 1.5)
+    shares = [value for key, value in lines[-1].items() if key.endswith("/human_share")]
+    assert shares and sum(shares) == pytest.approx(1.0)
+    text = reports.write_report([tmp_path], out=tmp_path / "report").read_text()
+    section = text.split("## Discriminator: ")[1].split("\n## ")[0]
+    scored = [m for m in lines if m.get("disc/heldout_acc") is not None]  # steps with a valid policy choice
+    assert scored and f"| {scored[-1]['step']} | {reports.num(scored[-1]['disc/heldout_acc'])} |" in section
+    assert "| position | human share | policy share | mean D |" in section and "| 1 | " in section
     assert (tmp_path / "checkpoint-000002" / "disc.pt").exists()
 
 
@@ -219,7 +233,7 @@ def test_stop_file_raises_preempted_after_the_checkpoint(tiny_model_dir, tmp_pat
     stop = tmp_path / "STOP"
     stop.touch()
     out = tmp_path / "run"
-    with pytest.raises(tg.Preempted) as stopped:
+    with pytest.raises(distributed.Preempted) as stopped:
         tg.train(small_cfg(tiny_model_dir, out, max_steps=3, save_steps=0, grail_stop_file=str(stop),
                            eval_on_start=False), CPU)
     assert stopped.value.args == (1,)  # after the first step
