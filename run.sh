@@ -5,10 +5,14 @@
 #                                     (SmolLM2-135M on the bundled data, recipes/cpu_default.yaml).
 #                                     GPUs: torchrun with one process per GPU.
 #   ./run.sh test [pytest args]       set up .venv if needed, then run the tests
-#   ./run.sh ablation [--key=value]   GRPO alone from the untrained model (30 steps at 2e-5, no cloning
-#                                     warm start, so the reward decides) three ways on the same seed and
-#                                     rows: the accuracy reward, the calibration reward, and GRAIL (accuracy
-#                                     + the discriminator, as upstream); one report with the runs side by side
+#   ./run.sh ablation [--key=value]   GRPO for 30 steps at 2e-5 on the same seed and rows, five ways: the
+#                                     accuracy reward, the calibration reward, GRAIL as upstream (accuracy +
+#                                     the discriminator), GRAIL proper (calibration + the discriminator) and
+#                                     the discriminator alone; one report with the runs side by side. From the
+#                                     untrained model (no cloning, so the reward decides), or with
+#                                     ABLATION_START=cloned from the recipe's cloning warm start.
+#                                     ABLATION_ARMS="grail_proper disc_only" runs a subset (the report shows
+#                                     every arm that has a folder); ABLATION_NAME names out/NAME, reports/NAME
 #   sbatch run.sh --config=recipes/grail_gun.yaml    one or more nodes; GAIL_*/GRAIL_* pass through
 #
 #SBATCH --job-name=grail
@@ -64,12 +68,34 @@ fi
 
 if [ "${1:-}" = "ablation" ]; then
   shift
-  GRPO_ONLY=(--config=recipes/cpu_default.yaml --bc_steps=0 --max_steps=30 --learning_rate=2e-5 --save_steps=30)
+  START="${ABLATION_START:-untrained}"
+  case "$START" in untrained|cloned) ;; *) echo "[config] ABLATION_START=$START: untrained or cloned" >&2; exit 2 ;; esac
+  NAME="${ABLATION_NAME:-ablation$([ "$START" = cloned ] && echo -cloned)}"
+  ALL_ARMS="accuracy calibration grail_upstream grail_proper disc_only"
+  ARMS=" ${ABLATION_ARMS:-$ALL_ARMS} "
+  for name in $ARMS; do
+    case " $ALL_ARMS " in *" $name "*) ;; *) echo "[config] ABLATION_ARMS: no arm '$name' (arms: $ALL_ARMS)" >&2; exit 2 ;; esac
+  done
+  BASE=(--config=recipes/cpu_default.yaml --max_steps=30 --learning_rate=2e-5 --save_steps=30)
+  [ "$START" = cloned ] || BASE+=(--bc_steps=0)
   ACCURACY=(--reward_funcs=accuracy,format --reward_weights=1.0,0.2 --scale_rewards=group)
-  GAIL_USE=0 "$PY" train_grail.py "${GRPO_ONLY[@]}" --output_dir=out/ablation/accuracy "${ACCURACY[@]}" "$@"
-  GAIL_USE=0 "$PY" train_grail.py "${GRPO_ONLY[@]}" --output_dir=out/ablation/calibration "$@"
-  GAIL_USE=1 "$PY" train_grail.py "${GRPO_ONLY[@]}" --output_dir=out/ablation/grail "${ACCURACY[@]}" "$@"
-  exec "$PY" reports.py out/ablation/accuracy out/ablation/calibration out/ablation/grail --out=reports/ablation
+  DISC_ONLY=(--reward_funcs=format --reward_weights=0.0)  # the total is then D's reward alone
+  EXTRA=("$@")
+  arm() {  # name, GAIL_USE, the arm's overrides (the command line's come last and win)
+    local name=$1 gail=$2; shift 2
+    case "$ARMS" in *" $name "*) ;; *) return 0 ;; esac
+    GAIL_USE=$gail "$PY" train_grail.py "${BASE[@]}" --output_dir="out/$NAME/$name" "$@" "${EXTRA[@]}"
+  }
+  arm accuracy 0 "${ACCURACY[@]}"
+  arm calibration 0
+  arm grail_upstream 1 "${ACCURACY[@]}"
+  arm grail_proper 1
+  arm disc_only 1 "${DISC_ONLY[@]}"
+  DIRS=()
+  for name in $ALL_ARMS; do
+    [ -f "out/$NAME/$name/config.json" ] && DIRS+=("out/$NAME/$name")
+  done
+  exec "$PY" reports.py "${DIRS[@]}" --out="reports/$NAME"
 fi
 
 NGPU=$(gpu_count)

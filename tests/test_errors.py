@@ -265,3 +265,31 @@ def test_run_sh_reports_the_run_its_config_file_names(tmp_path, tiny_model_dir):
     config = json.loads((tmp_path / "from_file" / "config.json").read_text())["config"]
     assert config["bc_steps"] == 0 and config["max_completion_length"] == 6  # cpu_default.yaml not merged in
     shutil.rmtree(ROOT / "reports" / "from_file")
+
+
+def test_run_sh_ablation_arms(tmp_path, tiny_model_dir):
+    """The ablation's arms train what their names say, a subset on request, into one report."""
+    name = f"test-ablation-{os.getpid()}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", ABLATION_NAME=name,
+               ABLATION_ARMS="grail_proper disc_only")
+    small = [f"--model_name_or_path={tiny_model_dir}", "--max_steps=1", "--prompts_per_step=2", "--num_generations=3",
+             "--eval_max_rows=4", "--eval_on_start=false", "--gail_warmup_steps=1", "--gail_disc_batch=4"]
+    try:
+        result = subprocess.run(["./run.sh", "ablation", *small], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        arms = {arm: json.loads((ROOT / "out" / name / arm / "config.json").read_text())["config"]
+                for arm in ("grail_proper", "disc_only")}
+        assert not (ROOT / "out" / name / "accuracy").exists()
+        assert arms["grail_proper"]["gail_use"] and arms["grail_proper"]["reward_funcs"] == ["calibration", "format"]
+        assert arms["grail_proper"]["scale_rewards"] == "batch" and arms["grail_proper"]["bc_steps"] == 0
+        assert arms["disc_only"]["gail_use"] and arms["disc_only"]["reward_weights"] == [0.0]
+        report = (ROOT / "reports" / name / "README.md").read_text()
+        assert "grail_proper" in report and "disc_only" in report and "## Runs side by side" in report
+        env["ABLATION_ARMS"] = "grail"
+        wrong = subprocess.run(["./run.sh", "ablation", *small], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert wrong.returncode != 0 and wrong.stderr.strip().splitlines() == [
+            "[config] ABLATION_ARMS: no arm 'grail' (arms: accuracy calibration grail_upstream grail_proper disc_only)"]
+    finally:
+        shutil.rmtree(ROOT / "out" / name, ignore_errors=True)
+        shutil.rmtree(ROOT / "reports" / name, ignore_errors=True)
