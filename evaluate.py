@@ -16,6 +16,8 @@ import math
 import random
 from collections import Counter
 
+from tqdm import tqdm
+
 import choices
 import data
 import distributed
@@ -135,30 +137,41 @@ def rounds(n_rows, per_rank, world, should_stop):
         yield list(range(lo + world.rank, min(lo + chunk, n_rows), world.size))
 
 
-def complete_rows(model, tokenizer, rows, prompt, cfg, world, num_samples, greedy, should_stop):
+def progress(n_rows, what, world):
+    """Rank 0's bar over every rank's rows (the ranks move in step): rows done, rows/s, time left."""
+    return tqdm(total=n_rows, desc=f"eval {what}", unit="row", disable=not world.is_main, dynamic_ncols=True)
+
+
+def complete_rows(model, tokenizer, rows, prompt, cfg, world, num_samples, greedy, should_stop, what):
     """`num_samples` completions of every row (each rank decodes its share of the rows). Returns, in
     row order, one (texts, truncated flags) pair per row."""
     results = []
     # eval_batch_size counts prompts: with the shared prefix a prompt's samples cost one prefill.
-    for idx in rounds(len(rows), cfg.eval_batch_size, world, should_stop):
-        if not idx:
-            continue
-        out = rollout.generate(model, tokenizer, [prompt.text(tokenizer, rows[i]) for i in idx], num_samples,
-                               cfg.max_completion_length, temperature=1.0, greedy=greedy, shared_prefix=cfg.shared_prefix)
-        truncated = out.truncated.tolist()
-        for j, i in enumerate(idx):
-            span = slice(j * num_samples, (j + 1) * num_samples)
-            results.append((i, out.texts[span], truncated[span]))
+    with progress(len(rows), what, world) as bar:
+        for idx in rounds(len(rows), cfg.eval_batch_size, world, should_stop):
+            if idx:
+                out = rollout.generate(model, tokenizer, [prompt.text(tokenizer, rows[i]) for i in idx], num_samples,
+                                       cfg.max_completion_length, temperature=1.0, greedy=greedy,
+                                       shared_prefix=cfg.shared_prefix)
+                truncated = out.truncated.tolist()
+                for j, i in enumerate(idx):
+                    span = slice(j * num_samples, (j + 1) * num_samples)
+                    results.append((i, out.texts[span], truncated[span]))
+            bar.update(min(cfg.eval_batch_size * world.size, len(rows) - bar.n))
     return [(texts, truncated) for _, texts, truncated in sorted(distributed.all_gather_list(results))]
 
 
-def exact_distributions(model, tokenizer, rows, prompt, world, batch_size, should_stop):
+def exact_distributions(model, tokenizer, rows, prompt, world, batch_size, should_stop, what="exact"):
     """p(k) over each row's options (answer mode), each rank scoring its share of the rows, one
     forward a row; `should_stop` is asked every `batch_size` rows."""
     stop_ids = rollout.stop_token_ids(model, tokenizer)
-    mine = [(i, choices.choice_logprobs(model, tokenizer, prompt.text(tokenizer, rows[i]), rows[i]["n_options"],
-                                        stop_ids).exp().tolist())
-            for idx in rounds(len(rows), batch_size, world, should_stop) for i in idx]
+    mine = []
+    with progress(len(rows), what, world) as bar:
+        for idx in rounds(len(rows), batch_size, world, should_stop):
+            for i in idx:
+                mine.append((i, choices.choice_logprobs(model, tokenizer, prompt.text(tokenizer, rows[i]),
+                                                        rows[i]["n_options"], stop_ids).exp().tolist()))
+                bar.update(min(world.size, len(rows) - bar.n))
     return [dist for _, dist in sorted(distributed.all_gather_list(mine))]
 
 
@@ -203,7 +216,8 @@ def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world, should_stop
 
 
 def exact_view(model, tokenizer, rows, train_rows, prompt, cfg, world, view, should_stop):
-    distributions = exact_distributions(model, tokenizer, rows, prompt, world, cfg.eval_batch_size, should_stop)
+    distributions = exact_distributions(model, tokenizer, rows, prompt, world, cfg.eval_batch_size, should_stop,
+                                        f"{view}, exact")
     answers = [mode(p) for p in distributions]
     out = view_metrics(rows, answers, train_rows, view)
     out["choice"] = {**choices.choice_metrics(rows, distributions, train_rows), "method": "exact"}
@@ -212,7 +226,8 @@ def exact_view(model, tokenizer, rows, train_rows, prompt, cfg, world, view, sho
 
 
 def sampled_view(model, tokenizer, rows, train_rows, prompt, cfg, world, view, should_stop):
-    outputs = complete_rows(model, tokenizer, rows, prompt, cfg, world, 1, greedy=True, should_stop=should_stop)
+    outputs = complete_rows(model, tokenizer, rows, prompt, cfg, world, 1, greedy=True, should_stop=should_stop,
+                            what=f"{view}, greedy")
     parsed = [rewards.parse(texts[0], truncated[0], row, answer_only=False) for (texts, truncated), row in zip(outputs, rows)]
     answers = [p.choice for p in parsed]
     out = view_metrics(rows, answers, train_rows, view, [p.formatted for p in parsed])
@@ -221,7 +236,7 @@ def sampled_view(model, tokenizer, rows, train_rows, prompt, cfg, world, view, s
         out["opinion_accuracy"] = accuracy_ci([opinion == row["opinion_direction"] for row, opinion in labelled])
     if cfg.eval_samples and view == "original":
         sampled = complete_rows(model, tokenizer, rows, prompt, cfg, world, cfg.eval_samples, greedy=False,
-                                should_stop=should_stop)
+                                should_stop=should_stop, what=f"{view}, {cfg.eval_samples} samples")
         distributions = [choices.sampled_distribution(
             [rewards.parse(text, cut, row, answer_only=False).choice for text, cut in zip(texts, truncated_flags)],
             row["n_options"]) for (texts, truncated_flags), row in zip(sampled, rows)]

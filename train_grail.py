@@ -403,7 +403,7 @@ def behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world):
     prompt, prior = prompts.PromptFormat.of(cfg), choices.position_prior(train_rows)
 
     def batches():
-        for step in range(cfg.bc_steps):
+        for step in tqdm(range(cfg.bc_steps), desc="cloning", disable=not world.is_main, dynamic_ncols=True):
             if distributed.stop_requested(world, cfg.grail_stop_file):
                 raise distributed.preempted(0, f"[stop] requested during behaviour cloning (step {step}): a restart "
                                                "begins again", cfg.grail_stop_file, world)

@@ -54,11 +54,14 @@ def test_gail_run_logs_disc_metrics(tiny_model_dir, tmp_path):
     assert (tmp_path / "checkpoint-000002" / "disc.pt").exists()
 
 
-def test_behaviour_cloning_raises_the_likelihood_of_the_human_answers(tiny_model_dir, tmp_path):
+def test_behaviour_cloning_raises_the_likelihood_of_the_human_answers(tiny_model_dir, tmp_path, capsys):
     cfg = small_cfg(tiny_model_dir, tmp_path, max_steps=1, bc_steps=30, bc_learning_rate=1e-2, eval_split="train",
                     eval_max_rows=4, eval_views=["original"], reward_funcs=["calibration", "format"],
                     scale_rewards="batch")
     tg.train(cfg, CPU)
+    progress = capsys.readouterr().err  # the long phases show progress (tqdm)
+    assert "cloning: 100%" in progress and "30/30" in progress
+    assert "eval original, exact: 100%" in progress and "4/4" in progress
     before = json.loads((tmp_path / "evals" / "step_000000.json").read_text())
     after = json.loads((tmp_path / "eval.json").read_text())
     assert after["choice_valid_mass"] > 2 * before["choice_valid_mass"]  # it learned "N</answer>"
