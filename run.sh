@@ -126,7 +126,11 @@ fi
 # Check the config once before the ranks start: a mistake is one line here, not one per rank plus
 # torchrun's own traceback.
 WORLD_SIZE=$((NGPU * NNODES)) "$PY" -c 'import os, sys, train_grail; train_grail.parse_config(sys.argv[1:], os.environ)' "$@"
-"${launch[@]}" train_grail.py "$@" &
+# A requeued job may start while its predecessor still writes its last checkpoint: wait for the run
+# folder's lock (outputs.RunFolder.lock) instead of refusing at once. The command line can override.
+WAIT=()
+[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && WAIT=(--lock_wait_seconds="${GRAIL_LOCK_WAIT_SECONDS:-600}")
+"${launch[@]}" train_grail.py "${WAIT[@]}" "$@" &
 child=$!
 stop_asked=0
 trap 'stop_asked=1; [ -n "${GRAIL_STOP_FILE:-}" ] && touch "$GRAIL_STOP_FILE"' USR1 TERM

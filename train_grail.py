@@ -116,6 +116,7 @@ class Config:
     save_steps: int = 50          # checkpoint every N steps and at the end
     save_total_limit: int = 3     # checkpoints kept in output_dir
     resume: bool = True           # continue from the newest complete checkpoint in output_dir
+    lock_wait_seconds: int = 0    # one process per output_dir: wait this long for its holder to exit (run.sh requeues)
     seed: int = 42                # data order, slate shuffles, split, and (plus the rank) sampling
     dist_timeout_minutes: int = 60  # process-group timeout: long generations on one rank can be slow
     grail_stop_file: str = ""     # env GRAIL_STOP_FILE: when this file appears, checkpoint and exit 99 (run.sh under SLURM)
@@ -130,7 +131,7 @@ PREEMPTED_EXIT_CODE = 99  # "checkpointed on request, requeue me"; run.sh requeu
 RESUMABLE_KEYS = {
     "max_steps", "num_train_epochs", "eval_on_start", "eval_steps", "eval_on_end", "eval_max_rows", "eval_split",
     "eval_views", "eval_samples", "eval_batch_size", "log_completions_steps", "save_steps", "save_total_limit",
-    "resume", "dist_timeout_minutes", "grail_stop_file", "report_to", "output_dir", "gradient_checkpointing",
+    "resume", "lock_wait_seconds", "dist_timeout_minutes", "grail_stop_file", "report_to", "output_dir", "gradient_checkpointing",
     "gradient_accumulation_steps", "shared_prefix", "fsdp",
 }
 
@@ -168,7 +169,7 @@ RANGES = {
     "adam_epsilon": (0, None, False), "max_grad_norm": (0, None, False), "eval_steps": (0, None, True),
     "eval_max_rows": (0, None, True), "eval_samples": (0, None, True), "eval_batch_size": (1, None, True),
     "log_completions_steps": (0, None, True), "save_steps": (0, None, True), "save_total_limit": (1, None, True),
-    "dist_timeout_minutes": (1, None, True),
+    "dist_timeout_minutes": (1, None, True), "lock_wait_seconds": (0, None, True),
 }
 
 
@@ -210,6 +211,7 @@ def train(cfg, world, ignored_keys=()):
     """Train (or with `eval_only`, evaluate) as `cfg` says. Returns the final evaluation's metrics;
     raises distributed.Preempted after checkpointing when a stop is requested."""
     run = outputs.RunFolder(cfg.output_dir)
+    distributed.on_main(world, lambda: run.lock(cfg.lock_wait_seconds))  # before anything is written or loaded
     run.check_writable()
     changed = run.check_reuse(dataclasses.asdict(cfg), cfg.resume, RESUMABLE_KEYS)
     tracker = outputs.Tracker(cfg.report_to if world.is_main else [], run, dataclasses.asdict(cfg))
