@@ -32,3 +32,16 @@ def test_memory_bench_sees_checkpointing_keep_less_per_layer():
     plain, checkpointed = result["no_checkpointing"], result["checkpointing"]
     assert plain["per_layer_mb"] > 0 and 0 < checkpointed["per_layer_mb"] < plain["per_layer_mb"] / 2
     assert result["params"] == sum(p.numel() for p in bench_memory.build_model("tiny", 2, False).parameters())
+
+
+def test_roofline_bench_runs_on_a_tiny_model(tiny_model_dir):
+    from bench import roofline
+
+    result = roofline.run(roofline.parse_args([f"--model={tiny_model_dir}", "--rows=2", "--bc_steps=1", "--runs=1"]))
+    assert set(result["limits_gflops"]) == {"fp32", "bf16"} and all(v > 0 for v in result["limits_gflops"].values())
+    assert list(result["phases"]) == ["exact evaluation, fp32", "exact evaluation, bf16", "cloning step, fp32",
+                                      "cloning step, bf16"]
+    assert all(rate > 0 and gflop > 0 for rate, gflop in result["phases"].values())
+    assert 0 <= result["bf16_max_abs_prob_diff"] < 1
+    text = roofline.table(result)
+    assert "| exact evaluation, fp32 |" in text and "of the bf16 limit" in text and result["machine"] in text

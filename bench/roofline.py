@@ -1,0 +1,183 @@
+"""Roofline of the machine at hand for the default job: the matmul throughput of this CPU (or GPU) at
+the model's own shapes, in fp32 and in bf16, next to the exact evaluation's and the cloning step's
+rows per second, each phase shown as a fraction of those limits (a script, not a test).
+
+    python -m bench.roofline [--rows=8] [--bc_steps=3] [--runs=5] [--model=PATH_OR_ID] [--threads=N]
+
+Matmuls: one decoder layer's (q, k, v, o, gate, up, down) on a prompt-length activation, timed
+`runs` times after a warm-up, median. Phases (fp32, then under bf16 autocast): the exact choice
+distribution of `rows` held-out answer-mode rows (one tree-masked forward a row, choices.py), and
+`bc_steps` cloning steps of 2 rows with the default recipe's label smoothing (grpo.behaviour_cloning).
+A phase's model FLOPs come from bench.gpu.forward_flops (x 3 for forward + backward); its fraction
+of the limit is those FLOPs per second over the matmul throughput. Also printed: how far the bf16
+distributions are from the fp32 ones on the same rows.
+"""
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+import checkpoint
+import choices
+import data
+import distributed
+import errors
+import grpo
+import prompts
+import rollout
+import train_grail as tg
+from bench.gpu import forward_flops
+from bench.steps import parse_options
+
+
+def parse_args(argv):
+    return parse_options(argv, {"rows": 8, "bc_steps": 3, "runs": 5, "model": checkpoint.EMBEDDED_MODEL,
+                                "threads": 0})
+
+
+def layer_shapes(config, tokens):
+    """(m, k, n) of one decoder layer's matmuls on `tokens` activations."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    return [(tokens, hidden, hidden), (tokens, hidden, kv), (tokens, hidden, kv), (tokens, hidden, hidden),
+            (tokens, hidden, inner), (tokens, hidden, inner), (tokens, inner, hidden)]
+
+
+def matmul_gflops(shapes, dtype, runs, device):
+    """GFLOP/s of the shapes' matmuls, all of them per timed run (median of `runs`)."""
+    pairs = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
+             for m, k, n in shapes]
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+
+    def once():
+        for a, b in pairs:
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    once()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    return flops / statistics.median(times) / 1e9
+
+
+def precision(bf16, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def exact_phase(model, tokenizer, texts, rows, stop_ids, bf16, device):
+    """(rows per second, GFLOP per row, the distributions) of the exact evaluation on `rows`."""
+    with precision(bf16, device):
+        choices.choice_logprobs(model, tokenizer, texts[0], rows[0]["n_options"], stop_ids)  # warm-up
+        t0 = time.perf_counter()
+        dists = [choices.choice_logprobs(model, tokenizer, text, row["n_options"], stop_ids).exp()
+                 for text, row in zip(texts, rows)]
+        seconds = time.perf_counter() - t0
+    flops = 0
+    for text, row in zip(texts, rows):
+        numbers, close = choices.option_branches(tokenizer, row["n_options"])
+        prompt_tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
+        width = max(len(n) for n in numbers) + len(close)
+        flops += forward_flops(model, prompt_tokens, width, row["n_options"], logits=row["n_options"] * width)
+    return len(rows) / seconds, flops / len(rows) / 1e9, dists
+
+
+def cloning_phase(model, tokenizer, texts, rows, train_rows, steps, bf16, world):
+    """(rows per second, GFLOP per row) of `steps` cloning steps of 2 rows (forward + backward)."""
+    cfg = tg.Config(prompt_mode="answer", bc_steps=steps + 1, bc_learning_rate=1e-12, bf16=bf16, prompts_per_step=2,
+                    bc_label_smoothing=0.8)
+    prior = choices.position_prior(train_rows)
+    batches = [(texts[i:i + 2], [choices.cloning_targets(r, prior, cfg.bc_label_smoothing) for r in rows[i:i + 2]])
+               for i in range(0, 2 * (steps + 1), 2)]
+    policy = grpo.Policy(model, True)
+    times = []
+
+    def timed_batches():
+        for batch in batches:
+            times.append(time.perf_counter())
+            yield batch
+        times.append(time.perf_counter())
+
+    with precision(bf16 and world.device.type == "cpu", world.device):
+        grpo.behaviour_cloning(policy, model, tokenizer, timed_batches(), cfg, world)
+    seconds = times[-1] - times[1]  # the first step warms up
+    end = rollout.stop_token_ids(model, tokenizer)[0]
+    flops = 0
+    for prompt_texts, targets in batches[1:]:
+        batch = grpo.cloning_batch(tokenizer, prompt_texts, targets, end, world.device)
+        completions = batch["completion_mask"].sum(dim=1).view(len(prompt_texts), -1)
+        for mask, lengths in zip(batch["prompt_mask"], completions):
+            flops += 3 * forward_flops(model, int(mask.sum()), int(lengths.max()), len(lengths),
+                                       logits=int(lengths.sum()))
+    return 2 * steps / seconds, flops / (2 * steps) / 1e9
+
+
+def run(args):
+    if args["threads"]:
+        torch.set_num_threads(args["threads"])
+    world = distributed.single_process("cuda" if torch.cuda.is_available() else "cpu")
+    path = checkpoint.resolve_model(args["model"], world)
+    model = checkpoint.load_model(path, world.device, trainable=True)
+    tokenizer = checkpoint.load_tokenizer(path)
+    train_rows, val_rows = data.load_examples("", 0.1, 42, log=lambda msg: None)
+    prompt = prompts.PromptFormat("answer")
+    rows = val_rows[:args["rows"]]
+    texts = [prompt.text(tokenizer, row) for row in rows]
+    bc_rows = train_rows[:2 * (args["bc_steps"] + 1)]
+    bc_texts = [prompt.text(tokenizer, row) for row in bc_rows]
+    tokens = round(statistics.median(len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts))
+    shapes = layer_shapes(model.config, tokens)
+    limits = {"fp32": matmul_gflops(shapes, torch.float32, args["runs"], world.device),
+              "bf16": matmul_gflops(shapes, torch.bfloat16, args["runs"], world.device)}
+    stop_ids = rollout.stop_token_ids(model, tokenizer)
+    model.eval()
+    phases, dists = {}, {}
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        rate, gflop, dists[name] = exact_phase(model, tokenizer, texts, rows, stop_ids, bf16, world.device)
+        phases[f"exact evaluation, {name}"] = (rate, gflop)
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        phases[f"cloning step, {name}"] = cloning_phase(model, tokenizer, bc_texts, bc_rows, train_rows,
+                                                        args["bc_steps"], bf16, world)
+    gold = [torch.log(d[row["gold_index"] - 1]) for d, row in zip(dists["fp32"], rows)]
+    gold_bf16 = [torch.log(d[row["gold_index"] - 1]) for d, row in zip(dists["bf16"], rows)]
+    return {"machine": machine(world.device), "prompt_tokens": tokens, "limits_gflops": limits, "phases": phases,
+            "bf16_max_abs_logp_gold_diff": max(abs(a - b).item() for a, b in zip(gold, gold_bf16)),
+            "bf16_max_abs_prob_diff": max((a - b).abs().max().item() for a, b in zip(dists["fp32"], dists["bf16"]))}
+
+
+def machine(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if sys.platform == "linux" else platform.processor()
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def table(result):
+    fp32, bf16 = result["limits_gflops"]["fp32"], result["limits_gflops"]["bf16"]
+    lines = [f"Machine: {result['machine']}; one decoder layer's matmuls at {result['prompt_tokens']} tokens: "
+             f"{fp32:.0f} GFLOP/s fp32, {bf16:.0f} GFLOP/s bf16", "",
+             "| phase | rows/s | GFLOP a row | GFLOP/s | of the fp32 limit | of the bf16 limit |",
+             "|---|---|---|---|---|---|"]
+    for name, (rate, gflop) in result["phases"].items():
+        achieved = rate * gflop
+        lines.append(f"| {name} | {rate:.2f} | {gflop:.0f} | {achieved:.0f} | {achieved / fp32:.2f} | "
+                     f"{achieved / bf16:.2f} |")
+    lines += ["", f"bf16 against fp32 on the same rows: max |d log p(gold)| {result['bf16_max_abs_logp_gold_diff']:.4f}, "
+              f"max |d p(k)| {result['bf16_max_abs_prob_diff']:.4f}"]
+    return "\n".join(lines)
+
+
+def main(argv):
+    print(table(run(parse_args(argv))))
+
+
+if __name__ == "__main__":
+    errors.run(main, sys.argv[1:])
