@@ -70,7 +70,7 @@ if [ "${1:-}" = "ablation" ]; then
   shift
   START="${ABLATION_START:-untrained}"
   case "$START" in untrained|cloned) ;; *) echo "[config] ABLATION_START=$START: untrained or cloned" >&2; exit 2 ;; esac
-  NAME="${ABLATION_NAME:-ablation$([ "$START" = cloned ] && echo -cloned)}"
+  if [ "$START" = cloned ]; then NAME="${ABLATION_NAME:-ablation-cloned}"; else NAME="${ABLATION_NAME:-ablation}"; fi
   ALL_ARMS="accuracy calibration grail_upstream grail_proper disc_only"
   ARMS=" ${ABLATION_ARMS:-$ALL_ARMS} "
   for name in $ARMS; do

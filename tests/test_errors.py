@@ -287,6 +287,7 @@ def test_run_sh_ablation_arms(tmp_path, tiny_model_dir):
         report = (ROOT / "reports" / name / "README.md").read_text()
         assert "grail_proper" in report and "disc_only" in report and "## Runs side by side" in report
         env["ABLATION_ARMS"] = "grail"
+        del env["ABLATION_NAME"]  # the default names are computed too (and nothing runs)
         wrong = subprocess.run(["./run.sh", "ablation", *small], cwd=ROOT, env=env, capture_output=True, text=True)
         assert wrong.returncode != 0 and wrong.stderr.strip().splitlines() == [
             "[config] ABLATION_ARMS: no arm 'grail' (arms: accuracy calibration grail_upstream grail_proper disc_only)"]
