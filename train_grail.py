@@ -234,6 +234,8 @@ def train(cfg, world, ignored_keys=()):
 
     def evaluate_and_save(model, tokenizer, step):
         nonlocal untrained
+        world.print(f"[eval step {step}] {len(eval_rows)} {cfg.eval_split} rows x {len(cfg.eval_views)} views "
+                    f"({', '.join(cfg.eval_views)}), {'exact' if prompt.answer_only else 'sampled'} choice distribution")
         t0 = time.time()
         metrics, predictions = evaluate.evaluate(model, tokenizer, eval_rows, train_rows, prompt, cfg, world,
                                                  should_stop=lambda: distributed.stop_requested(world, cfg.grail_stop_file))

@@ -121,7 +121,9 @@ def test_two_step_run_writes_metrics_eval_and_a_loadable_checkpoint(tiny_model_d
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".txt", ".md")]
     assert written and not any("hf_SECRET" in p.read_text(errors="ignore") for p in written)
     assert "hf_SECRET" not in result.stdout + result.stderr
-    assert "[eval step 0" in result.stdout and "always_last" in result.stdout
+    assert "[eval step 0, " in result.stdout and "always_last" in result.stdout
+    # Said before the evaluation starts: what it will score.
+    assert "[eval step 0] 6 validation rows x 3 views (original, shuffled, cue_neutral), exact" in result.stdout
 
 
 @pytest.mark.parametrize("gail", [False, True])
@@ -198,7 +200,8 @@ def test_torchrun_two_processes_train(tiny_model_dir, tmp_path, fsdp):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
     assert json.loads((tmp_path / "config.json").read_text())["environment"]["world_size"] == 2
-    assert result.stdout.count("[eval step 2") == 1  # rank 0 prints, the others stay quiet
+    # rank 0 prints, the others stay quiet: what it will score, then the scores
+    assert result.stdout.count("[eval step 2] ") == 1 and result.stdout.count("[eval step 2, ") == 1
     assert result.stdout.count("[data] all:") == 1
 
 
