@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from errors import UserError
 from outputs import RunFolder
 from test_train import small_cfg
 
-ROOT = outputs.Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 CPU = distributed.single_process()
 HOLD = ("import sys, time; sys.path.insert(0, sys.argv[1]); from outputs import RunFolder; "
         "RunFolder(sys.argv[2]).lock(); print('locked', flush=True); time.sleep(600)")
