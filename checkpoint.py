@@ -161,12 +161,12 @@ def save(model, tokenizer, optimizer, scheduler, disc_trainer, step, cfg, world)
         failure = (None, str(err))
     failures = [f for f in distributed.all_gather_list([failure]) if f]
     if failures:
-        # What it needs: at least what a checkpoint took before, or what this one had written.
-        sizes = [folder_bytes(tmp)] + [folder_bytes(p) for p in run.checkpoints()[-1:]]
-        if world.is_main:
+        needed = 0
+        if world.is_main:  # what it needs: at least what the newest checkpoint took, or what this one had written
+            needed = max([folder_bytes(tmp)] + [folder_bytes(p) for p in run.checkpoints()[-1:]])
             shutil.rmtree(tmp, ignore_errors=True)
         path, reason = failures[0]
-        raise write_failure(path, OSError(reason), max(sizes)) if path else UserError("output", reason[len("[output] "):])
+        raise write_failure(path, OSError(reason), needed) if path else UserError("output", reason.removeprefix("[output] "))
     distributed.barrier()
     if world.is_main:
         shutil.rmtree(final, ignore_errors=True)

@@ -179,12 +179,12 @@ def position_counts(rows, choices, d_table):
     """Per displayed position k (1-based): [prompts whose human clicked k, valid policy choices of k,
     sum of D(state, k) over the prompts, prompts with a k-th option]. Summed over ranks and steps,
     the three shares side by side show D rewarding where people click, or where the policy piles up."""
-    counts = {}
-    for i, row in enumerate(rows):
+    counts, table = {}, d_table.tolist()
+    for row, scores in zip(rows, table):
         for k in range(1, row["n_options"] + 1):
             cell = counts.setdefault(k, [0, 0, 0.0, 0])
             cell[0] += row["gold_index"] == k
-            cell[2] += float(d_table[i, k - 1])
+            cell[2] += scores[k - 1]
             cell[3] += 1
     for choice in choices:
         if choice is not None:
@@ -221,7 +221,7 @@ class DiscriminatorTrainer:
         settings and the seed; heldout_rows: validation participants' rows, never trained on, whose
         clicks measure D on humans it has not seen (a seeded sample of HELDOUT_PAIRS)."""
         self.model, self.rows = model, rows
-        heldout = list(heldout_rows)
+        heldout = list(heldout_rows) if rank == 0 else []  # the same numbers on every rank: rank 0 scores them
         self.heldout = random.Random(f"{cfg.seed}:disc-heldout").sample(heldout, min(HELDOUT_PAIRS, len(heldout)))
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.gail_lr)
         self.buffer, self.buffer_size = [], cfg.gail_buffer_size
@@ -357,7 +357,7 @@ def step_metrics(diagnostics, updates):
     totals = {}
     for diag in diagnostics:
         for k, cell in diag["positions"].items():
-            total = totals.setdefault(int(k), [0, 0, 0.0, 0])
+            total = totals.setdefault(k, [0, 0, 0.0, 0])
             for i, value in enumerate(cell):
                 total[i] += value
     humans, choices = sum(t[0] for t in totals.values()), sum(t[1] for t in totals.values())

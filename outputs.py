@@ -47,6 +47,10 @@ def megabytes(n):
     return f"{n / 1e6:.1f} MB"
 
 
+def jsonl_text(objects):
+    return "".join(json.dumps(obj, ensure_ascii=False) + "\n" for obj in objects)
+
+
 def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
@@ -77,7 +81,7 @@ def read_jsonl(path):
 
 def append_jsonl(path, objects):
     """Whole lines or nothing: an append that fails is cut back to where the file ended."""
-    data = "".join(json.dumps(obj, ensure_ascii=False) + "\n" for obj in objects).encode("utf-8")
+    data = jsonl_text(objects).encode("utf-8")
     try:
         with open(path, "ab") as f:
             end = f.tell()
@@ -225,8 +229,7 @@ class RunFolder:
         for path in (self.metrics, self.completions):
             rows = read_jsonl(path)
             if any(row.get("step", 0) > step for row in rows):
-                write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n"
-                                         for row in rows if row.get("step", 0) <= step))
+                write_text(path, jsonl_text(row for row in rows if row.get("step", 0) <= step))
 
     def append_step(self, metrics, completions=()):
         append_jsonl(self.metrics, [metrics])
@@ -237,7 +240,7 @@ class RunFolder:
         self.evals.mkdir(parents=True, exist_ok=True)
         write_json(self.eval_at(metrics["step"]), metrics)
         write_json(self.eval, metrics)
-        write_text(self.predictions, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+        write_text(self.predictions, jsonl_text(predictions))
 
     # --- reading (reports.py) ---
 

@@ -254,12 +254,12 @@ def disc_section(run, last=10):
     if not metrics:
         return ""
     steps = [m for m in metrics if m.get("disc/heldout_acc") is not None]
-    picks = [steps[0], steps[len(steps) // 2], steps[-1]] if steps else []
+    picks = [steps[i] for i in sorted({0, len(steps) // 2, len(steps) - 1})] if steps else []  # first, middle, last
     parts = [f"## Discriminator: {run['name']}"]
     if picks:
         rows = [[m["step"], num(m["disc/heldout_acc"]), num(m["disc/heldout_acc_human"]),
                  num(m["disc/fresh_acc_policy"]), num(m.get("disc/mean_d_policy"))]
-                for m in {id(m): m for m in picks}.values()]
+                for m in picks]
         parts.append("Accuracy on held-out humans' clicks (validation participants) against this step's fresh "
                      "policy choices, before D trains on them (0.5: D cannot tell them apart):\n\n" + table(
                          ["step", "balanced accuracy", "humans called human", "policy called policy",

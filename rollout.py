@@ -113,7 +113,7 @@ def only_generation_config(policy, config):
     saved = policy.generation_config
     policy.generation_config = config
     try:
-        yield config
+        yield
     finally:
         policy.generation_config = saved
 

@@ -131,8 +131,8 @@ PREEMPTED_EXIT_CODE = 99  # "checkpointed on request, requeue me"; run.sh requeu
 RESUMABLE_KEYS = {
     "max_steps", "num_train_epochs", "eval_on_start", "eval_steps", "eval_on_end", "eval_max_rows", "eval_split",
     "eval_views", "eval_samples", "eval_batch_size", "log_completions_steps", "save_steps", "save_total_limit",
-    "resume", "lock_wait_seconds", "dist_timeout_minutes", "grail_stop_file", "report_to", "output_dir", "gradient_checkpointing",
-    "gradient_accumulation_steps", "shared_prefix", "fsdp",
+    "resume", "lock_wait_seconds", "dist_timeout_minutes", "grail_stop_file", "report_to", "output_dir",
+    "gradient_checkpointing", "gradient_accumulation_steps", "shared_prefix", "fsdp",
 }
 
 

@@ -43,5 +43,6 @@ def test_roofline_bench_runs_on_a_tiny_model(tiny_model_dir):
                                       "cloning step, bf16"]
     assert all(rate > 0 and gflop > 0 for rate, gflop in result["phases"].values())
     assert 0 <= result["bf16_max_abs_prob_diff"] < 1
+    assert result["rows"] == 2 and all(v > 0 for v in result["logloss"].values())
     text = roofline.table(result)
     assert "| exact evaluation, fp32 |" in text and "of the bf16 limit" in text and result["machine"] in text

@@ -65,7 +65,7 @@ def test_a_second_process_is_refused_and_a_killed_holders_lock_is_free_at_once(t
     assert taker.stdout.strip() == "locked" and time.time() - t0 < 30
 
 
-def test_a_waiting_process_says_how_long_it_waited(tiny_model_dir, tmp_path):
+def test_a_waiting_process_says_how_long_it_waited(tmp_path):
     holder = hold_lock(tmp_path)
     try:
         t0 = time.time()
