@@ -37,8 +37,13 @@ EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"  # converted once from the llm
 # Models
 
 
+def cache_root():
+    """Where converted models and cached evaluations live across runs (GRAIL_CACHE moves it)."""
+    return Path(os.environ.get("GRAIL_CACHE", Path.home() / ".cache" / "grail"))
+
+
 def embedded_model_dir():
-    return Path(os.environ.get("GRAIL_CACHE", Path.home() / ".cache" / "grail")) / "SmolLM2-135M-Instruct"
+    return cache_root() / "SmolLM2-135M-Instruct"
 
 
 def convert_embedded_model(target):

@@ -6,7 +6,9 @@ token (the turn ends; the parser closes the tag) or the tokens of "</answer>". A
 options run as one sequence under the tree mask of the shared-prefix forward (grpo.tree_attention_mask):
 one forward per row, exact for any number of options (option 1 excludes "10", "11", … because "0"
 and "1" do not close the tag). Mass on anything else (other spellings, other text, numbers outside
-the slate) is the invalid mass.
+the slate) is the invalid mass. The opinion after the human's click rides in the same forward: three
+more branches, "gold</answer><opinion>d</opinion>" for each direction d, each scored from d on, give
+p(d | prompt, click) the same way (opinions.py scores it). The click's branches do not see them.
 
 Scores, each beside uniform and the position prior of the training split:
 - log-loss of the human choice: raw (-log p(gold), invalid mass counts as loss) and renormalised
@@ -22,7 +24,8 @@ from collections import Counter
 import torch
 
 import grpo
-from prompts import CLOSE_TAG
+from data import OPINION_LABELS
+from prompts import CLOSE_TAG, OPINION_CLOSE, OPINION_OPEN
 
 SMOOTHING = 0.5  # additive pseudo-count of the position prior
 CALIBRATION_BINS = 10
@@ -38,54 +41,88 @@ def option_branches(tokenizer, n_options):
     return numbers, tokenizer.encode(CLOSE_TAG, add_special_tokens=False)
 
 
+def opinion_branches(tokenizer, gold):
+    """What follows the prompt when the viewer clicked `gold`, tag by tag: the tokens of
+    "gold</answer>", of "<opinion>", of each direction (in OPINION_LABELS order), of "</opinion>"."""
+    numbers, close = option_branches(tokenizer, gold)
+    words = [tokenizer.encode(label, add_special_tokens=False) for label in OPINION_LABELS]
+    return (numbers[gold - 1] + close, tokenizer.encode(OPINION_OPEN, add_special_tokens=False), words,
+            tokenizer.encode(OPINION_CLOSE, add_special_tokens=False))
+
+
+def answer_branches(tokenizer, n_options, gold=None):
+    """The branches of one prompt's tree, each (tokens, label start, label end): every option's
+    "k</answer>", and with `gold` every direction's "gold</answer><opinion>d</opinion>", whose label
+    is d (scored given the click and the tags before it)."""
+    numbers, close = option_branches(tokenizer, n_options)
+    branches = [(ids + close, 0, len(ids)) for ids in numbers]
+    if gold is not None:
+        answered, opened, words, end = opinion_branches(tokenizer, gold)
+        prefix = answered + opened
+        branches += [(prefix + ids + end, len(prefix), len(prefix) + len(ids)) for ids in words]
+    return branches
+
+
 @torch.no_grad()
-def choice_logprobs(model, tokenizer, prompt_text, n_options, stop_ids):
-    """log p(k) for k = 1..n_options [n] of one answer-mode prompt, at temperature 1."""
+def answer_logprobs(model, tokenizer, prompt_text, n_options, stop_ids, gold=None):
+    """(log p(k) for k = 1..n_options [n], log p(d | the click was `gold`) for d in OPINION_LABELS [3],
+    or None without `gold`) of one answer-mode prompt, at temperature 1, from one forward."""
     device = next(model.parameters()).device
     prompt = torch.tensor(tokenizer(prompt_text, add_special_tokens=False).input_ids, device=device)
-    numbers, close = option_branches(tokenizer, n_options)
-    branches = [torch.tensor(ids + close, device=device) for ids in numbers]
-    digits = [len(ids) for ids in numbers]
+    branches = answer_branches(tokenizer, n_options, gold)
+    tokens = [torch.tensor(ids, device=device) for ids, _, _ in branches]
     window = getattr(model.config, "sliding_window", None)
-    if window and len(prompt) + max(len(b) for b in branches) > window:  # the tree mask has no window
-        scored = [_branch_logprobs(model, prompt, branch, d) for branch, d in zip(branches, digits)]
+    if window and len(prompt) + max(len(t) for t in tokens) > window:  # the tree mask has no window
+        scored = [_branch_logprobs(model, prompt, t, start, end) for t, (_, start, end) in zip(tokens, branches)]
     else:
-        scored = _tree_logprobs(model, prompt, branches, digits)
+        scored = _tree_logprobs(model, prompt, tokens, [(start, end) for _, start, end in branches])
     stops = torch.tensor(stop_ids, device=device)
     out = []
-    for d, (token_logp, after_number) in zip(digits, scored):
-        # The tag closes after the number: the turn ends, or "</answer>" follows.
-        close_logp = torch.logaddexp(torch.logsumexp(after_number[stops], 0), token_logp[d:].sum())
-        out.append(token_logp[:d].sum() + close_logp)
-    return torch.stack(out)
+    for (_, start, end), (token_logp, after_label) in zip(branches, scored):
+        # The tag closes after the label: the turn ends, or the closing tag follows.
+        close_logp = torch.logaddexp(torch.logsumexp(after_label[stops], 0), token_logp[end - start:].sum())
+        out.append(token_logp[:end - start].sum() + close_logp)
+    out = torch.stack(out)
+    return out[:n_options], (out[n_options:] if gold is not None else None)
 
 
-def _tree_logprobs(model, prompt, branches, digits):
-    """Per branch: (log-prob of each of its tokens, the next-token log-distribution after its number).
-    The prompt and every branch run as one sequence: each branch sees the prompt and its own tokens."""
+def choice_logprobs(model, tokenizer, prompt_text, n_options, stop_ids):
+    """log p(k) for k = 1..n_options [n] of one answer-mode prompt, at temperature 1."""
+    return answer_logprobs(model, tokenizer, prompt_text, n_options, stop_ids)[0]
+
+
+def _tree_logprobs(model, prompt, branches, spans):
+    """Per branch: (log-prob of each of its tokens from its label's start, the next-token
+    log-distribution after its label). The prompt and every branch run as one sequence: each branch
+    sees the prompt and its own tokens; logits are computed only where a branch is scored."""
     P, device = len(prompt), prompt.device
     lengths = torch.tensor([len(b) for b in branches], device=device)
     tokens = torch.cat([prompt] + branches)
     positions = torch.cat([torch.arange(P, device=device)] +
                           [P + torch.arange(n, device=device) for n in lengths.tolist()])
-    predictors = torch.arange(P, len(tokens), device=device) - 1
     starts = (torch.cumsum(lengths, 0) - lengths).tolist()
-    predictors[starts] = P - 1  # each branch's first token is predicted by the prompt's last one
+    scored = torch.cat([torch.arange(b + s, b + len(branch), device=device)  # offsets into tokens[P:]
+                        for b, branch, (s, _) in zip(starts, branches, spans)])
+    predictors = P + scored - 1
+    first = torch.tensor([b + s for b, (s, _) in zip(starts, spans)], device=device)
+    # A branch's first token is predicted by the prompt's last one.
+    predictors[torch.isin(scored, torch.tensor(starts, device=device))] = P - 1
     logits = model(input_ids=tokens[None], position_ids=positions[None], use_cache=False,
                    attention_mask=grpo.tree_attention_mask(P, lengths, model.config._attn_implementation),
                    logits_to_keep=predictors).logits[0]
-    logp = torch.log_softmax(logits.float(), dim=-1)  # row i predicts tokens[P + i]
-    token_logp = logp.gather(-1, tokens[P:, None]).squeeze(-1)
-    return [(token_logp[start:start + len(branch)], logp[start + d])
-            for start, branch, d in zip(starts, branches, digits)]
+    logp = torch.log_softmax(logits.float(), dim=-1)  # row i predicts tokens[P + scored[i]]
+    token_logp = logp.gather(-1, tokens[P + scored][:, None]).squeeze(-1)
+    offsets = torch.searchsorted(scored, first).tolist()
+    return [(token_logp[o:o + len(branch) - s], logp[o + e - s])
+            for o, branch, (s, e) in zip(offsets, branches, spans)]
 
 
-def _branch_logprobs(model, prompt, branch, digits):
-    """One option as its own prompt + branch sequence (models whose attention window is too short)."""
+def _branch_logprobs(model, prompt, branch, start, end):
+    """One branch as its own prompt + branch sequence (models whose attention window is too short)."""
     tokens = torch.cat([prompt, branch])[None]
-    logits = model(input_ids=tokens, use_cache=False, logits_to_keep=len(branch) + 1).logits[0, :-1]
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, branch[:, None]).squeeze(-1), logp[digits]
+    logits = model(input_ids=tokens, use_cache=False, logits_to_keep=len(branch) - start + 1).logits[0, :-1]
+    logp = torch.log_softmax(logits.float(), dim=-1)  # row i predicts branch[start + i]
+    return logp.gather(-1, branch[start:, None]).squeeze(-1), logp[end - start]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,16 +141,34 @@ def position_prior(train_rows):
     return prior
 
 
-def cloning_targets(row, prior, smoothing):
-    """The behaviour-cloning target of a row, [(answer text, weight)]: the click, with weight
-    1 - `smoothing`, mixed with the training split's position prior for the slate's size (label
-    smoothing). A model cloned on a few hundred rows reads confident slot preferences into noise;
-    the mixture keeps eps x prior on every option. Toward the prior, not uniform: where the prior is
-    sharp (the gun-control rows' last slot) it costs almost nothing."""
-    if smoothing == 0:
-        return [(f"{row['gold_index']}{CLOSE_TAG}", 1.0)]
-    return [(f"{k}{CLOSE_TAG}", (1 - smoothing) * (k == row["gold_index"]) + smoothing * p)
-            for k, p in enumerate(prior(row["n_options"]), 1)]
+def cloning_targets(tokenizer, row, prior, smoothing, direction_prior, opinion_smoothing, end_id):
+    """The behaviour-cloning targets of a row, [(token ids, weight, index of the first scored token)].
+
+    The click: every option's "k</answer>" with weight (1 - `smoothing`) 1[k = click] + `smoothing`
+    x the training split's position prior for the slate's size (label smoothing). A model cloned on a
+    few hundred rows reads confident slot preferences into noise; the mixture keeps eps x prior on
+    every option. Toward the prior, not uniform: where the prior is sharp (the gun-control rows' last
+    slot) it costs almost nothing.
+    The opinion, where the row has a label: "click</answer><opinion>d</opinion>" and the end of the
+    turn, with weight (1 - `opinion_smoothing`) 1[d = label] + `opinion_smoothing` x
+    `direction_prior(row)`, scored from "<opinion>" on: the click's tokens are the click target's, and
+    the tag, its tokens the same in every direction, is learnt with weight 1, so that samples write
+    it in the tokens the evaluation reads."""
+    targets = [(ids, weight, 0) for (ids, _, _), weight in
+               zip(answer_branches(tokenizer, row["n_options"]), smoothed(prior(row["n_options"]), row["gold_index"], smoothing))
+               if weight > 0]
+    label = row.get("opinion_direction")
+    if label:
+        answered, opened, words, close = opinion_branches(tokenizer, row["gold_index"])
+        weights = smoothed(direction_prior(row), OPINION_LABELS.index(label) + 1, opinion_smoothing)
+        targets += [(answered + opened + ids + close + [end_id], weight, len(answered))
+                    for ids, weight in zip(words, weights) if weight > 0]
+    return targets
+
+
+def smoothed(prior, gold, smoothing):
+    """(1 - smoothing) x the one-hot of `gold` (1-based) + smoothing x `prior`."""
+    return [(1 - smoothing) * (k == gold) + smoothing * p for k, p in enumerate(prior, 1)]
 
 
 def brier_score(probabilities, gold):
@@ -144,17 +199,17 @@ def distribution_scores(rows, distributions):
             "human_positions": {str(k): x for k, x in enumerate(human, 1)}, "n": len(rows)}
 
 
-def calibration_table(rows, distributions, bins=CALIBRATION_BINS):
-    """Every (row, option) pair's renormalised probability, binned: mean predicted vs how often the
-    option was the click. A calibrated simulator lies on the diagonal."""
+def calibration_table(golds, distributions, bins=CALIBRATION_BINS):
+    """Every (row, outcome) pair's renormalised probability, binned: mean predicted vs how often the
+    outcome was what the human did (`golds`, 1-based). A calibrated simulator lies on the diagonal."""
     table = [{"lo": b / bins, "hi": (b + 1) / bins, "n": 0, "predicted": 0.0, "observed": 0.0} for b in range(bins)]
-    for row, p in zip(rows, distributions):
+    for gold, p in zip(golds, distributions):
         mass = sum(p) or 1.0
         for k, x in enumerate(p, 1):
             cell = table[min(int(x / mass * bins), bins - 1)]
             cell["n"] += 1
             cell["predicted"] += x / mass
-            cell["observed"] += k == row["gold_index"]
+            cell["observed"] += k == gold
     for cell in table:
         if cell["n"]:
             cell["predicted"] /= cell["n"]
@@ -186,7 +241,7 @@ def choice_metrics(rows, distributions, train_rows):
         groups.setdefault(f"{row.get('issue')} / {row.get('participant_study')}", []).append(i)
     overall = scored(range(len(rows)))
     return {**overall, "by_group": {name: scored(idx) for name, idx in sorted(groups.items())},
-            "calibration": calibration_table(rows, distributions), "collapse": collapse(overall["model"])}
+            "calibration": calibration_table([r["gold_index"] for r in rows], distributions), "collapse": collapse(overall["model"])}
 
 
 def sampled_distribution(answers, n_options):
@@ -195,6 +250,11 @@ def sampled_distribution(answers, n_options):
     counts = Counter(answers)
     total = len(answers) + SMOOTHING * (n_options + 1)
     return [(counts[k] + SMOOTHING) / total for k in range(1, n_options + 1)]
+
+
+def mode(distribution):
+    """The most likely outcome (1-based)."""
+    return max(range(len(distribution)), key=distribution.__getitem__) + 1
 
 
 def _mean(values):

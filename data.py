@@ -132,6 +132,10 @@ def clean_row(row):
     opinion = row.get("opinion_direction")
     if opinion is not None and opinion not in OPINION_LABELS:
         raise BadRow("bad_opinion_direction")
+    before = row.get("opinion_before")
+    if before is not None and (isinstance(before, bool) or not isinstance(before, (int, float))
+                               or not math.isfinite(before)):
+        raise BadRow("wrong_type:opinion_before")
     out = dict(row)
     out.update(slate_items_json=slate, watched_detailed_json=history, gold_index=gold,
                n_options=len(slate), participant_key=participant_key(row),

@@ -12,17 +12,25 @@
 
 Returns dicts; the trainer writes them (outputs.py) and reports.py renders them.
 """
+import hashlib
+import json
 import math
+import os
 import random
 from collections import Counter
+from pathlib import Path
 
+import torch
+import transformers
 from tqdm import tqdm
 
 import choices
 import data
 import distributed
+import opinions
 import rewards
 import rollout
+from errors import first_line
 
 VIEWS = ("original", "shuffled", "cue_neutral")
 
@@ -161,35 +169,91 @@ def complete_rows(model, tokenizer, rows, prompt, cfg, world, num_samples, greed
     return [(texts, truncated) for _, texts, truncated in sorted(distributed.all_gather_list(results))]
 
 
-def exact_distributions(model, tokenizer, rows, prompt, world, batch_size, should_stop, what="exact"):
-    """p(k) over each row's options (answer mode), each rank scoring its share of the rows, one
-    forward a row; `should_stop` is asked every `batch_size` rows."""
+class DistributionCache:
+    """The exact distributions of a model as saved on disk, kept across runs in `folder`: an
+    evaluation of the same files with the same code, on a row with the same prompt, reads them
+    instead of recomputing them (the untrained model's step-0 evaluation of every default job).
+    Keyed by the sha256 of every file of the model folder, of the code that computes a distribution
+    and its library versions, attention and precision, and per row of the prompt text, slate size and
+    click. Only for a model as its files are: never one that trained in memory."""
+
+    def __init__(self, model_dir, model, bf16, folder):
+        digest = hashlib.sha256()
+        for path in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(model_dir)).encode())
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+        for source in ("choices.py", "grpo.py", "prompts.py"):
+            digest.update((Path(__file__).parent / source).read_bytes())
+        device = next(model.parameters()).device.type
+        autocast = bf16 and device == "cuda"  # as distributed.autocast: CPU runs are fp32
+        digest.update(f"{torch.__version__} {transformers.__version__} {model.config._attn_implementation} "
+                      f"{device} {autocast}".encode())
+        self.path = Path(folder) / f"{digest.hexdigest()[:32]}.json"
+        self.entries = self._read()
+
+    def _read(self):
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8")) if self.path.exists() else {}
+        except (OSError, ValueError) as err:  # a broken cache file is recomputed, never trusted
+            print(f"[eval] cache {self.path} unreadable ({type(err).__name__}): computing every row", flush=True)
+            return {}
+
+    @staticmethod
+    def row_key(text, row):
+        return hashlib.sha256(f"{row['n_options']}:{row['gold_index']}:{text}".encode()).hexdigest()
+
+    def save(self, new_entries):
+        """Adds `new_entries` (rank 0) to what the file holds now; a failed write costs only the reuse."""
+        if not new_entries:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            merged = {**self._read(), **new_entries}
+            tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(merged), encoding="utf-8")
+            os.replace(tmp, self.path)
+            self.entries = merged
+        except OSError as err:
+            print(f"[eval] cache not written ({first_line(err)}): the next run computes these rows again", flush=True)
+
+
+def exact_distributions(model, tokenizer, rows, prompt, world, batch_size, should_stop, what="exact", cache=None):
+    """Per row, (p(k) over its options, p(direction | the human's click) over OPINION_LABELS) in
+    answer mode, each rank scoring its share of the rows, one forward a row (none for a row `cache`
+    holds); `should_stop` is asked every `batch_size` rows."""
     stop_ids = rollout.stop_token_ids(model, tokenizer)
     mine = []
     with progress(len(rows), what, world) as bar:
         for idx in rounds(len(rows), batch_size, world, should_stop):
             for i in idx:
-                mine.append((i, choices.choice_logprobs(model, tokenizer, prompt.text(tokenizer, rows[i]),
-                                                        rows[i]["n_options"], stop_ids).exp().tolist()))
+                text = prompt.text(tokenizer, rows[i])
+                key = cache.row_key(text, rows[i]) if cache else None
+                if key and key in cache.entries:
+                    mine.append((i, key, *cache.entries[key], False))
+                else:
+                    click, opinion = choices.answer_logprobs(model, tokenizer, text, rows[i]["n_options"], stop_ids,
+                                                             gold=rows[i]["gold_index"])
+                    mine.append((i, key, click.exp().tolist(), opinion.exp().tolist(), True))
                 bar.update(min(world.size, len(rows) - bar.n))
-    return [dist for _, dist in sorted(distributed.all_gather_list(mine))]
-
-
-def mode(distribution):
-    """The most likely option (1-based)."""
-    return max(range(len(distribution)), key=distribution.__getitem__) + 1
+    gathered = sorted(distributed.all_gather_list(mine))
+    if cache and world.is_main:
+        cache.save({key: [click, opinion] for _, key, click, opinion, new in gathered if new})
+    return [(click, opinion) for _, _, click, opinion, _ in gathered]
 
 
 def never():
     return False
 
 
-def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world, should_stop=never):
+def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world, should_stop=never, cache=None):
     """Every view's answers beside their baselines, the choice distribution's scores (exact in answer
     mode; from `eval_samples` samples in think mode, original view), and the published checkpoints on
     the same rows. Reads from cfg: eval_views, seed, eval_samples, eval_batch_size,
     max_completion_length, shared_prefix, bf16. Raises Stopped within one batch of `should_stop()`
-    turning true (a collective: every rank calls it as often).
+    turning true (a collective: every rank calls it as often). `cache`: a DistributionCache of the
+    model's files, for a model that has not changed since it was loaded.
 
     Returns (metrics, predictions): the same metrics on every rank, and one prediction per row of the
     original view (its answer, and its distribution or completion)."""
@@ -200,7 +264,7 @@ def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world, should_stop
             shown = view_rows(rows, view, cfg.seed)
             if prompt.answer_only:
                 view_metrics_, shown_predictions = exact_view(model, tokenizer, shown, train_rows, prompt, cfg, world,
-                                                              view, should_stop)
+                                                              view, should_stop, cache)
             else:
                 view_metrics_, shown_predictions = sampled_view(model, tokenizer, shown, train_rows, prompt, cfg,
                                                                 world, view, should_stop)
@@ -212,17 +276,23 @@ def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world, should_stop
     metrics.update(upstream_keys(first, len(rows)))
     if "choice" in first:
         metrics.update(headline_keys(first["choice"]))
+    if first.get("opinion"):
+        metrics.update(opinions.headline_keys(first["opinion"]))
     return metrics, predictions
 
 
-def exact_view(model, tokenizer, rows, train_rows, prompt, cfg, world, view, should_stop):
-    distributions = exact_distributions(model, tokenizer, rows, prompt, world, cfg.eval_batch_size, should_stop,
-                                        f"{view}, exact")
-    answers = [mode(p) for p in distributions]
+def exact_view(model, tokenizer, rows, train_rows, prompt, cfg, world, view, should_stop, cache):
+    pairs = exact_distributions(model, tokenizer, rows, prompt, world, cfg.eval_batch_size, should_stop,
+                                f"{view}, exact", cache)
+    distributions, opinion_dists = [click for click, _ in pairs], [opinion for _, opinion in pairs]
+    answers = [choices.mode(p) for p in distributions]
     out = view_metrics(rows, answers, train_rows, view)
     out["choice"] = {**choices.choice_metrics(rows, distributions, train_rows), "method": "exact"}
+    out["opinion"] = opinions.opinion_metrics(rows, opinion_dists, train_rows, "exact")
     return out, [{"id": row.get("id"), "gold": row["gold_index"], "prediction": answer,
-                  "distribution": [round(x, 6) for x in p]} for row, answer, p in zip(rows, answers, distributions)]
+                  "distribution": [round(x, 6) for x in p], "opinion": row.get("opinion_direction"),
+                  "opinion_distribution": [round(x, 6) for x in o]}
+                 for row, answer, p, o in zip(rows, answers, distributions, opinion_dists)]
 
 
 def sampled_view(model, tokenizer, rows, train_rows, prompt, cfg, world, view, should_stop):
@@ -237,11 +307,16 @@ def sampled_view(model, tokenizer, rows, train_rows, prompt, cfg, world, view, s
     if cfg.eval_samples and view == "original":
         sampled = complete_rows(model, tokenizer, rows, prompt, cfg, world, cfg.eval_samples, greedy=False,
                                 should_stop=should_stop, what=f"{view}, {cfg.eval_samples} samples")
-        distributions = [choices.sampled_distribution(
-            [rewards.parse(text, cut, row, answer_only=False).choice for text, cut in zip(texts, truncated_flags)],
-            row["n_options"]) for (texts, truncated_flags), row in zip(sampled, rows)]
+        parsed = [[rewards.parse(text, cut, row, answer_only=False) for text, cut in zip(texts, truncated_flags)]
+                  for (texts, truncated_flags), row in zip(sampled, rows)]
+        distributions = [choices.sampled_distribution([p.choice for p in ps], row["n_options"])
+                         for ps, row in zip(parsed, rows)]
         out["choice"] = {**choices.choice_metrics(rows, distributions, train_rows), "method": "sampled",
                          "samples_per_row": cfg.eval_samples}
+        # Sampled after the model's own click, not the human's: the marginal over its clicks.
+        opinion = opinions.opinion_metrics(rows, [opinions.sampled_distribution([p.opinion for p in ps])
+                                                  for ps in parsed], train_rows, "sampled")
+        out["opinion"] = opinion and {**opinion, "samples_per_row": cfg.eval_samples}
     return out, [{"id": row.get("id"), "gold": row["gold_index"], "prediction": answer, "completion": texts[0]}
                  for row, answer, (texts, _) in zip(rows, answers, outputs)]
 
@@ -252,8 +327,12 @@ def untrained_scores(metrics):
     choice = (metrics.get("views", {}).get("original") or {}).get("choice")
     if not choice:
         return None
+    opinion = metrics["views"]["original"].get("opinion")
     return {"step": metrics.get("step"), "model": choice["model"],
-            "by_group": {name: group["model"] for name, group in choice["by_group"].items()}}
+            "by_group": {name: group["model"] for name, group in choice["by_group"].items()},
+            "opinion": opinion and {"model": opinion["model"],
+                                    "by_group": {name: group["model"] for name, group in opinion["by_group"].items()},
+                                    "by_issue": {name: group["model"] for name, group in opinion["by_issue"].items()}}}
 
 
 def headline_keys(choice):

@@ -44,10 +44,10 @@ def group_advantages(rewards_bg, scale_rewards, std_floor):
 def per_token_loss(logp, old_logp, ref_logp, advantages, epsilon, epsilon_high, beta):
     """Clipped importance-ratio objective per token (negated: a loss), plus beta * k3 KL.
 
-    logp, old_logp, ref_logp: [N, C]; advantages: [N]. Returns (loss [N, C], kl [N, C] or None,
-    clipped [N, C] bool)."""
+    logp, old_logp, ref_logp: [N, C]; advantages: [N] (one per completion, GRPO) or [N, C] (per
+    token: behaviour cloning's target weights). Returns (loss [N, C], kl [N, C] or None, clipped [N, C] bool)."""
     ratio = torch.exp(logp - old_logp)
-    adv = advantages.unsqueeze(1)
+    adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(1)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * adv
     loss = -torch.min(unclipped, clipped)
@@ -195,20 +195,25 @@ def no_grad_logprobs(model, batch, cfg, world):
 # The update
 
 
-def cloning_batch(tokenizer, prompt_texts, targets, end_id, device):
-    """A batch whose completions are each prompt's target answers (then `end_id`), an answer's
-    advantage its weight: the update's gradient on it is that of sum_k weight_k log p(answer_k), a
-    cross-entropy to the targets (behaviour cloning). `targets` holds a [(answer text, weight)] list
-    per prompt; shorter lists are padded with weight-0 copies so every prompt has as many completions."""
+def cloning_batch(tokenizer, prompt_texts, targets, pad_id, device):
+    """A batch whose completions are each prompt's target answers, each token's advantage its
+    target's weight (0 before the target's first scored token): the update's gradient on it is that
+    of sum_k weight_k log p(scored tokens of answer_k), a cross-entropy to the targets (behaviour
+    cloning). `targets` holds a [(token ids, weight, first scored index)] list per prompt
+    (choices.cloning_targets); shorter lists are padded with weight-0 copies so every prompt has as
+    many completions."""
     width = max(len(t) for t in targets)
-    targets = [t + [(t[0][0], 0.0)] * (width - len(t)) for t in targets]
+    targets = [t + [(t[0][0], 0.0, 0)] * (width - len(t)) for t in targets]
     prompt_ids, prompt_mask = rollout.encode_prompts(tokenizer, prompt_texts, device)
-    tokens = [torch.tensor(tokenizer.encode(text, add_special_tokens=False) + [end_id]) for t in targets for text, _ in t]
-    completion_ids = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True, padding_value=end_id)
-    completion_mask = torch.arange(completion_ids.shape[1])[None] < torch.tensor([len(t) for t in tokens])[:, None]
-    weights = torch.tensor([w for t in targets for _, w in t], dtype=torch.float32)
+    tokens = [torch.tensor(ids) for t in targets for ids, _, _ in t]
+    completion_ids = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True, padding_value=pad_id)
+    columns = torch.arange(completion_ids.shape[1])[None]
+    completion_mask = columns < torch.tensor([len(t) for t in tokens])[:, None]
+    first = torch.tensor([start for t in targets for _, _, start in t])[:, None]
+    weights = torch.tensor([w for t in targets for _, w, _ in t], dtype=torch.float32)[:, None]
+    advantages = weights * ((columns >= first) & completion_mask)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids.to(device),
-            "completion_mask": completion_mask.long().to(device), "advantages": weights.to(device)}
+            "completion_mask": completion_mask.long().to(device), "advantages": advantages.to(device)}
 
 
 def behaviour_cloning(policy, model, tokenizer, batches, cfg, world):
@@ -261,7 +266,8 @@ def update(policy, optimizer, scheduler, batch, cfg, world):
             stats["tokens"] += mask.sum().item()
             stats["clipped"] += (clipped.float() * mask).sum().item()
             token_logp = logp.detach().float() * mask
-            logp_sums = torch.stack([token_logp.sum(), (chunk["advantages"][:, None] * token_logp).sum()]).tolist()
+            advantages = chunk["advantages"] if chunk["advantages"].dim() == 2 else chunk["advantages"][:, None]
+            logp_sums = torch.stack([token_logp.sum(), (advantages * token_logp).sum()]).tolist()
             stats["logp_sum"] += logp_sums[0]
             stats["weighted_logp_sum"] += logp_sums[1]  # the cloning loss (advantages = target weights)
             if kl is not None:

@@ -47,11 +47,12 @@ INVALID patterns (never do these):
 
 # Answer-only mode: the assistant turn is opened with ANSWER_PREFIX, so even a small model's first
 # tokens are the option number. This is what gives a 135M model reward spread from the first step.
-ANSWER_SYSTEM_PROMPT = """You predict which recommended video a specific YouTube VIEWER clicks next.
+ANSWER_SYSTEM_PROMPT = """You predict which recommended video a specific YouTube VIEWER clicks next, and how their opinion moves.
 Read the viewer's profile, what they are watching, their history and the numbered OPTIONS.
-Reply with ONLY the chosen option's number inside answer tags, for example: <answer>2</answer>"""
+Reply with ONLY the chosen option's number inside answer tags, then increase, decrease or no_change inside opinion tags, for example: <answer>2</answer><opinion>no_change</opinion>"""
 ANSWER_PREFIX = "<answer>"
 CLOSE_TAG = "</answer>"
+OPINION_OPEN, OPINION_CLOSE = "<opinion>", "</opinion>"
 
 
 TITLE_LIMIT = 160  # upstream clips titles to 160 characters ("..." included)

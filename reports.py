@@ -5,8 +5,10 @@
 One run -> reports/<run>/README.md; several -> reports/compare-<run>-<run>.../README.md with the runs
 side by side (e.g. accuracy vs calibration vs GAIL_USE=1). The headline is the simulator's choice
 distribution scored on held-out people (log-loss, Brier, position TVD, valid mass) beside the
-untrained model, the position prior and uniform; then the PNGs: training curves, click positions
-(model vs humans vs prior) and calibration; then accuracy in every view beside positional baselines.
+untrained model, the position prior and uniform, and the opinion shift's distribution beside the
+untrained model, the direction prior, the pre-study-index logistic and uniform; then the PNGs:
+training curves, click positions (model vs humans vs prior), calibration and the opinion's shares and
+calibration; then accuracy in every view beside positional baselines.
 `eval_summary` is the one renderer of an evaluation: the trainer prints it, the report shows it.
 """
 import json
@@ -79,6 +81,40 @@ def choice_summary(ev):
     return "\n\n".join(parts)
 
 
+OPINION_SCORES = [("logloss", "log-loss"), ("participant_logloss", "log-loss per participant"), ("brier", "Brier"),
+                  ("valid_mass", "valid mass"), ("accuracy", "accuracy of the mode")]
+
+
+def opinion_summary(ev):
+    """The opinion's distribution (after the human's click) beside untrained, the direction prior,
+    the pre-study-index logistic and uniform; by issue; and the share of each direction."""
+    opinion = ev["views"].get("original", {}).get("opinion")
+    if not opinion:
+        return None
+    untrained = (ev.get("untrained") or {}).get("opinion")
+    how = ("exact, given the human's click" if opinion["method"] == "exact"
+           else f"estimated from {opinion['samples_per_row']} sampled answers per row, after the model's own click")
+    lines = [[f"**model (step {ev.get('step')})**"] + [f"**{num(opinion['model'][k])}**" for k, _ in OPINION_SCORES]]
+    if untrained:
+        lines.append(["untrained"] + [num(untrained["model"].get(k)) for k, _ in OPINION_SCORES])
+    lines += [[label] + [num(opinion[key][k]) for k, _ in OPINION_SCORES] for key, label in (
+        ("prior", "direction prior (train participants, per issue)"),
+        ("baseline", "pre-study index logistic (train participants, per issue)"), ("uniform", "uniform"))]
+    issues = [[name, g["model"]["n"], g["model"]["participants"], f"**{num(g['model']['logloss'])}**",
+               num(untrained["by_issue"].get(name, {}).get("logloss")) if untrained else "",
+               num(g["prior"]["logloss"]), num(g["baseline"]["logloss"]), num(g["uniform"]["logloss"]),
+               pct(g["no_change_accuracy"])] for name, g in opinion["by_issue"].items()]
+    shares = [[label, pct(opinion["model"]["human_shares"][label]), pct(opinion["model"]["shares"][label]),
+               pct(opinion["prior"]["shares"][label])] for label in opinion["model"]["shares"]]
+    return "\n\n".join([
+        f"Opinion distribution on {opinion['model']['n']} labelled held-out rows ({opinion['model']['participants']} "
+        f"participants), {how}:\n\n" + table(["", *(label for _, label in OPINION_SCORES)], lines),
+        "By issue (log-loss; \"no change\": the accuracy of always answering it, as upstream scores it):\n\n" + table(
+            ["issue", "rows", "participants", "model", "untrained", "prior", "index logistic", "uniform",
+             "no change"], issues),
+        "Share of each direction (rows):\n\n" + table(["direction", "humans", "model", "prior"], shares)])
+
+
 def accuracy_summary(ev):
     views = list(ev.get("views", {}))
     predictors = list(dict.fromkeys(name for m in ev["views"].values() for name in m["baselines"]))
@@ -101,7 +137,7 @@ def accuracy_summary(ev):
 def eval_summary(ev):
     """An eval dict (evaluate.evaluate) as Markdown: the choice-distribution headline, accuracy in
     every view beside the baselines, and the published checkpoints on the same rows."""
-    parts = [part for part in (choice_summary(ev), accuracy_summary(ev)) if part]
+    parts = [part for part in (choice_summary(ev), opinion_summary(ev), accuracy_summary(ev)) if part]
     refs = ev.get("reference_checkpoints") or {}
     if refs:
         parts.append("Published checkpoints on the same rows (original order): " + ", ".join(
@@ -180,6 +216,32 @@ def plot_calibration(runs, path):
     return save(fig, path)
 
 
+def plot_opinion(runs, path):
+    """The share of each direction (humans, prior, every run) and the opinion's calibration."""
+    scored = [(run["name"], run["eval"]["views"]["original"]["opinion"]) for run in runs
+              if run["eval"].get("views", {}).get("original", {}).get("opinion")]
+    if not scored:
+        return False
+    fig, (bars, curve) = pyplot().subplots(1, 2, figsize=(9, 3.5))
+    first = scored[0][1]
+    series = [("humans", first["model"]["human_shares"]), ("direction prior", first["prior"]["shares"])]
+    series += [(name, opinion["model"]["shares"]) for name, opinion in scored]
+    labels, width = list(first["model"]["shares"]), 0.8 / len(series)
+    for i, (name, shares) in enumerate(series):
+        bars.bar([p + i * width for p in range(len(labels))], [shares[k] for k in labels], width, label=name)
+    bars.set_xticks([p + 0.4 - width / 2 for p in range(len(labels))], labels)
+    bars.set_ylabel("share of rows")
+    bars.legend(fontsize=7)
+    curve.plot([0, 1], [0, 1], color="grey", linestyle="--", label="calibrated")
+    for name, opinion in scored:
+        cells = [c for c in opinion["calibration"] if c["n"]]
+        curve.plot([c["predicted"] for c in cells], [c["observed"] for c in cells], marker="o", label=name)
+    curve.set_xlabel("predicted probability of a direction")
+    curve.set_ylabel("how often it was the shift")
+    curve.legend(fontsize=7)
+    return save(fig, path)
+
+
 def save(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -208,7 +270,7 @@ def config_section(runs):
 
 def plots_section(runs, out_dir):
     plots = [("curves.png", "training curves", plot_curves), ("positions.png", "click positions", plot_positions),
-             ("calibration.png", "calibration", plot_calibration)]
+             ("calibration.png", "calibration", plot_calibration), ("opinion.png", "opinion shift", plot_opinion)]
     shown = [f"![{label}]({name})" for name, label, plot in plots if plot(runs, out_dir / name)]
     return "## Plots\n\n" + ("\n\n".join(shown) if shown else "(nothing to plot)")
 
@@ -236,13 +298,15 @@ def comparison_section(runs):
         views = ev.get("views", {})
         choice = views.get("original", {}).get("choice")
         model = choice["model"] if choice else {}
+        opinion = views.get("original", {}).get("opinion")
         rows.append([run["name"], ev.get("step")] + [num(model.get(k)) for k, _ in SCORES]
                     + [num((ev.get("untrained") or {}).get("model", {}).get("logloss")),
                        num(choice["prior"]["logloss"]) if choice else "", num(choice["uniform"]["logloss"]) if choice else "",
                        with_ci(views["original"]) if "original" in views else "",
-                       ("yes" if choice["collapse"]["flag"] else "no") if choice else ""])
+                       ("yes" if choice["collapse"]["flag"] else "no") if choice else "",
+                       num(opinion["model"]["logloss"]) if opinion else "", num(opinion["prior"]["logloss"]) if opinion else ""])
     header = ["run", "step", *(label for _, label in SCORES), "untrained log-loss", "prior log-loss",
-              "uniform log-loss", "accuracy (original)", "collapse"]
+              "uniform log-loss", "accuracy (original)", "collapse", "opinion log-loss", "opinion prior log-loss"]
     return "## Runs side by side\n\n" + table(header, rows)
 
 

@@ -1,11 +1,14 @@
 """Rewards for one batch of completions: every component returned for logging, plus their weighted sum.
 
 - accuracy: the option number in `<answer>N</answer>` (a bare integer, one answer tag) equals the
-  clicked option -> 1, else 0. Where the prompt asks for the opinion and the row has a label, the
-  `<opinion>` part is scored too and the two are averaged, as upstream's `pure_accuracy_reward` does.
-  Its optimum is a point mass on the most likely click: a policy trained on it stops simulating.
+  clicked option -> 1, else 0. Where the row has an opinion label, the `<opinion>` part is scored
+  too and the two are averaged, as upstream's `pure_accuracy_reward` does. Its optimum is a point
+  mass on the most likely click: a policy trained on it stops simulating.
 - calibration: a proper scoring rule over the group of G samples of a prompt, maximised only when the
-  policy's choice distribution equals the humans' (`calibration_rewards`).
+  policy's choice distribution equals the humans' (`calibration_rewards`); where the row has an
+  opinion label, the same rule on the opinions, averaged with the click's as accuracy averages its
+  two parts. Both parts are proper, so is their mean: the expected update ascends
+  -(||p_click - q_click||^2 + ||p_opinion - q_opinion||^2) / 2 (tests/test_bandit.py).
 - format: the whole completion has the tags in the strict order the prompt asks for.
 With GAIL_USE=1 the discriminator's reward (disc.py) joins as one more component, `mix_disc`.
 """
@@ -23,7 +26,8 @@ THINK_FORMAT = re.compile(
     r"\s*<think>(?:(?!</?(?:think|answer|opinion)>).)+</think>\s*"
     r"<answer>\s*[0-9]+\s*</answer>\s*"
     r"<opinion>\s*(?:increase|decrease|no_change)\s*</opinion>\s*", re.S)
-ANSWER_FORMAT = re.compile(r"<answer>\s*[0-9]+\s*</answer>\s*", re.S)
+ANSWER_FORMAT = re.compile(
+    r"<answer>\s*[0-9]+\s*</answer>\s*<opinion>\s*(?:increase|decrease|no_change)\s*</opinion>\s*", re.S)
 
 # Upstream recipe names map onto ours, so their `reward_funcs` lists run unchanged.
 REWARD_ALIASES = {"pure_accuracy_reward": "accuracy", "accuracy_reward": "accuracy",
@@ -94,10 +98,10 @@ def parse_choice(completion, truncated, row, answer_only):
     return parsed.choice, parsed.formatted
 
 
-def accuracy_reward(parsed, row, ask_opinion, counts):
+def accuracy_reward(parsed, row, counts):
     parts = [float(parsed.choice == row["gold_index"])]
     label = row.get("opinion_direction")
-    if ask_opinion and label:
+    if label:
         counts["opinion_labelled"] += 1
         counts["opinion_parsed"] += parsed.opinion is not None
         counts["opinion_correct"] += parsed.opinion == label
@@ -143,7 +147,16 @@ def calibration_rewards(choices, golds, num_generations):
     return out
 
 
-def score(parsed, rows, answer_only, reward_funcs, reward_weights, num_generations):
+def calibration_with_opinion(parsed, rows, num_generations):
+    """The calibration rule on the clicks, averaged with the same rule on the opinions where the row
+    has a label (the G samples of a prompt share its row, so a whole group has a label or none)."""
+    clicks = calibration_rewards([p.choice for p in parsed], [row["gold_index"] for row in rows], num_generations)
+    views = calibration_rewards([p.opinion for p in parsed], [row.get("opinion_direction") for row in rows],
+                                num_generations)
+    return [(c + v) / 2 if row.get("opinion_direction") else c for c, v, row in zip(clicks, views, rows)]
+
+
+def score(parsed, rows, reward_funcs, reward_weights, num_generations):
     """Rewards of the parsed completions parsed[i] against rows[i] (G consecutive samples per prompt).
 
     Returns (total rewards, {component: rewards}, Counter of parse outcomes).
@@ -151,12 +164,11 @@ def score(parsed, rows, answer_only, reward_funcs, reward_weights, num_generatio
     counts = Counter(p.reason for p in parsed)
     # Every component is computed and logged; the weights decide what is optimised.
     components = {
-        "accuracy": [accuracy_reward(p, row, not answer_only, counts) for p, row in zip(parsed, rows)],
+        "accuracy": [accuracy_reward(p, row, counts) for p, row in zip(parsed, rows)],
         "format": [float(p.formatted) for p in parsed],
     }
     if num_generations >= 3:  # calibration compares a sample with at least two others
-        components["calibration"] = calibration_rewards([p.choice for p in parsed],
-                                                        [row["gold_index"] for row in rows], num_generations)
+        components["calibration"] = calibration_with_opinion(parsed, rows, num_generations)
     total = [sum(w * components[name][i] for name, w in zip(reward_funcs, reward_weights))
              for i in range(len(parsed))]
     return total, components, counts

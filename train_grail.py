@@ -30,6 +30,7 @@ import distributed
 import errors
 import evaluate
 import grpo
+import opinions
 import prompts
 import reports
 import rewards
@@ -90,6 +91,7 @@ class Config:
     bc_steps: int = 0             # steps of maximum likelihood on the human answers before GRPO (0 = none)
     bc_learning_rate: float = 1e-5  # its own AdamW, cosine to 0 over bc_steps; prompts_per_step rows a step
     bc_label_smoothing: float = 0.0  # target (1-eps) x the click + eps x the train split's position prior
+    bc_opinion_smoothing: float = 0.0  # the opinion's: (1-eps) x the label + eps x the issue's direction prior
     # --- optimisation ---
     gradient_accumulation_steps: int = 1  # micro-batches per rank per optimizer step (one normaliser for the step)
     warmup_ratio: float = 0.1     # linear warm-up share of the optimizer steps, then cosine to 0
@@ -112,6 +114,7 @@ class Config:
     eval_samples: int = 8         # K sampled answers per row (temperature 1) for simulation quality; 0 = off
     eval_batch_size: int = 16     # prompts per evaluation generation batch (each with its samples)
     eval_only: str = ""           # a checkpoint folder or hub id: evaluate it and exit
+    eval_cache: bool = True       # reuse exact distributions of unchanged model files (GRAIL_CACHE/evals)
     log_completions_steps: int = 10  # write sample completions every N steps
     save_steps: int = 50          # checkpoint every N steps and at the end
     save_total_limit: int = 3     # checkpoints kept in output_dir
@@ -131,7 +134,7 @@ PREEMPTED_EXIT_CODE = 99  # "checkpointed on request, requeue me"; run.sh requeu
 RESUMABLE_KEYS = {
     "max_steps", "num_train_epochs", "eval_on_start", "eval_steps", "eval_on_end", "eval_max_rows", "eval_split",
     "eval_views", "eval_samples", "eval_batch_size", "log_completions_steps", "save_steps", "save_total_limit",
-    "resume", "lock_wait_seconds", "dist_timeout_minutes", "grail_stop_file", "report_to", "output_dir",
+    "resume", "lock_wait_seconds", "eval_cache", "dist_timeout_minutes", "grail_stop_file", "report_to", "output_dir",
     "gradient_checkpointing", "gradient_accumulation_steps", "shared_prefix", "fsdp",
 }
 
@@ -164,7 +167,8 @@ RANGES = {
     "gail_lr": (0, None, False), "gail_disc_steps": (0, None, True), "gail_disc_batch": (1, None, True),
     "gail_human_fraction": (0, 1, True), "gail_buffer_size": (1, None, True), "gail_warmup_steps": (0, None, True),
     "gail_gradient_penalty": (0, None, True), "gail_label_smoothing": (0, 0.5, True), "bc_steps": (0, None, True),
-    "bc_learning_rate": (0, None, False), "bc_label_smoothing": (0, 1, True), "gradient_accumulation_steps": (1, None, True), "warmup_ratio": (0, 1, True),
+    "bc_learning_rate": (0, None, False), "bc_label_smoothing": (0, 1, True),
+    "bc_opinion_smoothing": (0, 1, True), "gradient_accumulation_steps": (1, None, True), "warmup_ratio": (0, 1, True),
     "weight_decay": (0, None, True), "adam_beta1": (0, 1, True), "adam_beta2": (0, 1, True),
     "adam_epsilon": (0, None, False), "max_grad_norm": (0, None, False), "eval_steps": (0, None, True),
     "eval_max_rows": (0, None, True), "eval_samples": (0, None, True), "eval_batch_size": (1, None, True),
@@ -232,13 +236,15 @@ def train(cfg, world, ignored_keys=()):
     resumed_eval = run.eval_at(0).exists() and not cfg.eval_only
     untrained = evaluate.untrained_scores(outputs.read_json(run.eval_at(0))) if resumed_eval else None
 
-    def evaluate_and_save(model, tokenizer, step):
+    def evaluate_and_save(model, tokenizer, step, files=None):  # files: the folder the model is still equal to
         nonlocal untrained
+        cache = evaluate.DistributionCache(files, model, cfg.bf16, checkpoint.cache_root() / "evals") \
+            if files and cfg.eval_cache and prompt.answer_only else None
         world.print(f"[eval step {step}] {len(eval_rows)} {cfg.eval_split} rows x {len(cfg.eval_views)} views "
-                    f"({', '.join(cfg.eval_views)}), {'exact' if prompt.answer_only else 'sampled'} choice distribution")
+                    f"({', '.join(cfg.eval_views)}), {'exact' if prompt.answer_only else 'sampled'} choice and opinion distributions")
         t0 = time.time()
         metrics, predictions = evaluate.evaluate(model, tokenizer, eval_rows, train_rows, prompt, cfg, world,
-                                                 should_stop=lambda: distributed.stop_requested(world, cfg.grail_stop_file))
+                                                 lambda: distributed.stop_requested(world, cfg.grail_stop_file), cache)
         metrics.update(step=step, seconds=round(time.time() - t0, 1), model=cfg.eval_only or cfg.model_name_or_path,
                        dataset=cfg.dataset or "bundled data/", split=cfg.eval_split)
         if step == 0 and not cfg.eval_only:
@@ -247,7 +253,7 @@ def train(cfg, world, ignored_keys=()):
             metrics["untrained"] = untrained
         if world.is_main:
             run.write_eval(metrics, predictions)
-            tracker.log({f"eval/{k}": v for k, v in metrics.items() if k.startswith("choice_")}, step)
+            tracker.log({f"eval/{k}": v for k, v in metrics.items() if k.startswith(("choice_", "opinion_"))}, step)
             print(f"[eval step {step}, {len(eval_rows)} {cfg.eval_split} rows, {metrics['seconds']}s]\n"
                   f"{reports.eval_summary(metrics)}", flush=True)
         return metrics
@@ -257,7 +263,7 @@ def train(cfg, world, ignored_keys=()):
         model, tokenizer = checkpoint.load_model(path, world.device, trainable=False), checkpoint.load_tokenizer(path)
         environment = checkpoint.environment(world)  # every rank: it all-gathers the device names
         try:
-            metrics = evaluate_and_save(model, tokenizer, step=0)
+            metrics = evaluate_and_save(model, tokenizer, 0, path)
         except evaluate.Stopped:
             raise distributed.preempted(0, "[stop] evaluation stopped on request: nothing written",
                                         cfg.grail_stop_file, world) from None
@@ -291,7 +297,7 @@ def train(cfg, world, ignored_keys=()):
     try:
         if start_step == 0:
             if cfg.eval_on_start:
-                evaluate_and_save(model, tokenizer, step=0)
+                evaluate_and_save(model, tokenizer, 0, model_path)
             if cfg.bc_steps:
                 behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world)
             for k in tqdm(range(cfg.gail_warmup_steps if disc_trainer else 0), desc="gail warm-up",
@@ -375,7 +381,7 @@ def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, world, 
     truncated = out.truncated.tolist()
     parsed = [rewards.parse(text, was_truncated, row, prompt.answer_only)
               for text, was_truncated, row in zip(out.texts, truncated, expanded)]
-    total, components, counts = rewards.score(parsed, expanded, prompt.answer_only, cfg.reward_funcs,
+    total, components, counts = rewards.score(parsed, expanded, cfg.reward_funcs,
                                               cfg.reward_weights, G)
     diagnostics = None
     if disc_trainer is not None:
@@ -405,6 +411,7 @@ def behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world):
     """The warm start (grpo.behaviour_cloning) on the training split's human answers, `prompts_per_step`
     rows a step; a stop request ends it (it is not checkpointed: a restart begins it again)."""
     prompt, prior = prompts.PromptFormat.of(cfg), choices.position_prior(train_rows)
+    direction_prior, end = opinions.direction_prior(train_rows), rollout.stop_token_ids(model, tokenizer)[0]
 
     def batches():
         for step in tqdm(range(cfg.bc_steps), desc="cloning", disable=not world.is_main, dynamic_ncols=True):
@@ -413,8 +420,9 @@ def behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world):
                                                "begins again", cfg.grail_stop_file, world)
             rows = [train_rows[i] for i in data.rank_step_prompts(len(train_rows), cfg.prompts_per_step, step,
                                                                    f"{cfg.seed}:bc", world)]
-            yield [prompt.text(tokenizer, r) for r in rows], [choices.cloning_targets(r, prior, cfg.bc_label_smoothing)
-                                                              for r in rows]
+            yield [prompt.text(tokenizer, r) for r in rows], [
+                choices.cloning_targets(tokenizer, r, prior, cfg.bc_label_smoothing, direction_prior,
+                                        cfg.bc_opinion_smoothing, end) for r in rows]
 
     losses = grpo.behaviour_cloning(policy, model, tokenizer, batches(), cfg, world)
     world.print(f"[bc] {cfg.bc_steps} steps of behaviour cloning on the human answers: cross-entropy per row "

@@ -6,8 +6,9 @@ rows per second, each phase shown as a fraction of those limits (a script, not a
 
 Matmuls: one decoder layer's (q, k, v, o, gate, up, down) on a prompt-length activation, timed
 `runs` times after a warm-up, median. Phases (fp32, then under bf16 autocast): the exact choice
-distribution of `rows` held-out answer-mode rows (one tree-masked forward a row, choices.py), and
-`bc_steps` cloning steps of 2 rows with the default recipe's label smoothing (grpo.behaviour_cloning).
+and opinion distributions of `rows` held-out answer-mode rows (one tree-masked forward a row, choices.py), and
+`bc_steps` cloning steps of 2 rows with the default recipe's label smoothing (grpo.behaviour_cloning);
+and in fp32 the click's distribution and cloning target alone (what the opinion's branches cost).
 A phase's model FLOPs come from bench.gpu.forward_flops (x 3 for forward + backward); its fraction
 of the limit is those FLOPs per second over the matmul throughput. Also printed: the rows' log-loss of
 the human click in fp32 and in bf16, and how far the bf16 distributions are from the fp32 ones
@@ -27,6 +28,7 @@ import data
 import distributed
 import errors
 import grpo
+import opinions
 import prompts
 import rollout
 import train_grail as tg
@@ -73,29 +75,36 @@ def precision(bf16, device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-def exact_phase(model, tokenizer, texts, rows, stop_ids, bf16, device):
-    """(rows per second, GFLOP per row, the distributions) of the exact evaluation on `rows`."""
+def exact_phase(model, tokenizer, texts, rows, stop_ids, bf16, device, opinion=True):
+    """(rows per second, GFLOP per row, the click distributions) of the exact evaluation on `rows`:
+    the click's and (`opinion`) the opinion's branches, as the evaluation runs it."""
+    def gold(row):
+        return row["gold_index"] if opinion else None
+
     with precision(bf16, device):
-        choices.choice_logprobs(model, tokenizer, texts[0], rows[0]["n_options"], stop_ids)  # warm-up
-        t0 = time.perf_counter()
-        dists = [choices.choice_logprobs(model, tokenizer, text, row["n_options"], stop_ids).exp()
+        choices.answer_logprobs(model, tokenizer, texts[0], rows[0]["n_options"], stop_ids, gold(rows[0]))
+        t0 = time.perf_counter()  # after a warm-up
+        dists = [choices.answer_logprobs(model, tokenizer, text, row["n_options"], stop_ids, gold(row))[0].exp()
                  for text, row in zip(texts, rows)]
         seconds = time.perf_counter() - t0
     flops = 0
-    for text, row in zip(texts, rows):
-        numbers, close = choices.option_branches(tokenizer, row["n_options"])
+    for text, row in zip(texts, rows):  # every branch of the tree (their mean width)
+        branches = choices.answer_branches(tokenizer, row["n_options"], gold(row))
         prompt_tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
-        width = max(len(n) for n in numbers) + len(close)
-        flops += forward_flops(model, prompt_tokens, width, row["n_options"], logits=row["n_options"] * width)
+        width = sum(len(ids) for ids, _, _ in branches) / len(branches)
+        scored = sum(len(ids) - start for ids, start, _ in branches)
+        flops += forward_flops(model, prompt_tokens, width, len(branches), logits=scored)
     return len(rows) / seconds, flops / len(rows) / 1e9, dists
 
 
 def cloning_phase(model, tokenizer, texts, rows, train_rows, steps, bf16, world):
     """(rows per second, GFLOP per row) of `steps` cloning steps of 2 rows (forward + backward)."""
     cfg = tg.Config(prompt_mode="answer", bc_steps=steps + 1, bc_learning_rate=1e-12, bf16=bf16, prompts_per_step=2,
-                    bc_label_smoothing=0.8)
-    prior = choices.position_prior(train_rows)
-    batches = [(texts[i:i + 2], [choices.cloning_targets(r, prior, cfg.bc_label_smoothing) for r in rows[i:i + 2]])
+                    bc_label_smoothing=0.8, bc_opinion_smoothing=0.5)
+    prior, direction_prior = choices.position_prior(train_rows), opinions.direction_prior(train_rows)
+    end = rollout.stop_token_ids(model, tokenizer)[0]
+    batches = [(texts[i:i + 2], [choices.cloning_targets(tokenizer, r, prior, cfg.bc_label_smoothing, direction_prior,
+                                                         cfg.bc_opinion_smoothing, end) for r in rows[i:i + 2]])
                for i in range(0, 2 * (steps + 1), 2)]
     policy = grpo.Policy(model, True)
     times = []
@@ -109,7 +118,6 @@ def cloning_phase(model, tokenizer, texts, rows, train_rows, steps, bf16, world)
     with precision(bf16 and world.device.type == "cpu", world.device):
         grpo.behaviour_cloning(policy, model, tokenizer, timed_batches(), cfg, world)
     seconds = times[-1] - times[1]  # the first step warms up
-    end = rollout.stop_token_ids(model, tokenizer)[0]
     flops = 0
     for prompt_texts, targets in batches[1:]:
         batch = grpo.cloning_batch(tokenizer, prompt_texts, targets, end, world.device)
@@ -143,9 +151,14 @@ def run(args):
     for name, bf16 in (("fp32", False), ("bf16", True)):
         rate, gflop, dists[name] = exact_phase(model, tokenizer, texts, rows, stop_ids, bf16, world.device)
         phases[f"exact evaluation, {name}"] = (rate, gflop)
+    phases["exact evaluation, fp32, the click alone"] = exact_phase(model, tokenizer, texts, rows, stop_ids, False,
+                                                                    world.device, opinion=False)[:2]
     for name, bf16 in (("fp32", False), ("bf16", True)):
         phases[f"cloning step, {name}"] = cloning_phase(model, tokenizer, bc_texts, bc_rows, train_rows,
                                                         args["bc_steps"], bf16, world)
+    unlabelled = [dict(row, opinion_direction=None) for row in bc_rows]  # no opinion target
+    phases["cloning step, fp32, the click alone"] = cloning_phase(model, tokenizer, bc_texts, unlabelled, train_rows,
+                                                                  args["bc_steps"], False, world)
     gold = [torch.log(d[row["gold_index"] - 1]) for d, row in zip(dists["fp32"], rows)]
     gold_bf16 = [torch.log(d[row["gold_index"] - 1]) for d, row in zip(dists["bf16"], rows)]
     return {"machine": machine(world.device), "prompt_tokens": tokens, "limits_gflops": limits, "phases": phases,

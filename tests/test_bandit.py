@@ -61,18 +61,23 @@ def train_bandit(reward, scale="batch", steps=300, prompts=16, G=8, seed=0, gail
         if trainer is not None:  # scored by D as it is before this step's updates, as the trainer does
             d_rewards, _ = trainer.policy_rewards([rows[i] for i in indices], indices, choices, G)
             values = d_rewards if reward is None else rewards.mix_disc(values, d_rewards, gail_weight)
-        advantages = grpo.group_advantages(torch.tensor(values).view(prompts, G), scale, 1e-4).view(-1)
         logp = torch.log_softmax(logits, 0)[torch.tensor(choices) - 1].unsqueeze(1)  # one token per completion
-        mask = torch.ones_like(logp, dtype=torch.long)
-        token_loss, _, _ = grpo.per_token_loss(logp, logp.detach(), None, advantages, 0.2, 0.2, 0.0)
-        loss = grpo.loss_numerator(token_loss, mask, "dapo") / grpo.loss_normaliser("dapo", mask, 1)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        grpo_step(logp, values, prompts, G, scale, optimizer, scheduler)
         for _ in range(disc_steps if trainer else 0):
             trainer.step()
     return torch.softmax(logits.detach(), 0)
+
+
+def grpo_step(logp, values, prompts, G, scale, optimizer, scheduler):
+    """One update through the project's group advantages, clipped per-token loss and normaliser."""
+    advantages = grpo.group_advantages(torch.tensor(values).view(prompts, G), scale, 1e-4).view(-1)
+    mask = torch.ones_like(logp, dtype=torch.long)
+    token_loss, _, _ = grpo.per_token_loss(logp, logp.detach(), None, advantages, 0.2, 0.2, 0.0)
+    loss = grpo.loss_numerator(token_loss, mask, "dapo") / grpo.loss_normaliser("dapo", mask, 1)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
 
 
 def tvd(p):
@@ -114,3 +119,57 @@ def test_accuracy_with_the_discriminator_collapses():
     the policy against a base reward whose optimum is a point mass."""
     p = train_bandit("accuracy", "group", gail=True)
     assert tvd(p) > 0.2 and p[0] > 0.7
+
+
+# --- the opinion: the same rule on the opinion, averaged with the click's (rewards.score) ---
+
+OPINION_Q = {"left": (0.7, 0.2, 0.1), "right": (0.15, 0.75, 0.1)}  # who the viewer is sets the opinion
+
+
+def train_joint_bandit(reward, scale="batch", steps=600, prompts=32, G=8, seed=0):
+    """Two kinds of viewer, each a state of a tabular policy over (click, opinion) pairs; the humans'
+    click is drawn from Q and their opinion from their kind's OPINION_Q, independently. Rewards come
+    from rewards.score on the sampled pairs. Returns {kind: (click marginal, opinion marginal)}."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    kinds, labels = sorted(OPINION_Q), rewards.OPINION_LABELS
+    rows = [{"kind": kind, "gold_index": rng.choices(range(1, len(Q) + 1), weights=Q)[0], "n_options": len(Q),
+             "opinion_direction": rng.choices(labels, weights=OPINION_Q[kind])[0]}
+            for kind in kinds for _ in range(256)]
+    logits = torch.nn.Parameter(torch.zeros(len(kinds), len(Q) * len(labels)))
+    cfg = tg.Config(learning_rate=0.05, max_steps=steps, warmup_ratio=0.0, loss_type="dapo", seed=seed)
+    optimizer, scheduler = grpo.make_optimizer(torch.nn.ParameterList([logits]), cfg)
+    for _ in range(steps):
+        batch = [rows[rng.randrange(len(rows))] for _ in range(prompts)]
+        states = torch.tensor([kinds.index(row["kind"]) for row in batch]).repeat_interleave(G)
+        with torch.no_grad():
+            pairs = torch.multinomial(torch.softmax(logits[states], -1), 1).squeeze(1)
+        parsed = [rewards.Parsed(int(p) // len(labels) + 1, "parsed", True, labels[int(p) % len(labels)])
+                  for p in pairs]
+        values, _, _ = rewards.score(parsed, [row for row in batch for _ in range(G)], [reward], [1.0], G)
+        logp = torch.log_softmax(logits[states], -1).gather(1, pairs[:, None])  # one token per completion
+        grpo_step(logp, values, prompts, G, scale, optimizer, scheduler)
+    joint = torch.softmax(logits.detach(), -1).view(len(kinds), len(Q), len(labels))
+    return {kind: (joint[i].sum(1), joint[i].sum(0), shares(rows, kind, "gold_index", range(1, len(Q) + 1)),
+                   shares(rows, kind, "opinion_direction", labels)) for i, kind in enumerate(kinds)}
+
+
+def shares(rows, kind, key, outcomes):
+    """The shares of `key`'s outcomes among the kind's rows: the distribution its sampled humans have."""
+    mine = [row[key] for row in rows if row["kind"] == kind]
+    return [mine.count(outcome) / len(mine) for outcome in outcomes]
+
+
+def tvd_to(p, q):
+    return 0.5 * sum(abs(a - b) for a, b in zip(p.tolist(), q))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_calibration_learns_each_viewers_opinion_and_the_click(seed):
+    for kind, (click, opinion, clicks, opinions) in train_joint_bandit("calibration", seed=seed).items():
+        assert tvd_to(click, clicks) < 0.05 and tvd_to(opinion, opinions) < 0.05, (kind, click, clicks, opinion, opinions)
+
+
+def test_accuracy_collapses_the_opinion_onto_each_viewers_mode():
+    for kind, (_, opinion, _, _) in train_joint_bandit("accuracy", "group").items():
+        assert opinion.max() > 0.95 and opinion.argmax().item() == max(range(3), key=OPINION_Q[kind].__getitem__)

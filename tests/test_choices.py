@@ -66,12 +66,16 @@ def test_window_shorter_than_the_prompt_scores_each_option_alone(tmp_path):
 def teach(model, tokenizer, text, targets, steps=150):
     """A few Adam steps of maximum likelihood on completions drawn with the given weights, so the
     tiny model puts most of its mass on answers."""
-    prompt = tokenizer(text, add_special_tokens=False).input_ids
+    return teach_tokens(model, tokenizer(text, add_special_tokens=False).input_ids,
+                        {tuple(tokenizer.encode(c, add_special_tokens=False)): w for c, w in targets.items()}, steps)
+
+
+def teach_tokens(model, prompt, targets, steps=150):
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):
         for completion, weight in targets.items():
-            ids = prompt + tokenizer.encode(completion, add_special_tokens=False)
+            ids = prompt + list(completion)
             logits = model(input_ids=torch.tensor([ids])).logits[0, len(prompt) - 1:-1]
             loss = weight * torch.nn.functional.cross_entropy(logits, torch.tensor(ids[len(prompt):]))
             loss.backward()
@@ -96,6 +100,77 @@ def test_exact_distribution_agrees_with_sampled_answers(tiny_model_dir):
     for k in (1, 2, 3):
         p = exact[k - 1].item()
         assert abs(answers[k] / K - p) < 4 * math.sqrt(p * (1 - p) / K) + 0.01, (k, answers, exact)
+
+
+def brute_force_opinion(model, tokenizer, prompt_text, gold, stop_ids):
+    """log p(d | gold) per direction from plain forwards over whole sequences, each direction its own:
+    P(tokens of d | prompt + "gold</answer><opinion>") x (P(a stop token next) + P("</opinion>" next))."""
+    prompt = tokenizer(prompt_text, add_special_tokens=False).input_ids
+    prefix = prompt + [t for piece in (str(gold), "</answer>", "<opinion>")
+                       for t in tokenizer.encode(piece, add_special_tokens=False)]
+    close = tokenizer.encode("</opinion>", add_special_tokens=False)
+    out = []
+    for label in data.OPINION_LABELS:
+        word = tokenizer.encode(label, add_special_tokens=False)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([prefix + word + close])).logits[0].double(), -1)
+        follow = [logp[len(prefix) - 1 + i, t].item() for i, t in enumerate(word + close)]
+        after = logp[len(prefix) - 1 + len(word)]
+        p_close = sum(after[s].exp().item() for s in stop_ids) + math.exp(sum(follow[len(word):]))
+        out.append(sum(follow[:len(word)]) + math.log(p_close))
+    return out
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_opinion_distribution_equals_brute_force_and_leaves_the_click_alone(tiny_model_dir, attention):
+    model = checkpoint.load_model(str(tiny_model_dir), CPU, trainable=False)
+    model.set_attn_implementation(attention)
+    tokenizer = checkpoint.load_tokenizer(str(tiny_model_dir))
+    stop_ids = rollout.stop_token_ids(model, tokenizer)
+    text = prompts.PromptFormat("answer").text(tokenizer, row_with(11))
+    click, opinion = choices.answer_logprobs(model, tokenizer, text, 11, stop_ids, gold=10)
+    assert opinion.tolist() == pytest.approx(brute_force_opinion(model, tokenizer, text, 10, stop_ids), abs=1e-4)
+    alone = choices.choice_logprobs(model, tokenizer, text, 11, stop_ids)  # no opinion branches in the tree
+    assert click.tolist() == pytest.approx(alone.tolist(), abs=1e-5)
+    assert choices.answer_logprobs(model, tokenizer, text, 11, stop_ids)[1] is None
+
+
+def test_window_shorter_than_the_prompt_scores_each_opinion_alone(tmp_path):
+    import tiny
+
+    folder = tiny.make_tiny_model(tmp_path, sliding_window=16)
+    model, tokenizer = checkpoint.load_model(str(folder), CPU, trainable=False), checkpoint.load_tokenizer(str(folder))
+    stop_ids = rollout.stop_token_ids(model, tokenizer)
+    text = prompts.PromptFormat("answer").text(tokenizer, row_with(3))
+    _, opinion = choices.answer_logprobs(model, tokenizer, text, 3, stop_ids, gold=2)
+    assert opinion.tolist() == pytest.approx(brute_force_opinion(model, tokenizer, text, 2, stop_ids), abs=1e-4)
+
+
+def test_exact_opinion_distribution_agrees_with_sampled_opinions(tiny_model_dir):
+    """Taught three opinion continuations of a click, the model's sampled continuations of the prompt
+    and the click's tokens (as the exact distribution writes them) match the exact p(d | click)."""
+    model = checkpoint.load_model(str(tiny_model_dir), CPU, trainable=True)
+    tokenizer = checkpoint.load_tokenizer(str(tiny_model_dir))
+    row = row_with(3, gold=2)
+    text = prompts.PromptFormat("answer").text(tokenizer, row)
+    prompt = tokenizer(text, add_special_tokens=False).input_ids
+    answered, opened, words, close = choices.opinion_branches(tokenizer, 2)
+    prefix, eos = prompt + answered + opened, tokenizer.eos_token_id
+    teach_tokens(model, prefix, {tuple(words[0] + close + [eos]): 0.5, tuple(words[1] + close + [eos]): 0.3,
+                                 tuple(words[2] + [eos]): 0.2})  # no_change ends the turn without the tag
+    stop_ids = rollout.stop_token_ids(model, tokenizer)
+    exact = choices.answer_logprobs(model, tokenizer, text, 3, stop_ids, gold=2)[1].exp()
+    assert 0.8 < exact.sum() <= 1.0 and (exact > 0.05).all()  # the test compares real masses
+    K = 600
+    torch.manual_seed(0)
+    ids = torch.tensor([prefix])
+    completions = rollout.sample(model, ids, torch.ones_like(ids), K, 12, stop_ids, eos, 1.0, 1.0, False, True)
+    mask, truncated = rollout.completion_mask(completions, stop_ids)
+    texts = tokenizer.batch_decode(completions.masked_fill(mask == 0, eos), skip_special_tokens=True)
+    seen = Counter(rewards.parse_opinion("<opinion>" + t + ("" if cut else "</opinion>"))
+                   for t, cut in zip(texts, truncated.tolist()))
+    for label, p in zip(data.OPINION_LABELS, exact.tolist()):
+        assert abs(seen[label] / K - p) < 4 * math.sqrt(p * (1 - p) / K) + 0.01, (label, seen, exact)
 
 
 def test_scores_by_hand():

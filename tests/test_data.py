@@ -30,6 +30,8 @@ BAD_ROWS = {
                        "next_video_id": "a"},
     "bad_opinion_direction": {"slate_items_json": [{"id": "a", "title": "A"}], "next_video_id": "a",
                               "opinion_direction": "up"},
+    "wrong_type:opinion_before": {"slate_items_json": [{"id": "a", "title": "A"}], "next_video_id": "a",
+                                  "opinion_before": "95%"},
     "slate_too_large": {"slate_items_json": [{"id": str(i), "title": "x"} for i in range(60)],
                         "next_video_id": "1"},
 }

@@ -1,6 +1,14 @@
-"""Evaluation on hand-made fixtures: intervals, baselines, views, published checkpoints."""
+"""Evaluation on hand-made fixtures: intervals, baselines, views, published checkpoints; the cache of
+an unchanged model's exact distributions."""
+import json
+import shutil
+
 import pytest
 
+import checkpoint
+import choices
+import data
+import distributed
 import evaluate
 import prompts
 
@@ -58,3 +66,31 @@ def test_reference_checkpoints_on_the_same_rows():
     refs = evaluate.reference_metrics(rows)
     assert refs["grail"]["accuracy"] == 0.5 and refs["grail"]["n"] == 2
     assert refs["grpo"]["accuracy"] == 1.0 and refs["grpo"]["n"] == 1
+
+
+def test_distribution_cache_reuses_only_what_the_same_files_code_and_prompt_give(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    world = distributed.single_process("cpu")
+    model, tokenizer = checkpoint.load_model(str(folder), world.device, trainable=False), checkpoint.load_tokenizer(str(folder))
+    rows = data.load_examples("", 0.1, 0, log=lambda msg: None)[1][:3]
+    calls = []
+    real = choices.answer_logprobs
+    monkeypatch.setattr(choices, "answer_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(prompt=prompts.PromptFormat("answer"), cache_dir=tmp_path / "evals"):
+        cache = evaluate.DistributionCache(folder, model, False, cache_dir)
+        return evaluate.exact_distributions(model, tokenizer, rows, prompt, world, 2, evaluate.never, cache=cache)
+
+    first = run()
+    assert len(calls) == 3
+    assert run() == first and len(calls) == 3  # read back, nothing computed
+    run(prompts.PromptFormat("answer", system_prompt="Be brief."))  # another prompt: other keys
+    assert len(calls) == 6
+    (folder / "config.json").write_text((folder / "config.json").read_text() + " ")  # other files: another cache
+    assert run() == first and len(calls) == 9
+    cache_file = evaluate.DistributionCache(folder, model, False, tmp_path / "evals").path
+    cache_file.write_text("{broken")  # never trusted: recomputed, and the file repaired
+    assert run() == first and len(calls) == 12
+    assert json.loads(cache_file.read_text())

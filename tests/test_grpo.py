@@ -9,6 +9,7 @@ import checkpoint
 import choices
 import data
 import grpo
+import opinions
 import prompts
 import rollout
 import tiny
@@ -140,35 +141,55 @@ def test_advantage_one_at_ratio_one_is_the_likelihood_gradient():
     assert not clipped.any()
 
 
-def test_cloning_targets_mix_the_click_with_the_position_prior(bundled):
+def test_cloning_targets_mix_the_click_and_the_opinion_with_their_priors(bundled, tiny_model_dir):
+    tokenizer = checkpoint.load_tokenizer(tiny_model_dir)
     train_rows, _ = data.load_examples("", 0.1, 0, log=lambda msg: None)
-    prior = choices.position_prior(train_rows)
-    row = next(r for r in train_rows if r["n_options"] >= 4)
-    assert choices.cloning_targets(row, prior, 0.0) == [(f"{row['gold_index']}</answer>", 1.0)]
-    targets = choices.cloning_targets(row, prior, 0.3)
-    assert [answer for answer, _ in targets] == [f"{k}</answer>" for k in range(1, row["n_options"] + 1)]
-    assert sum(w for _, w in targets) == pytest.approx(1.0)
-    for k, (_, w) in enumerate(targets, 1):
-        assert w == pytest.approx(0.7 * (k == row["gold_index"]) + 0.3 * prior(row["n_options"])[k - 1])
+    prior, direction_prior = choices.position_prior(train_rows), opinions.direction_prior(train_rows)
+    row = next(r for r in train_rows if r["n_options"] >= 4 and r["opinion_direction"] == "decrease")
+    gold, end = row["gold_index"], 7
+
+    def decoded(targets):
+        return [(tokenizer.decode(ids), w, tokenizer.decode(ids[start:])) for ids, w, start in targets]
+
+    assert decoded(choices.cloning_targets(tokenizer, row, prior, 0.0, direction_prior, 0.0, end)) == [
+        (f"{gold}</answer>", 1.0, f"{gold}</answer>"),
+        (f"{gold}</answer><opinion>decrease</opinion>{tokenizer.decode([end])}", 1.0,
+         f"<opinion>decrease</opinion>{tokenizer.decode([end])}")]
+    targets = decoded(choices.cloning_targets(tokenizer, row, prior, 0.3, direction_prior, 0.4, end))
+    clicks, views = targets[:row["n_options"]], targets[row["n_options"]:]
+    assert [text for text, _, _ in clicks] == [f"{k}</answer>" for k in range(1, row["n_options"] + 1)]
+    for k, (_, w, _) in enumerate(clicks, 1):
+        assert w == pytest.approx(0.7 * (k == gold) + 0.3 * prior(row["n_options"])[k - 1])
+    assert [text for text, _, _ in views] == [f"{gold}</answer><opinion>{d}</opinion>{tokenizer.decode([end])}"
+                                             for d in data.OPINION_LABELS]
+    for d, (_, w, _) in zip(data.OPINION_LABELS, views):
+        assert w == pytest.approx(0.6 * (d == "decrease") + 0.4 * direction_prior(row)[data.OPINION_LABELS.index(d)])
+    assert sum(w for _, w, _ in clicks) == pytest.approx(1.0) and sum(w for _, w, _ in views) == pytest.approx(1.0)
+    unlabelled = dict(row, opinion_direction=None)
+    assert len(choices.cloning_targets(tokenizer, unlabelled, prior, 0.3, direction_prior, 0.4, end)) == row["n_options"]
 
 
 def test_smoothed_cloning_batch_has_the_cross_entropy_gradient(tiny_model_dir):
-    """Each prompt's completions are its options weighted by the targets (the shorter slate padded
-    with weight-0 copies); the update's loss then has the gradient of
-    -sum_rows sum_k t_k log p("k</answer>" + end), over the batch's normaliser, which the reference
-    computes one full prompt + answer sequence at a time."""
+    """Each prompt's completions are its targets (the shorter list padded with weight-0 copies), each
+    token's advantage its target's weight from the target's first scored token on; the update's loss
+    then has the gradient of -sum_rows sum_targets w sum_(scored tokens) log p, over the batch's
+    normaliser, which the reference computes one full prompt + target sequence at a time."""
     model = checkpoint.load_model(tiny_model_dir, CPU, trainable=True)
     tokenizer = checkpoint.load_tokenizer(tiny_model_dir)
     train_rows, _ = data.load_examples("", 0.1, 0, log=lambda msg: None)
-    prior = choices.position_prior(train_rows)
-    rows = [next(r for r in train_rows if r["n_options"] == 2), next(r for r in train_rows if r["n_options"] >= 4)]
+    prior, direction_prior = choices.position_prior(train_rows), opinions.direction_prior(train_rows)
+    rows = [next(r for r in train_rows if r["n_options"] == 2 and r["opinion_direction"]),
+            next(r for r in train_rows if r["n_options"] >= 4 and r["opinion_direction"])]
     texts = [prompts.PromptFormat("answer").text(tokenizer, r) for r in rows]
-    targets = [choices.cloning_targets(r, prior, 0.3) for r in rows]
     end = rollout.stop_token_ids(model, tokenizer)[0]
+    targets = [choices.cloning_targets(tokenizer, r, prior, 0.3, direction_prior, 0.5, end) for r in rows]
     batch = grpo.cloning_batch(tokenizer, texts, targets, end, CPU)
-    width = rows[1]["n_options"]
+    width = rows[1]["n_options"] + 3
     assert batch["completion_ids"].shape[0] == 2 * width
-    assert batch["advantages"][2:width].tolist() == [0.0] * (width - 2)  # the padding of the 2-option slate
+    assert batch["advantages"][5:width].abs().sum() == 0  # the padding of the 2-option slate
+    ids, weight, start = targets[0][2]  # the first opinion target: its click's tokens are not scored
+    assert batch["advantages"][2, :start].abs().sum() == 0
+    assert batch["advantages"][2, start:len(ids)].tolist() == pytest.approx([weight] * (len(ids) - start))
 
     params = [p for p in model.parameters() if p.requires_grad]
     logp = grpo.completion_logprobs(model, batch, 1.0)
@@ -179,11 +200,10 @@ def test_smoothed_cloning_batch_has_the_cross_entropy_gradient(tiny_model_dir):
     cross_entropy = 0.0
     for text, row_targets in zip(texts, targets):
         prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
-        for answer, weight in row_targets:
-            answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [end]
+        for answer_ids, weight, start in row_targets:
             logits = model(input_ids=torch.tensor([prompt_ids + answer_ids])).logits[0, len(prompt_ids) - 1:-1]
-            sequence_logp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(answer_ids)[:, None]).sum()
-            cross_entropy = cross_entropy - weight * sequence_logp
+            token_logp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(answer_ids)[:, None])
+            cross_entropy = cross_entropy - weight * token_logp[start:].sum()
     want = torch.autograd.grad(cross_entropy / normaliser, params)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-6, rtol=1e-4)

@@ -25,7 +25,7 @@ def test_parse_answer_is_strict(text, expected, reason):
 def score(texts, rows, answer_only=False, truncated=None, funcs=("accuracy", "format"), weights=(1.0, 0.0)):
     truncated = truncated or [False] * len(texts)
     parsed = [rewards.parse(text, cut, row, answer_only) for text, cut, row in zip(texts, truncated, rows)]
-    return rewards.score(parsed, rows, answer_only, list(funcs), list(weights), num_generations=len(texts))
+    return rewards.score(parsed, rows, list(funcs), list(weights), num_generations=len(texts))
 
 
 def test_accuracy_counts_out_of_range_and_unparseable():
@@ -47,13 +47,16 @@ def test_opinion_is_averaged_with_the_answer_when_labelled():
     assert comps["accuracy"] == [1.0, 1.0, 0.0, 0.0]
 
 
-def test_answer_only_mode_ignores_opinion_and_closes_the_turn():
-    # The prompt opened the turn with "<answer>"; a turn that ended after the number counts.
-    completions = ["3</answer>", "3", "3", "3 because"]
-    truncated = [False, False, True, False]
-    _, comps, _ = score(completions, [ROW] * 4, answer_only=True, truncated=truncated)
-    assert comps["accuracy"] == [1.0, 1.0, 0.0, 0.0]
-    assert comps["format"] == [1.0, 1.0, 0.0, 0.0]
+def test_answer_only_mode_scores_the_opinion_and_closes_the_turn():
+    # The prompt opened the turn with "<answer>"; a turn that ended after the number counts as the click.
+    completions = ["3</answer><opinion>increase</opinion>", "3</answer>\n<opinion> decrease </opinion>", "3",
+                   "3", "3 because"]
+    truncated = [False, False, False, True, False]
+    _, comps, _ = score(completions, [ROW] * 5, answer_only=True, truncated=truncated)
+    assert comps["accuracy"] == [1.0, 0.5, 0.5, 0.0, 0.0]
+    assert comps["format"] == [1.0, 1.0, 0.0, 0.0, 0.0]  # the prompt asks for the opinion too
+    _, comps, _ = score(completions, [UNLABELLED] * 5, answer_only=True, truncated=truncated)
+    assert comps["accuracy"] == [1.0, 1.0, 1.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("text, ok", [

@@ -1,6 +1,7 @@
 """End-to-end runs of train_grail.py on a tiny random model: training, GAIL, resume, evaluation,
 torchrun, recipes, and the documentation of every Config key."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def small_cfg(model_dir, out_dir, **overrides):
 def test_gail_run_logs_disc_metrics(tiny_model_dir, tmp_path):
     # Cloned first, so some of the tiny model's answers parse and D scores them.
     tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=3, gail_use=True, gail_warmup_steps=1,
-                       gail_disc_batch=8, eval_samples=0, gail_disc_steps=2, bc_steps=30, bc_learning_rate=1e-2,
+                       gail_disc_batch=8, eval_samples=0, gail_disc_steps=2, bc_steps=60, bc_learning_rate=1e-2,
                        max_completion_length=12), CPU)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for key in ("disc/loss", "disc/acc_human", "disc/acc_policy", "disc/mean_d_policy", "disc/entropy",
@@ -66,6 +67,9 @@ def test_behaviour_cloning_raises_the_likelihood_of_the_human_answers(tiny_model
     after = json.loads((tmp_path / "eval.json").read_text())
     assert after["choice_valid_mass"] > 2 * before["choice_valid_mass"]  # it learned "N</answer>"
     assert after["choice_logloss"] < before["choice_logloss"] - 1
+    opinion_mass = [ev["views"]["original"]["opinion"]["model"]["valid_mass"] for ev in (before, after)]
+    assert opinion_mass[1] > 2 * opinion_mass[0]  # and "</answer><opinion>d</opinion>" after the click
+    assert after["opinion_logloss"] < before["opinion_logloss"] - 1
 
 
 def run_cli(args, nproc=None):
@@ -181,8 +185,10 @@ def test_eval_only_command_writes_the_choice_keys(tiny_model_dir, tmp_path, bund
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert saved["n_total"] == 5 and saved["choice_method"] == "exact"
     for key in ("choice_logloss", "choice_logloss_renorm", "choice_brier", "choice_tvd", "choice_valid_mass",
-                "prior_logloss", "uniform_logloss"):
+                "prior_logloss", "uniform_logloss", "opinion_logloss", "opinion_brier", "opinion_prior_logloss",
+                "opinion_baseline_logloss", "opinion_uniform_logloss"):
         assert isinstance(saved[key], float), key
+    assert saved["opinion_method"] == "exact" and saved["opinion_uniform_logloss"] == pytest.approx(math.log(3))
 
 
 @pytest.mark.parametrize("fsdp", ["false", "true"])
@@ -249,8 +255,8 @@ def test_stop_file_raises_preempted_after_the_checkpoint(tiny_model_dir, tmp_pat
 @pytest.mark.parametrize("prompt_mode", ["think", "answer"])
 def test_rollouts_and_evaluation_run_under_the_training_autocast(tiny_model_dir, tmp_path, monkeypatch, prompt_mode):
     """On CUDA that is bf16 autocast; here a CPU autocast stands in for it, and every generate call
-    (training rollouts; greedy and sampled evaluation in think mode) and every exact choice forward
-    (evaluation in answer mode) must run inside it."""
+    (training rollouts; greedy and sampled evaluation in think mode) and every exact forward of the
+    choice and the opinion (evaluation in answer mode) must run inside it."""
     import choices
     import rollout
 
@@ -263,10 +269,10 @@ def test_rollouts_and_evaluation_run_under_the_training_autocast(tiny_model_dir,
         return wrapper
 
     monkeypatch.setattr(rollout, "generate", recording("generate", rollout.generate))
-    monkeypatch.setattr(choices, "choice_logprobs", recording("choice", choices.choice_logprobs))
+    monkeypatch.setattr(choices, "answer_logprobs", recording("choice", choices.answer_logprobs))
     monkeypatch.setattr(distributed, "autocast", lambda bf16, device: torch.autocast("cpu", dtype=torch.bfloat16))
     tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=1, save_steps=0, prompt_mode=prompt_mode,
-                       eval_samples=2, eval_max_rows=3), CPU)
+                       eval_samples=2, eval_max_rows=3, eval_cache=False), CPU)  # it counts forwards
     if prompt_mode == "think":  # eval before (greedy x 3 views, sampled), one rollout, eval after
         assert len(inside["generate"]) >= 9 and not inside["choice"]
     else:  # one rollout; 3 views x 3 rows, before and after

@@ -1,0 +1,166 @@
+"""The viewer's opinion shift as a distribution, and its proper scores beside its baselines.
+
+After the human's click, the answer-mode prompt's next tokens are "</answer><opinion>" and the
+direction: choices.answer_logprobs reads p(direction | prompt, click) exactly, in the same forward as
+the click. Each participant has one label (the pre/post survey), so rows of one participant share it;
+scores are given per row and per participant (each participant's mean, then the mean over them).
+
+Baselines, fit on the training split's participants (one vote each):
+- uniform over the three directions;
+- the direction prior of the row's issue (add-0.5 smoothed);
+- "no change", as upstream scores it (the accuracy of always answering no_change);
+- a softmax over the directions linear in the pre-study opinion index (`opinion_before`, 0-1),
+  per issue: what a simulator that reads the profile's "support score" should at least match.
+"""
+import math
+from collections import Counter
+
+import torch
+
+import choices
+from data import OPINION_LABELS
+
+SMOOTHING = 0.5  # additive pseudo-count of the direction prior
+LOGISTIC_L2 = 1e-4  # keeps the fit finite where a direction is rare (no_change: 2-4% of participants)
+
+
+def label_index(row):
+    """The row's direction as a 1-based index into OPINION_LABELS (None without a label)."""
+    label = row.get("opinion_direction")
+    return OPINION_LABELS.index(label) + 1 if label else None
+
+
+def participants(rows):
+    """One (issue, label, opinion_before) per labelled participant of `rows`."""
+    seen = {}
+    for row in rows:
+        if row.get("opinion_direction"):
+            seen.setdefault(row["participant_key"], (row.get("issue"), row["opinion_direction"],
+                                                     row.get("opinion_before")))
+    return list(seen.values())
+
+
+def _normalised(counts):
+    weights = [counts[label] + SMOOTHING for label in OPINION_LABELS]
+    return [w / sum(weights) for w in weights]
+
+
+def direction_prior(train_rows):
+    """row -> P(direction) of the row's issue among the training participants (all issues' where the
+    training split has none of that issue)."""
+    people = participants(train_rows)
+    overall = _normalised(Counter(label for _, label, _ in people))
+    by_issue = {issue: _normalised(Counter(label for i, label, _ in people if i == issue))
+                for issue in {issue for issue, _, _ in people}}
+    return lambda row: by_issue.get(row.get("issue"), overall)
+
+
+def fit_logistic(x, y, n_classes=len(OPINION_LABELS)):
+    """Maximum likelihood (with a small L2) of logits a_d + b_d x, the last class's fixed at 0.
+    x: [n] floats, y: [n] 0-based labels. Returns the [n_classes - 1, 2] parameters."""
+    x, y = torch.tensor(x, dtype=torch.float64), torch.tensor(y)
+    params = torch.zeros(n_classes - 1, 2, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([params], max_iter=200, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(_logits(params, x), y) + LOGISTIC_L2 * params.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return params.detach()
+
+
+def _logits(params, x):
+    free = params[:, 0][None] + params[:, 1][None] * x[:, None]
+    return torch.cat([free, torch.zeros(len(x), 1, dtype=free.dtype)], dim=1)
+
+
+def index_baseline(train_rows):
+    """row -> P(direction | issue, pre-study index): the per-issue logistic on `opinion_before`,
+    fit on the training participants; the direction prior for a row without the index or of an issue
+    the training split cannot fit (fewer than 2 directions among its participants)."""
+    prior, people = direction_prior(train_rows), participants(train_rows)
+    fits = {}
+    for issue in {issue for issue, _, _ in people}:
+        pairs = [(before, OPINION_LABELS.index(label)) for i, label, before in people
+                 if i == issue and before is not None]
+        if len({label for _, label in pairs}) >= 2:
+            fits[issue] = fit_logistic([b for b, _ in pairs], [label for _, label in pairs])
+
+    def predict(row):
+        params, before = fits.get(row.get("issue")), row.get("opinion_before")
+        if params is None or before is None:
+            return prior(row)
+        return torch.softmax(_logits(params, torch.tensor([float(before)], dtype=torch.float64)), -1)[0].tolist()
+
+    return predict
+
+
+def opinion_scores(rows, distributions):
+    """Scores of per-row direction distributions (each may sum to less than 1: the rest is invalid
+    mass) against the labels of `rows` (all labelled): log-loss (raw and renormalised), Brier, valid
+    mass, the predicted and actual share of each direction and their TVD, the accuracy of the mode,
+    and the log-loss per participant."""
+    pseudo = [{"gold_index": label_index(row), "n_options": len(OPINION_LABELS)} for row in rows]
+    scores = choices.distribution_scores(pseudo, distributions)
+    predicted, human = scores.pop("position_mass"), scores.pop("human_positions")
+    scores["shares"] = {label: predicted[str(k)] for k, label in enumerate(OPINION_LABELS, 1)}
+    scores["human_shares"] = {label: human[str(k)] for k, label in enumerate(OPINION_LABELS, 1)}
+    scores["accuracy"] = _mean([choices.mode(p) == g["gold_index"] for p, g in zip(distributions, pseudo)])
+    per_person = {}
+    for row, p, g in zip(rows, distributions, pseudo):
+        per_person.setdefault(row["participant_key"], []).append(-math.log(max(p[g["gold_index"] - 1], 1e-300)))
+    scores["participant_logloss"] = _mean([_mean(v) for v in per_person.values()])
+    scores["participants"] = len(per_person)
+    return scores
+
+
+def opinion_metrics(rows, distributions, train_rows, method):
+    """The model's opinion scores beside uniform, the direction prior and the pre-study-index
+    logistic, and the accuracy of "no change", overall and per issue and study, on the labelled rows;
+    with the calibration table. None when no row is labelled."""
+    labelled = [i for i, row in enumerate(rows) if row.get("opinion_direction")]
+    if not labelled:
+        return None
+    prior, baseline = direction_prior(train_rows), index_baseline(train_rows)
+
+    def scored(subset):
+        rows_, dists = [rows[i] for i in subset], [distributions[i] for i in subset]
+        return {"model": opinion_scores(rows_, dists),
+                "prior": opinion_scores(rows_, [prior(r) for r in rows_]),
+                "baseline": opinion_scores(rows_, [baseline(r) for r in rows_]),
+                "uniform": opinion_scores(rows_, [[1 / len(OPINION_LABELS)] * len(OPINION_LABELS)] * len(rows_)),
+                "no_change_accuracy": _mean([r["opinion_direction"] == "no_change" for r in rows_])}
+
+    groups = {}
+    for i in labelled:
+        groups.setdefault(f"{rows[i].get('issue')} / {rows[i].get('participant_study')}", []).append(i)
+    issues = {}
+    for i in labelled:
+        issues.setdefault(str(rows[i].get("issue")), []).append(i)
+    return {**scored(labelled), "method": method, "by_group": {name: scored(idx) for name, idx in sorted(groups.items())},
+            "by_issue": {name: scored(idx) for name, idx in sorted(issues.items())},
+            "calibration": choices.calibration_table([label_index(rows[i]) for i in labelled],
+                                                     [distributions[i] for i in labelled])}
+
+
+def sampled_distribution(opinions):
+    """An estimate of p(direction) from K sampled opinions (None = unparseable), add-0.5 smoothed over
+    the three directions and the invalid bucket."""
+    counts = Counter(opinions)
+    total = len(opinions) + SMOOTHING * (len(OPINION_LABELS) + 1)
+    return [(counts[label] + SMOOTHING) / total for label in OPINION_LABELS]
+
+
+def headline_keys(opinion):
+    """The opinion's scores at the top level of eval.json."""
+    return {"opinion_logloss": opinion["model"]["logloss"], "opinion_brier": opinion["model"]["brier"],
+            "opinion_prior_logloss": opinion["prior"]["logloss"],
+            "opinion_baseline_logloss": opinion["baseline"]["logloss"],
+            "opinion_uniform_logloss": opinion["uniform"]["logloss"], "opinion_method": opinion["method"]}
+
+
+def _mean(values):
+    return sum(values) / len(values)
