@@ -86,11 +86,6 @@ def answer_logprobs(model, tokenizer, prompt_text, n_options, stop_ids, gold=Non
     return out[:n_options], (out[n_options:] if gold is not None else None)
 
 
-def choice_logprobs(model, tokenizer, prompt_text, n_options, stop_ids):
-    """log p(k) for k = 1..n_options [n] of one answer-mode prompt, at temperature 1."""
-    return answer_logprobs(model, tokenizer, prompt_text, n_options, stop_ids)[0]
-
-
 def _tree_logprobs(model, prompt, branches, spans):
     """Per branch: (log-prob of each of its tokens from its label's start, the next-token
     log-distribution after its label). The prompt and every branch run as one sequence: each branch
@@ -104,7 +99,6 @@ def _tree_logprobs(model, prompt, branches, spans):
     scored = torch.cat([torch.arange(b + s, b + len(branch), device=device)  # offsets into tokens[P:]
                         for b, branch, (s, _) in zip(starts, branches, spans)])
     predictors = P + scored - 1
-    first = torch.tensor([b + s for b, (s, _) in zip(starts, spans)], device=device)
     # A branch's first token is predicted by the prompt's last one.
     predictors[torch.isin(scored, torch.tensor(starts, device=device))] = P - 1
     logits = model(input_ids=tokens[None], position_ids=positions[None], use_cache=False,
@@ -112,9 +106,9 @@ def _tree_logprobs(model, prompt, branches, spans):
                    logits_to_keep=predictors).logits[0]
     logp = torch.log_softmax(logits.float(), dim=-1)  # row i predicts tokens[P + scored[i]]
     token_logp = logp.gather(-1, tokens[P + scored][:, None]).squeeze(-1)
-    offsets = torch.searchsorted(scored, first).tolist()
-    return [(token_logp[o:o + len(branch) - s], logp[o + e - s])
-            for o, branch, (s, e) in zip(offsets, branches, spans)]
+    sizes = [len(branch) - s for branch, (s, _) in zip(branches, spans)]  # each branch's scored tokens
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [(token_logp[o:o + n], logp[o + e - s]) for o, n, (s, e) in zip(offsets, sizes, spans)]
 
 
 def _branch_logprobs(model, prompt, branch, start, end):

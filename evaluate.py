@@ -15,7 +15,6 @@ Returns dicts; the trainer writes them (outputs.py) and reports.py renders them.
 import hashlib
 import json
 import math
-import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -28,9 +27,10 @@ import choices
 import data
 import distributed
 import opinions
+import outputs
 import rewards
 import rollout
-from errors import first_line
+from errors import UserError, first_line
 
 VIEWS = ("original", "shuffled", "cue_neutral")
 
@@ -211,11 +211,9 @@ class DistributionCache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             merged = {**self._read(), **new_entries}
-            tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(merged), encoding="utf-8")
-            os.replace(tmp, self.path)
+            outputs.write_text(self.path, json.dumps(merged))
             self.entries = merged
-        except OSError as err:
+        except (OSError, UserError) as err:
             print(f"[eval] cache not written ({first_line(err)}): the next run computes these rows again", flush=True)
 
 
@@ -231,16 +229,16 @@ def exact_distributions(model, tokenizer, rows, prompt, world, batch_size, shoul
                 text = prompt.text(tokenizer, rows[i])
                 key = cache.row_key(text, rows[i]) if cache else None
                 if key and key in cache.entries:
-                    mine.append((i, key, *cache.entries[key], False))
+                    mine.append((i, key, *cache.entries[key]))
                 else:
                     click, opinion = choices.answer_logprobs(model, tokenizer, text, rows[i]["n_options"], stop_ids,
                                                              gold=rows[i]["gold_index"])
-                    mine.append((i, key, click.exp().tolist(), opinion.exp().tolist(), True))
+                    mine.append((i, key, click.exp().tolist(), opinion.exp().tolist()))
                 bar.update(min(world.size, len(rows) - bar.n))
     gathered = sorted(distributed.all_gather_list(mine))
     if cache and world.is_main:
-        cache.save({key: [click, opinion] for _, key, click, opinion, new in gathered if new})
-    return [(click, opinion) for _, _, click, opinion, _ in gathered]
+        cache.save({key: [click, opinion] for _, key, click, opinion in gathered if key not in cache.entries})
+    return [(click, opinion) for _, _, click, opinion in gathered]
 
 
 def never():
@@ -328,11 +326,13 @@ def untrained_scores(metrics):
     if not choice:
         return None
     opinion = metrics["views"]["original"].get("opinion")
-    return {"step": metrics.get("step"), "model": choice["model"],
-            "by_group": {name: group["model"] for name, group in choice["by_group"].items()},
-            "opinion": opinion and {"model": opinion["model"],
-                                    "by_group": {name: group["model"] for name, group in opinion["by_group"].items()},
-                                    "by_issue": {name: group["model"] for name, group in opinion["by_issue"].items()}}}
+
+    def models(groups):
+        return {name: group["model"] for name, group in groups.items()}
+
+    return {"step": metrics.get("step"), "model": choice["model"], "by_group": models(choice["by_group"]),
+            "opinion": opinion and {"model": opinion["model"], "by_group": models(opinion["by_group"]),
+                                    "by_issue": models(opinion["by_issue"])}}
 
 
 def headline_keys(choice):

@@ -41,13 +41,18 @@ def group_advantages(rewards_bg, scale_rewards, std_floor):
     return centred / torch.clamp(std, min=std_floor)
 
 
+def per_token(advantages):
+    """[N] advantages (one per completion) or [N, C] (one per token) as [N, 1] or [N, C]."""
+    return advantages if advantages.dim() == 2 else advantages[:, None]
+
+
 def per_token_loss(logp, old_logp, ref_logp, advantages, epsilon, epsilon_high, beta):
     """Clipped importance-ratio objective per token (negated: a loss), plus beta * k3 KL.
 
     logp, old_logp, ref_logp: [N, C]; advantages: [N] (one per completion, GRPO) or [N, C] (per
     token: behaviour cloning's target weights). Returns (loss [N, C], kl [N, C] or None, clipped [N, C] bool)."""
     ratio = torch.exp(logp - old_logp)
-    adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(1)
+    adv = per_token(advantages)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * adv
     loss = -torch.min(unclipped, clipped)
@@ -218,8 +223,8 @@ def cloning_batch(tokenizer, prompt_texts, targets, pad_id, device):
 
 def behaviour_cloning(policy, model, tokenizer, batches, cfg, world):
     """Maximum likelihood of given answers, one step per (prompt texts, targets) of `batches`
-    (`cfg.bc_steps` of them; targets as in cloning_batch): the update with advantages = the target
-    weights on "answer" + end-of-turn completions (ratio 1, nothing clipped), whose gradient is that
+    (`cfg.bc_steps` of them; targets as in cloning_batch): the update with per-token advantages = the
+    target weights on the targets' scored tokens (ratio 1, nothing clipped), whose gradient is that
     of the cross-entropy to the targets, with an AdamW and cosine schedule of its own
     (`bc_learning_rate`). The log-loss is a proper scoring rule: it fits the choice distribution, not
     its mode. Returns each step's cross-entropy per prompt (nats)."""
@@ -266,8 +271,7 @@ def update(policy, optimizer, scheduler, batch, cfg, world):
             stats["tokens"] += mask.sum().item()
             stats["clipped"] += (clipped.float() * mask).sum().item()
             token_logp = logp.detach().float() * mask
-            advantages = chunk["advantages"] if chunk["advantages"].dim() == 2 else chunk["advantages"][:, None]
-            logp_sums = torch.stack([token_logp.sum(), (advantages * token_logp).sum()]).tolist()
+            logp_sums = torch.stack([token_logp.sum(), (per_token(chunk["advantages"]) * token_logp).sum()]).tolist()
             stats["logp_sum"] += logp_sums[0]
             stats["weighted_logp_sum"] += logp_sums[1]  # the cloning loss (advantages = target weights)
             if kl is not None:

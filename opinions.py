@@ -20,7 +20,6 @@ import torch
 import choices
 from data import OPINION_LABELS
 
-SMOOTHING = 0.5  # additive pseudo-count of the direction prior
 LOGISTIC_L2 = 1e-4  # keeps the fit finite where a direction is rare (no_change: 2-4% of participants)
 
 
@@ -41,7 +40,7 @@ def participants(rows):
 
 
 def _normalised(counts):
-    weights = [counts[label] + SMOOTHING for label in OPINION_LABELS]
+    weights = [counts[label] + choices.SMOOTHING for label in OPINION_LABELS]  # as the position prior
     return [w / sum(weights) for w in weights]
 
 
@@ -148,10 +147,9 @@ def opinion_metrics(rows, distributions, train_rows, method):
 
 def sampled_distribution(opinions):
     """An estimate of p(direction) from K sampled opinions (None = unparseable), add-0.5 smoothed over
-    the three directions and the invalid bucket."""
-    counts = Counter(opinions)
-    total = len(opinions) + SMOOTHING * (len(OPINION_LABELS) + 1)
-    return [(counts[label] + SMOOTHING) / total for label in OPINION_LABELS]
+    the three directions and the invalid bucket, as choices.sampled_distribution estimates p(k)."""
+    return choices.sampled_distribution([OPINION_LABELS.index(o) + 1 if o else None for o in opinions],
+                                        len(OPINION_LABELS))
 
 
 def headline_keys(opinion):

@@ -151,9 +151,9 @@ def calibration_with_opinion(parsed, rows, num_generations):
     """The calibration rule on the clicks, averaged with the same rule on the opinions where the row
     has a label (the G samples of a prompt share its row, so a whole group has a label or none)."""
     clicks = calibration_rewards([p.choice for p in parsed], [row["gold_index"] for row in rows], num_generations)
-    views = calibration_rewards([p.opinion for p in parsed], [row.get("opinion_direction") for row in rows],
-                                num_generations)
-    return [(c + v) / 2 if row.get("opinion_direction") else c for c, v, row in zip(clicks, views, rows)]
+    shifts = calibration_rewards([p.opinion for p in parsed], [row.get("opinion_direction") for row in rows],
+                                 num_generations)
+    return [(c + s) / 2 if row.get("opinion_direction") else c for c, s, row in zip(clicks, shifts, rows)]
 
 
 def score(parsed, rows, reward_funcs, reward_weights, num_generations):

@@ -21,20 +21,22 @@ def row_with(n, gold=1):
     return data.clean_row({"slate_items_json": slate, "gold_index": gold, "viewer_profile_sentence": "a viewer"})
 
 
-def brute_force_logprob(model, tokenizer, prompt_text, k, stop_ids):
-    """log p(k) from plain forwards over whole sequences: P(digits of k) x (P(a stop token next) +
-    P("</answer>" next))."""
-    prompt = tokenizer(prompt_text, add_special_tokens=False).input_ids
-    digits = tokenizer.encode(str(k), add_special_tokens=False)
-    close = tokenizer.encode("</answer>", add_special_tokens=False)
-    sequence = torch.tensor([prompt + digits + close])
+def brute_force_closed(model, prefix, label, close, stop_ids):
+    """log P(label's tokens | prefix) x (P(a stop token next) + P(the closing tag next)), from one
+    plain forward over the whole sequence."""
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=sequence).logits[0].double(), -1)
-    follow = [logp[len(prompt) - 1 + i, token] for i, token in enumerate(digits + close)]
-    after_digits = logp[len(prompt) - 1 + len(digits)]
-    p_digits = math.exp(sum(follow[:len(digits)]))
-    p_close = sum(after_digits[s].exp().item() for s in stop_ids) + math.exp(sum(follow[len(digits):]))
-    return math.log(p_digits * p_close)
+        logp = torch.log_softmax(model(input_ids=torch.tensor([prefix + label + close])).logits[0].double(), -1)
+    follow = [logp[len(prefix) - 1 + i, token].item() for i, token in enumerate(label + close)]
+    after = logp[len(prefix) - 1 + len(label)]
+    p_close = sum(after[s].exp().item() for s in stop_ids) + math.exp(sum(follow[len(label):]))
+    return sum(follow[:len(label)]) + math.log(p_close)
+
+
+def brute_force_logprob(model, tokenizer, prompt_text, k, stop_ids):
+    """log p(k): the digits of k, closed by a stop token or "</answer>"."""
+    return brute_force_closed(model, tokenizer(prompt_text, add_special_tokens=False).input_ids,
+                              tokenizer.encode(str(k), add_special_tokens=False),
+                              tokenizer.encode("</answer>", add_special_tokens=False), stop_ids)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -45,7 +47,7 @@ def test_exact_distribution_equals_brute_force(tiny_model_dir, attention):
     stop_ids = rollout.stop_token_ids(model, tokenizer)
     row = row_with(12)  # options 10-12 take two digits: "1" must not count their mass
     text = prompts.PromptFormat("answer").text(tokenizer, row)
-    exact = choices.choice_logprobs(model, tokenizer, text, 12, stop_ids)
+    exact = choices.answer_logprobs(model, tokenizer, text, 12, stop_ids)[0]
     want = [brute_force_logprob(model, tokenizer, text, k, stop_ids) for k in range(1, 13)]
     assert exact.tolist() == pytest.approx(want, abs=1e-4)
     assert exact.exp().sum() < 1  # the rest is invalid mass
@@ -58,7 +60,7 @@ def test_window_shorter_than_the_prompt_scores_each_option_alone(tmp_path):
     model, tokenizer = checkpoint.load_model(str(folder), CPU, trainable=False), checkpoint.load_tokenizer(str(folder))
     stop_ids = rollout.stop_token_ids(model, tokenizer)
     text = prompts.PromptFormat("answer").text(tokenizer, row_with(3))
-    exact = choices.choice_logprobs(model, tokenizer, text, 3, stop_ids)
+    exact = choices.answer_logprobs(model, tokenizer, text, 3, stop_ids)[0]
     assert exact.tolist() == pytest.approx([brute_force_logprob(model, tokenizer, text, k, stop_ids)
                                             for k in (1, 2, 3)], abs=1e-4)
 
@@ -91,7 +93,7 @@ def test_exact_distribution_agrees_with_sampled_answers(tiny_model_dir):
     text = prompts.PromptFormat("answer").text(tokenizer, row)
     eos = tokenizer.eos_token
     teach(model, tokenizer, text, {f"1</answer>{eos}": 0.5, f"2{eos}": 0.3, f"3</answer>{eos}": 0.2})
-    exact = choices.choice_logprobs(model, tokenizer, text, 3, rollout.stop_token_ids(model, tokenizer)).exp()
+    exact = choices.answer_logprobs(model, tokenizer, text, 3, rollout.stop_token_ids(model, tokenizer))[0].exp()
     assert 0.8 < exact.sum() <= 1.0 and (exact > 0.05).all()  # the test compares real masses
     K = 600
     torch.manual_seed(0)
@@ -103,22 +105,13 @@ def test_exact_distribution_agrees_with_sampled_answers(tiny_model_dir):
 
 
 def brute_force_opinion(model, tokenizer, prompt_text, gold, stop_ids):
-    """log p(d | gold) per direction from plain forwards over whole sequences, each direction its own:
-    P(tokens of d | prompt + "gold</answer><opinion>") x (P(a stop token next) + P("</opinion>" next))."""
-    prompt = tokenizer(prompt_text, add_special_tokens=False).input_ids
-    prefix = prompt + [t for piece in (str(gold), "</answer>", "<opinion>")
-                       for t in tokenizer.encode(piece, add_special_tokens=False)]
+    """log p(d | gold) per direction, each its own sequence after prompt + "gold</answer><opinion>",
+    closed by a stop token or "</opinion>"."""
+    prefix = tokenizer(prompt_text, add_special_tokens=False).input_ids + [
+        t for piece in (str(gold), "</answer>", "<opinion>") for t in tokenizer.encode(piece, add_special_tokens=False)]
     close = tokenizer.encode("</opinion>", add_special_tokens=False)
-    out = []
-    for label in data.OPINION_LABELS:
-        word = tokenizer.encode(label, add_special_tokens=False)
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=torch.tensor([prefix + word + close])).logits[0].double(), -1)
-        follow = [logp[len(prefix) - 1 + i, t].item() for i, t in enumerate(word + close)]
-        after = logp[len(prefix) - 1 + len(word)]
-        p_close = sum(after[s].exp().item() for s in stop_ids) + math.exp(sum(follow[len(word):]))
-        out.append(sum(follow[:len(word)]) + math.log(p_close))
-    return out
+    return [brute_force_closed(model, prefix, tokenizer.encode(label, add_special_tokens=False), close, stop_ids)
+            for label in data.OPINION_LABELS]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -130,7 +123,7 @@ def test_opinion_distribution_equals_brute_force_and_leaves_the_click_alone(tiny
     text = prompts.PromptFormat("answer").text(tokenizer, row_with(11))
     click, opinion = choices.answer_logprobs(model, tokenizer, text, 11, stop_ids, gold=10)
     assert opinion.tolist() == pytest.approx(brute_force_opinion(model, tokenizer, text, 10, stop_ids), abs=1e-4)
-    alone = choices.choice_logprobs(model, tokenizer, text, 11, stop_ids)  # no opinion branches in the tree
+    alone = choices.answer_logprobs(model, tokenizer, text, 11, stop_ids)[0]  # no opinion branches in the tree
     assert click.tolist() == pytest.approx(alone.tolist(), abs=1e-5)
     assert choices.answer_logprobs(model, tokenizer, text, 11, stop_ids)[1] is None
 
