@@ -125,7 +125,7 @@ def resolve_model(name, world):
 def load_model(path, device, trainable, checkpointing=False):
     from transformers import AutoModelForCausalLM
 
-    # fp32 master weights; bf16 enters through autocast on CUDA.
+    # fp32 master weights; bf16 enters through autocast (CUDA; CPU training with cpu_bf16).
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     except (OSError, ValueError, KeyError) as err:  # missing hub id offline, unknown architecture, bad files

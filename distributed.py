@@ -127,11 +127,12 @@ def barrier():
         dist.barrier()
 
 
-def autocast(bf16, device):
-    """bf16 autocast on CUDA, for generation and every log-prob pass (policy, old policy, reference):
-    one precision throughout, or precision alone would move the importance ratio away from 1."""
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device, cuda, cpu=False):
+    """bf16 autocast for generation and every log-prob pass of training (policy, old policy,
+    reference): on CUDA when `cuda` (cfg.bf16), on CPU when `cpu` (cfg.cpu_bf16). One precision
+    throughout, or precision alone would move the importance ratio away from 1."""
+    if (device.type == "cuda" and cuda) or (device.type == "cpu" and cpu):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 

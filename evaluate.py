@@ -187,7 +187,7 @@ class DistributionCache:
         for source in ("choices.py", "grpo.py", "prompts.py"):
             digest.update((Path(__file__).parent / source).read_bytes())
         device = next(model.parameters()).device.type
-        autocast = bf16 and device == "cuda"  # as distributed.autocast: CPU runs are fp32
+        autocast = bf16 and device == "cuda"  # as evaluate(): CPU evaluations are fp32
         digest.update(f"{torch.__version__} {transformers.__version__} {model.config._attn_implementation} "
                       f"{device} {autocast}".encode())
         self.path = Path(folder) / f"{digest.hexdigest()[:32]}.json"
@@ -257,7 +257,7 @@ def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world, should_stop
     original view (its answer, and its distribution or completion)."""
     model.eval()
     metrics, predictions = {"views": {}}, []
-    with distributed.full_params(model), distributed.autocast(cfg.bf16, world.device):
+    with distributed.full_params(model), distributed.autocast(world.device, cfg.bf16):
         for view in cfg.eval_views:
             shown = view_rows(rows, view, cfg.seed)
             if prompt.answer_only:

@@ -191,7 +191,7 @@ class Policy(torch.nn.Module):
 
 def no_grad_logprobs(model, batch, cfg, world):
     """Log-probs of a frozen pass (old policy, reference), in the micro-batches of the update."""
-    with torch.no_grad(), distributed.autocast(cfg.bf16, world.device):
+    with torch.no_grad(), distributed.autocast(world.device, cfg.bf16, cfg.cpu_bf16):
         return torch.cat([completion_logprobs(model, chunk, cfg.temperature, cfg.shared_prefix)
                           for chunk in micro_batches(batch, cfg.gradient_accumulation_steps)])
 
@@ -257,7 +257,7 @@ def update(policy, optimizer, scheduler, batch, cfg, world):
         for i, chunk in enumerate(chunks):
             # Gradients are reduced across ranks only on the last micro-batch.
             with distributed.gradient_sync(policy, model, enabled=i == len(chunks) - 1):
-                with distributed.autocast(cfg.bf16, world.device):
+                with distributed.autocast(world.device, cfg.bf16, cfg.cpu_bf16):
                     logp = policy(chunk, cfg.temperature)
                 old = chunk["old_logp"] if "old_logp" in chunk else logp.detach()
                 token_loss, kl, clipped = per_token_loss(logp, old, chunk.get("ref_logp"), chunk["advantages"],

@@ -103,6 +103,7 @@ class Config:
     gradient_checkpointing: bool = False  # keep each decoder layer's input, recompute the rest in backward
     fsdp: bool = False            # FSDP2 (fully_shard per decoder layer) instead of DDP, for models too big for DDP
     bf16: bool = True             # bf16 autocast on CUDA (weights and optimizer stay fp32)
+    cpu_bf16: bool = False        # the same for training on CPU (pays where it multiplies bf16 natively); CPU evaluation stays fp32
     # --- evaluation, logging, checkpoints ---
     # When to evaluate: nothing unless asked, as in HF/TRL (an evaluation costs minutes; the recipes ask)
     eval_on_start: bool = False   # the untrained model first (its scores then stand beside every later one)
@@ -374,7 +375,7 @@ def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, world, 
     G, prompt = cfg.num_generations, prompts.PromptFormat.of(cfg)
     model.eval()
     # Samples come from the same bf16 model the log-probs see.
-    with distributed.full_params(model), distributed.autocast(cfg.bf16, world.device):
+    with distributed.full_params(model), distributed.autocast(world.device, cfg.bf16, cfg.cpu_bf16):
         out = rollout.generate(model, tokenizer, [prompt.text(tokenizer, row) for row in rows], G,
                                cfg.max_completion_length, cfg.temperature, cfg.top_p, shared_prefix=cfg.shared_prefix)
     expanded = [row for row in rows for _ in range(G)]

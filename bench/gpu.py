@@ -101,7 +101,7 @@ def run(args):
 
     def do_rollout():
         model.eval()
-        with distributed.autocast(cfg.bf16, world.device):
+        with distributed.autocast(world.device, cfg.bf16):
             completions["ids"] = rollout.sample(model, prompt_ids, prompt_mask, G, C, stop_ids=[], pad_id=0)
 
     rollout_s = median_seconds(do_rollout, args["runs"], device)
@@ -112,7 +112,7 @@ def run(args):
 
     def do_train():
         model.train()
-        with distributed.autocast(cfg.bf16, world.device):
+        with distributed.autocast(world.device, cfg.bf16):
             logp = grpo.completion_logprobs(model, batch, cfg.temperature)
         (logp.float().mean()).backward()
         optimizer.step()

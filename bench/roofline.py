@@ -99,7 +99,7 @@ def exact_phase(model, tokenizer, texts, rows, stop_ids, bf16, device, opinion=T
 
 def cloning_phase(model, tokenizer, texts, rows, train_rows, steps, bf16, world):
     """(rows per second, GFLOP per row) of `steps` cloning steps of 2 rows (forward + backward)."""
-    cfg = tg.Config(prompt_mode="answer", bc_steps=steps + 1, bc_learning_rate=1e-12, bf16=bf16, prompts_per_step=2,
+    cfg = tg.Config(prompt_mode="answer", bc_steps=steps + 1, bc_learning_rate=1e-12, bf16=bf16, cpu_bf16=bf16, prompts_per_step=2,
                     bc_label_smoothing=0.8, bc_opinion_smoothing=0.5)
     prior, direction_prior = choices.position_prior(train_rows), opinions.direction_prior(train_rows)
     end = rollout.stop_token_ids(model, tokenizer)[0]
@@ -115,8 +115,7 @@ def cloning_phase(model, tokenizer, texts, rows, train_rows, steps, bf16, world)
             yield batch
         times.append(time.perf_counter())
 
-    with precision(bf16 and world.device.type == "cpu", world.device):
-        grpo.behaviour_cloning(policy, model, tokenizer, timed_batches(), cfg, world)
+    grpo.behaviour_cloning(policy, model, tokenizer, timed_batches(), cfg, world)
     seconds = times[-1] - times[1]  # the first step warms up
     flops = 0
     for prompt_texts, targets in batches[1:]:

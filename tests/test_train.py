@@ -252,6 +252,14 @@ def test_stop_file_raises_preempted_after_the_checkpoint(tiny_model_dir, tmp_pat
     assert [p.name for p in RunFolder(out).checkpoints()] == ["checkpoint-000001"] and not stop.exists()
 
 
+def recording(inside, name, real):
+    """`real`, noting in inside[name] whether each call ran under CPU autocast."""
+    def wrapper(*args, **kwargs):
+        inside[name].append(torch.is_autocast_enabled("cpu"))
+        return real(*args, **kwargs)
+    return wrapper
+
+
 @pytest.mark.parametrize("prompt_mode", ["think", "answer"])
 def test_rollouts_and_evaluation_run_under_the_training_autocast(tiny_model_dir, tmp_path, monkeypatch, prompt_mode):
     """On CUDA that is bf16 autocast; here a CPU autocast stands in for it, and every generate call
@@ -261,16 +269,9 @@ def test_rollouts_and_evaluation_run_under_the_training_autocast(tiny_model_dir,
     import rollout
 
     inside = {"generate": [], "choice": []}
-
-    def recording(name, real):
-        def wrapper(*args, **kwargs):
-            inside[name].append(torch.is_autocast_enabled("cpu"))
-            return real(*args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(rollout, "generate", recording("generate", rollout.generate))
-    monkeypatch.setattr(choices, "answer_logprobs", recording("choice", choices.answer_logprobs))
-    monkeypatch.setattr(distributed, "autocast", lambda bf16, device: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(rollout, "generate", recording(inside, "generate", rollout.generate))
+    monkeypatch.setattr(choices, "answer_logprobs", recording(inside, "choice", choices.answer_logprobs))
+    monkeypatch.setattr(distributed, "autocast", lambda device, cuda, cpu=False: torch.autocast("cpu", dtype=torch.bfloat16))
     tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=1, save_steps=0, prompt_mode=prompt_mode,
                        eval_samples=2, eval_max_rows=3, eval_cache=False), CPU)  # it counts forwards
     if prompt_mode == "think":  # eval before (greedy x 3 views, sampled), one rollout, eval after
@@ -278,3 +279,21 @@ def test_rollouts_and_evaluation_run_under_the_training_autocast(tiny_model_dir,
     else:  # one rollout; 3 views x 3 rows, before and after
         assert len(inside["generate"]) == 1 and len(inside["choice"]) == 18
     assert all(inside["generate"] + inside["choice"])
+
+
+def test_cpu_bf16_autocasts_training_and_not_the_evaluation(tiny_model_dir, tmp_path, monkeypatch):
+    """cpu_bf16: the cloning passes, the rollouts and the update's log-probs run under CPU bf16
+    autocast (one precision, so the importance ratio starts at 1); the exact evaluation stays fp32."""
+    import choices
+    import grpo
+    import rollout
+
+    inside = {"generate": [], "logprobs": [], "choice": []}
+    monkeypatch.setattr(rollout, "generate", recording(inside, "generate", rollout.generate))
+    monkeypatch.setattr(grpo, "completion_logprobs", recording(inside, "logprobs", grpo.completion_logprobs))
+    monkeypatch.setattr(choices, "answer_logprobs", recording(inside, "choice", choices.answer_logprobs))
+    tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=1, save_steps=0, bc_steps=2, eval_max_rows=2,
+                       eval_views=["original"], eval_cache=False, cpu_bf16=True), CPU)
+    assert len(inside["logprobs"]) == 3 and all(inside["logprobs"])  # two cloning steps, one GRPO update
+    assert inside["generate"] == [True]
+    assert len(inside["choice"]) == 4 and not any(inside["choice"])  # 2 rows before and after, fp32
