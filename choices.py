@@ -135,7 +135,7 @@ def position_prior(train_rows):
     return prior
 
 
-def cloning_targets(tokenizer, row, prior, smoothing, direction_prior, opinion_smoothing, end_id):
+def cloning_targets(tokenizer, row, prior, smoothing, opinion_prior, opinion_smoothing, end_id):
     """The behaviour-cloning targets of a row, [(token ids, weight, index of the first scored token)].
 
     The click: every option's "k</answer>" with weight (1 - `smoothing`) 1[k = click] + `smoothing`
@@ -145,7 +145,8 @@ def cloning_targets(tokenizer, row, prior, smoothing, direction_prior, opinion_s
     slot) it costs almost nothing.
     The opinion, where the row has a label: "click</answer><opinion>d</opinion>" and the end of the
     turn, with weight (1 - `opinion_smoothing`) 1[d = label] + `opinion_smoothing` x
-    `direction_prior(row)`, scored from "<opinion>" on: the click's tokens are the click target's, and
+    `opinion_prior(row)` (the issue's direction prior, or the pre-study-index logistic: row ->
+    P(direction), opinions.py), scored from "<opinion>" on: the click's tokens are the click target's, and
     the tag, its tokens the same in every direction, is learnt with weight 1, so that samples write
     it in the tokens the evaluation reads."""
     targets = [(ids, weight, 0) for (ids, _, _), weight in
@@ -154,7 +155,7 @@ def cloning_targets(tokenizer, row, prior, smoothing, direction_prior, opinion_s
     label = row.get("opinion_direction")
     if label:
         answered, opened, words, close = opinion_branches(tokenizer, row["gold_index"])
-        weights = smoothed(direction_prior(row), OPINION_LABELS.index(label) + 1, opinion_smoothing)
+        weights = smoothed(opinion_prior(row), OPINION_LABELS.index(label) + 1, opinion_smoothing)
         targets += [(answered + opened + ids + close + [end_id], weight, len(answered))
                     for ids, weight in zip(words, weights) if weight > 0]
     return targets

@@ -91,7 +91,8 @@ class Config:
     bc_steps: int = 0             # steps of maximum likelihood on the human answers before GRPO (0 = none)
     bc_learning_rate: float = 1e-5  # its own AdamW, cosine to 0 over bc_steps; prompts_per_step rows a step
     bc_label_smoothing: float = 0.0  # target (1-eps) x the click + eps x the train split's position prior
-    bc_opinion_smoothing: float = 0.0  # the opinion's: (1-eps) x the label + eps x the issue's direction prior
+    bc_opinion_smoothing: float = 0.0  # the opinion's: (1-eps) x the label + eps x its baseline:
+    bc_opinion_prior: str = "issue"  # issue (the direction prior) | index (the pre-study-index logistic)
     # --- optimisation ---
     gradient_accumulation_steps: int = 1  # micro-batches per rank per optimizer step (one normaliser for the step)
     warmup_ratio: float = 0.1     # linear warm-up share of the optimizer steps, then cosine to 0
@@ -126,6 +127,9 @@ class Config:
     grail_stop_file: str = ""     # env GRAIL_STOP_FILE: when this file appears, checkpoint and exit 99 (run.sh under SLURM)
     report_to: list = field(default_factory=list)  # tensorboard and/or wandb (TRL's option; none = []), rank 0
 
+
+# What the opinion's cloning target is smoothed toward: row -> P(direction), fit on the training split.
+OPINION_BASELINES = {"issue": opinions.direction_prior, "index": opinions.index_baseline}
 
 PREEMPTED_EXIT_CODE = 99  # "checkpointed on request, requeue me"; run.sh requeues the SLURM job on it
 
@@ -182,7 +186,7 @@ def check_config(cfg, world_size=1):
     choices = {"prompt_mode": ("think", "answer"), "loss_type": ("grpo", "dr_grpo", "dapo"),
                "scale_rewards": ("group", "batch", "none"), "eval_split": ("validation", "train", "all"),
                "gail_reward": tuple(disc.REWARD_FORMS), "gail_negatives": ("all", "wrong"),
-               "report_to": ("tensorboard", "wandb")}
+               "report_to": ("tensorboard", "wandb"), "bc_opinion_prior": tuple(OPINION_BASELINES)}
     for key, allowed in choices.items():
         values = getattr(cfg, key)
         if any(value not in allowed for value in (values if isinstance(values, list) else [values])):
@@ -412,7 +416,7 @@ def behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world):
     """The warm start (grpo.behaviour_cloning) on the training split's human answers, `prompts_per_step`
     rows a step; a stop request ends it (it is not checkpointed: a restart begins it again)."""
     prompt, prior = prompts.PromptFormat.of(cfg), choices.position_prior(train_rows)
-    direction_prior, end = opinions.direction_prior(train_rows), rollout.stop_token_ids(model, tokenizer)[0]
+    opinion_prior, end = OPINION_BASELINES[cfg.bc_opinion_prior](train_rows), rollout.stop_token_ids(model, tokenizer)[0]
 
     def batches():
         for step in tqdm(range(cfg.bc_steps), desc="cloning", disable=not world.is_main, dynamic_ncols=True):
@@ -422,7 +426,7 @@ def behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world):
             rows = [train_rows[i] for i in data.rank_step_prompts(len(train_rows), cfg.prompts_per_step, step,
                                                                    f"{cfg.seed}:bc", world)]
             yield [prompt.text(tokenizer, r) for r in rows], [
-                choices.cloning_targets(tokenizer, r, prior, cfg.bc_label_smoothing, direction_prior,
+                choices.cloning_targets(tokenizer, r, prior, cfg.bc_label_smoothing, opinion_prior,
                                         cfg.bc_opinion_smoothing, end) for r in rows]
 
     losses = grpo.behaviour_cloning(policy, model, tokenizer, batches(), cfg, world)

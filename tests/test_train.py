@@ -297,3 +297,31 @@ def test_cpu_bf16_autocasts_training_and_not_the_evaluation(tiny_model_dir, tmp_
     assert len(inside["logprobs"]) == 3 and all(inside["logprobs"])  # two cloning steps, one GRPO update
     assert inside["generate"] == [True]
     assert len(inside["choice"]) == 4 and not any(inside["choice"])  # 2 rows before and after, fp32
+
+
+@pytest.mark.parametrize("baseline", ["issue", "index"])
+def test_opinion_cloning_is_smoothed_toward_the_chosen_baseline(tiny_model_dir, tmp_path, monkeypatch, baseline):
+    """bc_opinion_prior picks what every cloned row's opinion target mixes in: the issue's direction
+    prior, or the pre-study-index logistic, each fit on the training split alone."""
+    import choices
+    import data
+    import opinions
+
+    seen = []
+
+    def recording(tokenizer, row, prior, smoothing, opinion_prior, opinion_smoothing, end_id):
+        seen.append((row, opinion_prior(row)))
+        return real(tokenizer, row, prior, smoothing, opinion_prior, opinion_smoothing, end_id)
+
+    real = choices.cloning_targets
+    monkeypatch.setattr(choices, "cloning_targets", recording)
+    cfg = small_cfg(tiny_model_dir, tmp_path, max_steps=1, save_steps=0, bc_steps=2, bc_opinion_smoothing=0.8,
+                    bc_opinion_prior=baseline, eval_on_start=False, eval_on_end=False)
+    tg.train(cfg, CPU)
+    train_rows, _ = data.load_examples(cfg.dataset, cfg.val_fraction, cfg.seed, lambda *_: None)
+    expected = {"issue": opinions.direction_prior, "index": opinions.index_baseline}[baseline](train_rows)
+    other = {"issue": opinions.index_baseline, "index": opinions.direction_prior}[baseline](train_rows)
+    assert len(seen) == 2 * cfg.prompts_per_step
+    for row, got in seen:
+        assert got == pytest.approx(expected(row))
+    assert any(got != pytest.approx(other(row)) for row, got in seen)  # the two baselines differ on these rows
