@@ -39,12 +39,17 @@ def brute_force_logprob(model, tokenizer, prompt_text, k, stop_ids):
                               tokenizer.encode("</answer>", add_special_tokens=False), stop_ids)
 
 
+def tiny_with_attention(model_dir, attention):
+    """The tiny model under `attention`, its tokenizer and its stop ids."""
+    model = checkpoint.load_model(str(model_dir), CPU, trainable=False)
+    model.set_attn_implementation(attention)
+    tokenizer = checkpoint.load_tokenizer(str(model_dir))
+    return model, tokenizer, rollout.stop_token_ids(model, tokenizer)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_exact_distribution_equals_brute_force(tiny_model_dir, attention):
-    model = checkpoint.load_model(str(tiny_model_dir), CPU, trainable=False)
-    model.set_attn_implementation(attention)
-    tokenizer = checkpoint.load_tokenizer(str(tiny_model_dir))
-    stop_ids = rollout.stop_token_ids(model, tokenizer)
+    model, tokenizer, stop_ids = tiny_with_attention(tiny_model_dir, attention)
     row = row_with(12)  # options 10-12 take two digits: "1" must not count their mass
     text = prompts.PromptFormat("answer").text(tokenizer, row)
     exact = choices.answer_logprobs(model, tokenizer, text, 12, stop_ids)[0]
@@ -116,10 +121,7 @@ def brute_force_opinion(model, tokenizer, prompt_text, gold, stop_ids):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_opinion_distribution_equals_brute_force_and_leaves_the_click_alone(tiny_model_dir, attention):
-    model = checkpoint.load_model(str(tiny_model_dir), CPU, trainable=False)
-    model.set_attn_implementation(attention)
-    tokenizer = checkpoint.load_tokenizer(str(tiny_model_dir))
-    stop_ids = rollout.stop_token_ids(model, tokenizer)
+    model, tokenizer, stop_ids = tiny_with_attention(tiny_model_dir, attention)
     text = prompts.PromptFormat("answer").text(tokenizer, row_with(11))
     click, opinion = choices.answer_logprobs(model, tokenizer, text, 11, stop_ids, gold=10)
     assert opinion.tolist() == pytest.approx(brute_force_opinion(model, tokenizer, text, 10, stop_ids), abs=1e-4)
