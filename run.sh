@@ -10,7 +10,8 @@
 #                                     the discriminator), GRAIL proper (calibration + the discriminator) and
 #                                     the discriminator alone; one report with the runs side by side. From the
 #                                     untrained model (no cloning, so the reward decides), or with
-#                                     ABLATION_START=cloned from the recipe's cloning warm start.
+#                                     ABLATION_START=cloned from the default job's checkpoint (trained
+#                                     once into out/NAME/start with the same arguments, a row of the report).
 #                                     ABLATION_ARMS="grail_proper disc_only" runs a subset (the report shows
 #                                     every arm that has a folder); ABLATION_NAME names out/NAME, reports/NAME
 #   sbatch run.sh --config=recipes/grail_gun.yaml    one or more nodes; GAIL_*/GRAIL_* pass through
@@ -76,15 +77,22 @@ if [ "${1:-}" = "ablation" ]; then
   for name in $ARMS; do
     case " $ALL_ARMS " in *" $name "*) ;; *) echo "[config] ABLATION_ARMS: no arm '$name' (arms: $ALL_ARMS)" >&2; exit 2 ;; esac
   done
-  BASE=(--config=recipes/cpu_default.yaml --max_steps=30 --learning_rate=2e-5 --save_steps=30)
-  [ "$START" = cloned ] || BASE+=(--bc_steps=0)
+  BASE=(--config=recipes/cpu_default.yaml --max_steps=30 --learning_rate=2e-5 --save_steps=30 --bc_steps=0)
+  EXTRA=("$@")
+  FROM=()
+  if [ "$START" = cloned ]; then
+    # One warm start for every arm, trained once: the default job (the recipe's cloning and its two
+    # calibration steps) with the command line's arguments; each arm runs its GRPO from that checkpoint.
+    GAIL_USE=0 "$PY" train_grail.py --config=recipes/cpu_default.yaml "${EXTRA[@]}" --output_dir="out/$NAME/start" \
+      --max_steps=2 --save_steps=2 --eval_on_start=false
+    FROM=(--model_name_or_path="out/$NAME/start/checkpoint-000002" --bc_steps=0 --eval_on_start=false)
+  fi
   ACCURACY=(--reward_funcs=accuracy,format --reward_weights=1.0,0.2 --scale_rewards=group)
   DISC_ONLY=(--reward_funcs=format --reward_weights=0.0)  # the total is then D's reward alone
-  EXTRA=("$@")
-  arm() {  # name, GAIL_USE, the arm's overrides (the command line's come last and win)
+  arm() {  # name, GAIL_USE, the arm's overrides (the command line's come last and win, but the warm start)
     local name=$1 gail=$2; shift 2
     case "$ARMS" in *" $name "*) ;; *) return 0 ;; esac
-    GAIL_USE=$gail "$PY" train_grail.py "${BASE[@]}" --output_dir="out/$NAME/$name" "$@" "${EXTRA[@]}"
+    GAIL_USE=$gail "$PY" train_grail.py "${BASE[@]}" --output_dir="out/$NAME/$name" "$@" "${EXTRA[@]}" "${FROM[@]}"
   }
   arm accuracy 0 "${ACCURACY[@]}"
   arm calibration 0
@@ -92,7 +100,7 @@ if [ "${1:-}" = "ablation" ]; then
   arm grail_proper 1
   arm disc_only 1 "${DISC_ONLY[@]}"
   DIRS=()
-  for name in $ALL_ARMS; do
+  for name in start $ALL_ARMS; do
     [ -f "out/$NAME/$name/config.json" ] && DIRS+=("out/$NAME/$name")
   done
   exec "$PY" reports.py "${DIRS[@]}" --out="reports/$NAME"

@@ -294,3 +294,29 @@ def test_run_sh_ablation_arms(tmp_path, tiny_model_dir):
     finally:
         shutil.rmtree(ROOT / "out" / name, ignore_errors=True)
         shutil.rmtree(ROOT / "reports" / name, ignore_errors=True)
+
+
+def test_run_sh_ablation_from_one_cloned_start(tiny_model_dir):
+    """ABLATION_START=cloned trains the default job once and starts every arm from its checkpoint."""
+    name = f"test-ablation-cloned-{os.getpid()}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", ABLATION_NAME=name,
+               ABLATION_START="cloned", ABLATION_ARMS="accuracy calibration")
+    small = [f"--model_name_or_path={tiny_model_dir}", "--max_steps=1", "--prompts_per_step=2", "--num_generations=3",
+             "--eval_max_rows=4", "--bc_steps=2"]
+    try:
+        result = subprocess.run(["./run.sh", "ablation", *small], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        read = lambda arm: json.loads((ROOT / "out" / name / arm / "config.json").read_text())["config"]
+        start = read("start")
+        assert start["bc_steps"] == 2 and start["max_steps"] == 2 and start["model_name_or_path"] == str(tiny_model_dir)
+        for arm in ("accuracy", "calibration"):
+            config = read(arm)
+            assert config["model_name_or_path"] == f"out/{name}/start/checkpoint-000002"
+            assert config["bc_steps"] == 0 and config["max_steps"] == 1 and not config["eval_on_start"]
+        assert read("accuracy")["reward_funcs"] == ["accuracy", "format"]
+        report = (ROOT / "reports" / name / "README.md").read_text()
+        assert all(f"| {arm} |" in report for arm in ("start", "accuracy", "calibration")), report
+    finally:
+        shutil.rmtree(ROOT / "out" / name, ignore_errors=True)
+        shutil.rmtree(ROOT / "reports" / name, ignore_errors=True)
