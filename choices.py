@@ -44,10 +44,11 @@ def option_branches(tokenizer, n_options):
 def opinion_branches(tokenizer, gold):
     """What follows the prompt when the viewer clicked `gold`, tag by tag: the tokens of
     "gold</answer>", of "<opinion>", of each direction (in OPINION_LABELS order), of "</opinion>"."""
-    numbers, close = option_branches(tokenizer, gold)
-    words = [tokenizer.encode(label, add_special_tokens=False) for label in OPINION_LABELS]
-    return (numbers[gold - 1] + close, tokenizer.encode(OPINION_OPEN, add_special_tokens=False), words,
-            tokenizer.encode(OPINION_CLOSE, add_special_tokens=False))
+    def encode(text):  # each part on its own, as option_branches encodes the click's
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    return (encode(str(gold)) + encode(CLOSE_TAG), encode(OPINION_OPEN), [encode(label) for label in OPINION_LABELS],
+            encode(OPINION_CLOSE))
 
 
 def answer_branches(tokenizer, n_options, gold=None):
@@ -231,12 +232,21 @@ def choice_metrics(rows, distributions, train_rows):
                 "prior": distribution_scores(rows_, [prior(r["n_options"]) for r in rows_]),
                 "uniform": distribution_scores(rows_, [[1 / r["n_options"]] * r["n_options"] for r in rows_])}
 
-    groups = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(f"{row.get('issue')} / {row.get('participant_study')}", []).append(i)
     overall = scored(range(len(rows)))
-    return {**overall, "by_group": {name: scored(idx) for name, idx in sorted(groups.items())},
+    return {**overall, "by_group": {name: scored(idx) for name, idx in grouped(rows, range(len(rows)), issue_and_study)},
             "calibration": calibration_table([r["gold_index"] for r in rows], distributions), "collapse": collapse(overall["model"])}
+
+
+def issue_and_study(row):
+    return f"{row.get('issue')} / {row.get('participant_study')}"
+
+
+def grouped(rows, indices, key):
+    """(key, [its indices]) for the rows of `indices`, by key(row), in the keys' order."""
+    groups = {}
+    for i in indices:
+        groups.setdefault(key(rows[i]), []).append(i)
+    return sorted(groups.items())
 
 
 def sampled_distribution(answers, n_options):

@@ -175,9 +175,16 @@ class DistributionCache:
     instead of recomputing them (the untrained model's step-0 evaluation of every default job).
     Keyed by the sha256 of every file of the model folder, of the code that computes a distribution
     and its library versions, attention and precision, and per row of the prompt text, slate size and
-    click. Only for a model as its files are: never one that trained in memory."""
+    click. Only for a model as its files are: never one that trained in memory. Rank 0 hashes the
+    files (gigabytes on a cluster model) and every rank reads its key from there: a collective."""
 
-    def __init__(self, model_dir, model, bf16, folder):
+    def __init__(self, model_dir, model, bf16, folder, world):
+        key = self._key(model_dir, model, bf16) if world.is_main else None
+        self.path = Path(folder) / f"{distributed.all_gather_list([key])[0]}.json"
+        self.entries = self._read()
+
+    @staticmethod
+    def _key(model_dir, model, bf16):
         digest = hashlib.sha256()
         for path in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
             digest.update(str(path.relative_to(model_dir)).encode())
@@ -190,8 +197,7 @@ class DistributionCache:
         autocast = bf16 and device == "cuda"  # as evaluate(): CPU evaluations are fp32
         digest.update(f"{torch.__version__} {transformers.__version__} {model.config._attn_implementation} "
                       f"{device} {autocast}".encode())
-        self.path = Path(folder) / f"{digest.hexdigest()[:32]}.json"
-        self.entries = self._read()
+        return digest.hexdigest()[:32]
 
     def _read(self):
         try:

@@ -133,14 +133,9 @@ def opinion_metrics(rows, distributions, train_rows, method):
                 "uniform": opinion_scores(rows_, [[1 / len(OPINION_LABELS)] * len(OPINION_LABELS)] * len(rows_)),
                 "no_change_accuracy": _mean([r["opinion_direction"] == "no_change" for r in rows_])}
 
-    groups = {}
-    for i in labelled:
-        groups.setdefault(f"{rows[i].get('issue')} / {rows[i].get('participant_study')}", []).append(i)
-    issues = {}
-    for i in labelled:
-        issues.setdefault(str(rows[i].get("issue")), []).append(i)
-    return {**scored(labelled), "method": method, "by_group": {name: scored(idx) for name, idx in sorted(groups.items())},
-            "by_issue": {name: scored(idx) for name, idx in sorted(issues.items())},
+    return {**scored(labelled), "method": method,
+            "by_group": {name: scored(idx) for name, idx in choices.grouped(rows, labelled, choices.issue_and_study)},
+            "by_issue": {name: scored(idx) for name, idx in choices.grouped(rows, labelled, lambda r: str(r.get("issue")))},
             "calibration": choices.calibration_table([label_index(rows[i]) for i in labelled],
                                                      [distributions[i] for i in labelled])}
 

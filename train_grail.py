@@ -243,7 +243,7 @@ def train(cfg, world, ignored_keys=()):
 
     def evaluate_and_save(model, tokenizer, step, files=None):  # files: the folder the model is still equal to
         nonlocal untrained
-        cache = evaluate.DistributionCache(files, model, cfg.bf16, checkpoint.cache_root() / "evals") \
+        cache = evaluate.DistributionCache(files, model, cfg.bf16, checkpoint.cache_root() / "evals", world) \
             if files and cfg.eval_cache and prompt.answer_only else None
         world.print(f"[eval step {step}] {len(eval_rows)} {cfg.eval_split} rows x {len(cfg.eval_views)} views "
                     f"({', '.join(cfg.eval_views)}), {'exact' if prompt.answer_only else 'sampled'} choice and opinion distributions")
@@ -309,7 +309,7 @@ def train(cfg, world, ignored_keys=()):
                           disable=not world.is_main):  # D learns the starting policy before its reward joins
                 if distributed.stop_requested(world, cfg.grail_stop_file):
                     raise evaluate.Stopped
-                collect_rollouts(model, None, tokenizer, train_rows, k, cfg, world, disc_trainer, f"{cfg.seed}:gail")
+                collect_rollouts(model, tokenizer, train_rows, k, cfg, world, disc_trainer, f"{cfg.seed}:gail")
                 for _ in range(cfg.gail_disc_steps):
                     disc_trainer.step()
     except evaluate.Stopped:
@@ -320,8 +320,8 @@ def train(cfg, world, ignored_keys=()):
         progress = tqdm(progress, initial=start_step, total=cfg.max_steps, desc="grpo", dynamic_ncols=True)
     for step in progress:
         t0 = time.time()
-        batch, record, samples = collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, world,
-                                                  disc_trainer)
+        batch, record, samples = collect_rollouts(model, tokenizer, train_rows, step, cfg, world, disc_trainer)
+        add_logprobs(model, ref_model, batch, cfg, world)
         lr = scheduler.get_last_lr()[0]
         model.train()
         record.update = grpo.update(policy, optimizer, scheduler, batch, cfg, world)
@@ -370,10 +370,10 @@ def train(cfg, world, ignored_keys=()):
     return final
 
 
-def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, world, disc_trainer=None, prompt_seed=None):
+def collect_rollouts(model, tokenizer, train_rows, step, cfg, world, disc_trainer=None, prompt_seed=None):
     """This rank's prompts of `step` (drawn with `prompt_seed`, default the run's seed), their G samples,
-    rewards (with the discriminator's when `disc_trainer`) and advantages, and the no-grad log-prob
-    passes (old policy, reference). Returns (batch, StepRecord without the update's statistics, samples)."""
+    rewards (with the discriminator's when `disc_trainer`) and advantages. Returns (batch,
+    StepRecord without the update's statistics, samples)."""
     indices = data.rank_step_prompts(len(train_rows), cfg.prompts_per_step, step, prompt_seed or cfg.seed, world)
     rows = [data.training_row(train_rows[i], i, step, cfg.seed, cfg.shuffle_slates) for i in indices]
     G, prompt = cfg.num_generations, prompts.PromptFormat.of(cfg)
@@ -398,11 +398,6 @@ def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, world, 
     advantages = grpo.group_advantages(rewards_bg, cfg.scale_rewards, cfg.std_floor).view(-1)
     batch = {"prompt_ids": out.prompt_ids, "prompt_mask": out.prompt_mask, "completion_ids": out.completion_ids,
              "completion_mask": out.completion_mask, "advantages": advantages}
-    if cfg.num_iterations > 1:  # the sampling policy, before this step's updates
-        with distributed.full_params(model):
-            batch["old_logp"] = grpo.no_grad_logprobs(model, batch, cfg, world)
-    if ref_model is not None:
-        batch["ref_logp"] = grpo.no_grad_logprobs(ref_model, batch, cfg, world)
     record = grpo.StepRecord(rewards=total, components=components, counts=dict(counts),
                              advantages=advantages.tolist(), lengths=out.completion_mask.sum(dim=1).tolist(),
                              truncated=truncated, prompt_tokens=int(out.prompt_mask.sum()),
@@ -410,6 +405,16 @@ def collect_rollouts(model, ref_model, tokenizer, train_rows, step, cfg, world, 
     samples = [{"step": step + 1, "row_id": row.get("id"), "gold": row["gold_index"], "completion": text,
                 "reward": r} for row, text, r in zip(expanded, out.texts, total)][:G]
     return batch, record, samples
+
+
+def add_logprobs(model, ref_model, batch, cfg, world):
+    """The update's no-grad log-prob passes: the sampling policy's (before this step's updates) when
+    it takes several, the reference's for the KL. Not for the GAIL warm-up's samples, which only D reads."""
+    if cfg.num_iterations > 1:
+        with distributed.full_params(model):
+            batch["old_logp"] = grpo.no_grad_logprobs(model, batch, cfg, world)
+    if ref_model is not None:
+        batch["ref_logp"] = grpo.no_grad_logprobs(ref_model, batch, cfg, world)
 
 
 def behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world):

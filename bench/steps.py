@@ -159,8 +159,8 @@ def run_phase(args):
         step = iter(range(10 ** 6))
 
         def fn():
-            batch, _, _ = tg.collect_rollouts(model, ref_model, tokenizer, train_rows, next(step), cfg, world,
-                                              disc_trainer)
+            batch, _, _ = tg.collect_rollouts(model, tokenizer, train_rows, next(step), cfg, world, disc_trainer)
+            tg.add_logprobs(model, ref_model, batch, cfg, world)
             model.train()
             grpo.update(policy, optimizer, scheduler, batch, cfg, world)
             if disc_trainer is not None:

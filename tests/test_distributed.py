@@ -41,3 +41,29 @@ def test_two_ranks_equal_one_rank_on_the_same_global_batch(tiny_model_dir, tmp_p
         assert torch.equal(rank0[key], rank1[key]), f"ranks differ on {key}"
         assert torch.allclose(rank0[key], single[key], atol=1e-5, rtol=0), \
             f"{key}: 2 ranks vs 1 rank differ by {(rank0[key] - single[key]).abs().max():.2e}"
+
+
+CACHE_WORKER = """
+import sys
+import checkpoint, distributed, evaluate
+world = distributed.setup(5)
+model = checkpoint.load_model(sys.argv[1], world.device, trainable=False)
+files = sys.argv[1] if world.is_main else sys.argv[1] + "-absent"  # a rank that hashed these would differ
+cache = evaluate.DistributionCache(files, model, False, sys.argv[2], world)
+names = distributed.all_gather_list([cache.path.name])
+if world.is_main:
+    print("names", *names)
+distributed.shutdown(wait_for_peers=True)
+"""
+
+
+def test_only_rank_zero_hashes_the_model_files_for_the_evaluation_cache(tiny_model_dir, tmp_path):
+    worker = tmp_path / "cache_worker.py"
+    worker.write_text(CACHE_WORKER)
+    two = run([str(worker), str(tiny_model_dir), str(tmp_path / "evals")], nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run([str(worker), str(tiny_model_dir), str(tmp_path / "evals")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    names = [line.split()[1:] for line in two.stdout.splitlines() if line.startswith("names")][0]
+    single = [line.split()[1:] for line in one.stdout.splitlines() if line.startswith("names")][0]
+    assert len(names) == 2 and names[0] == names[1] == single[0]

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import distributed
+import grpo
 import reports
 import train_grail as tg
 from outputs import RunFolder, append_jsonl
@@ -53,6 +54,16 @@ def test_gail_run_logs_disc_metrics(tiny_model_dir, tmp_path):
     assert scored and f"| {scored[-1]['step']} | {reports.num(scored[-1]['disc/heldout_acc'])} |" in section
     assert "| position | human share | policy share | mean D |" in section and "| 1 | " in section
     assert (tmp_path / "checkpoint-000002" / "disc.pt").exists()
+
+
+def test_gail_warm_up_samples_skip_the_updates_log_prob_passes(tiny_model_dir, tmp_path, monkeypatch):
+    """Only D reads the warm-up's samples: the old-policy and reference passes run for the GRPO step alone."""
+    calls = []
+    real = grpo.no_grad_logprobs
+    monkeypatch.setattr(grpo, "no_grad_logprobs", lambda *args: calls.append(1) or real(*args))
+    tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=1, save_steps=0, gail_use=True, gail_warmup_steps=2,
+                       gail_disc_batch=4, num_iterations=2, beta=0.1, eval_on_start=False, eval_on_end=False), CPU)
+    assert len(calls) == 2  # one step: the sampling policy's and the reference's
 
 
 def test_behaviour_cloning_raises_the_likelihood_of_the_human_answers(tiny_model_dir, tmp_path, capsys):
