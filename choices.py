@@ -35,20 +35,21 @@ CALIBRATION_BINS = 10
 # The distribution
 
 
+def encoded(tokenizer, text):
+    """One piece of an answer on its own (a number, a tag, a direction): every branch is built from these."""
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 def option_branches(tokenizer, n_options):
     """Token ids of each option's number and of the closing tag: ([ids of "1"], …), ids of "</answer>"."""
-    numbers = [tokenizer.encode(str(k), add_special_tokens=False) for k in range(1, n_options + 1)]
-    return numbers, tokenizer.encode(CLOSE_TAG, add_special_tokens=False)
+    return [encoded(tokenizer, str(k)) for k in range(1, n_options + 1)], encoded(tokenizer, CLOSE_TAG)
 
 
 def opinion_branches(tokenizer, gold):
     """What follows the prompt when the viewer clicked `gold`, tag by tag: the tokens of
     "gold</answer>", of "<opinion>", of each direction (in OPINION_LABELS order), of "</opinion>"."""
-    def encode(text):  # each part on its own, as option_branches encodes the click's
-        return tokenizer.encode(text, add_special_tokens=False)
-
-    return (encode(str(gold)) + encode(CLOSE_TAG), encode(OPINION_OPEN), [encode(label) for label in OPINION_LABELS],
-            encode(OPINION_CLOSE))
+    return (encoded(tokenizer, str(gold)) + encoded(tokenizer, CLOSE_TAG), encoded(tokenizer, OPINION_OPEN),
+            [encoded(tokenizer, label) for label in OPINION_LABELS], encoded(tokenizer, OPINION_CLOSE))
 
 
 def answer_branches(tokenizer, n_options, gold=None):
