@@ -1,47 +1,85 @@
-"""How much a simulator can learn from click positions, split by split: on each participant split's
-held-out rows (the trainer's split, seeded), the log-loss of the position prior fit on that split's
-training rows against uniform, per issue (a script, not a test; data only, a few seconds).
+"""How much a simulator can learn from what the rows carry, split by split: on each participant
+split's held-out rows (the trainer's split, seeded), per issue, the log-loss of the click's position
+prior against uniform, and of the opinion shift's direction prior against the pre-study-index
+logistic (both fit on that split's training participants, opinions.py) and uniform (a script, not a
+test; data only, a few seconds).
 
-    python -m bench.splits [--seeds=20] [--dataset=FILES] [--val_fraction=0.1]   # from the repository root
+    python -m bench.splits [--seeds=20 | --seeds=42,7] [--dataset=FILES] [--val_fraction=0.1]   # from the repository root
 
-A model whose slot preferences stay close to the prior can beat uniform only where the prior does:
-the rows in which it does not say where that acceptance line cannot hold.
+A model whose slot preferences stay close to the prior can beat uniform only where the prior does,
+and its opinion can beat the direction prior only where something in the prompt predicts it better:
+the rows in which neither says where those acceptance lines cannot hold.
 """
 import sys
 
 import choices
 import data
 import errors
+import opinions
 from bench.steps import parse_options
 
 
 def split_scores(dataset, val_fraction, seed):
-    """{issue: (rows, prior log-loss, uniform log-loss)} on one split's held-out participants."""
+    """{issue: {"rows", "prior", "uniform"[, "opinion_rows", "direction_prior", "index_logistic",
+    "opinion_uniform"]}}: log-loss on one split's held-out participants (the opinion's on their
+    labelled rows)."""
     train_rows, val_rows = data.load_examples(dataset, val_fraction, seed, log=lambda msg: None)
     prior = choices.position_prior(train_rows)
+    direction_prior, index_logistic = opinions.direction_prior(train_rows), opinions.index_baseline(train_rows)
+    uniform = [1 / len(data.OPINION_LABELS)] * len(data.OPINION_LABELS)
     out = {}
     for issue in sorted({row.get("issue") for row in val_rows}):
         rows = [row for row in val_rows if row.get("issue") == issue]
-        prior_scores = choices.distribution_scores(rows, [prior(r["n_options"]) for r in rows])
-        uniform_scores = choices.distribution_scores(rows, [[1 / r["n_options"]] * r["n_options"] for r in rows])
-        out[issue] = (len(rows), prior_scores["logloss"], uniform_scores["logloss"])
+        out[issue] = {"rows": len(rows),
+                      "prior": choices.distribution_scores(rows, [prior(r["n_options"]) for r in rows])["logloss"],
+                      "uniform": choices.distribution_scores(rows, [[1 / r["n_options"]] * r["n_options"]
+                                                                    for r in rows])["logloss"]}
+        labelled = [row for row in rows if row.get("opinion_direction")]
+        if labelled:
+            out[issue].update(
+                opinion_rows=len(labelled),
+                direction_prior=opinions.opinion_scores(labelled, [direction_prior(r) for r in labelled])["logloss"],
+                index_logistic=opinions.opinion_scores(labelled, [index_logistic(r) for r in labelled])["logloss"],
+                opinion_uniform=opinions.opinion_scores(labelled, [uniform] * len(labelled))["logloss"])
     return out
 
 
-def run(args):
-    scores = [split_scores(args["dataset"], args["val_fraction"], seed) for seed in range(args["seeds"])]
-    issues = sorted({issue for split in scores for issue in split})
-    print("log-loss (nats) on each split's held-out participants: position prior / uniform (rows)")
+def seeds_of(text):
+    """"20" -> seeds 0..19; "42,7" -> those seeds."""
+    return [int(s) for s in text.split(",")] if "," in text else list(range(int(text)))
+
+
+def table(title, scores, cell):
+    issues = sorted({issue for split in scores.values() for issue in split})
+    print(title)
     print("| seed | " + " | ".join(str(issue) for issue in issues) + " |")
     print("|---|" + "---|" * len(issues))
-    for seed, split in enumerate(scores):
-        cells = [f"{split[i][1]:.3f} / {split[i][2]:.3f} ({split[i][0]})" if i in split else "" for i in issues]
-        print(f"| {seed} | " + " | ".join(cells) + " |")
+    for seed, split in scores.items():
+        print(f"| {seed} | " + " | ".join(cell(split[i]) if i in split and cell(split[i]) else "" for i in issues) + " |")
+    return issues
+
+
+def run(args):
+    scores = {seed: split_scores(args["dataset"], args["val_fraction"], seed) for seed in seeds_of(args["seeds"])}
+    issues = table("click, log-loss (nats) on each split's held-out participants: position prior / uniform (rows)",
+                   scores, lambda s: f"{s['prior']:.3f} / {s['uniform']:.3f} ({s['rows']})")
     for issue in issues:
-        present = [split[issue] for split in scores if issue in split]
-        wins = sum(prior_loss < uniform_loss for _, prior_loss, uniform_loss in present)
+        present = [split[issue] for split in scores.values() if issue in split]
+        wins = sum(s["prior"] < s["uniform"] for s in present)
         print(f"{issue}: the prior beats uniform on {wins} of {len(present)} splits")
+    print()
+    table("opinion shift, log-loss (nats) on the same participants' labelled rows: direction prior / "
+          "pre-study-index logistic / uniform (rows)", scores,
+          lambda s: "opinion_rows" in s and f"{s['direction_prior']:.3f} / {s['index_logistic']:.3f} / "
+                                            f"{s['opinion_uniform']:.3f} ({s['opinion_rows']})")
+    for issue in issues:
+        present = [split[issue] for split in scores.values() if "opinion_rows" in split.get(issue, {})]
+        wins = sum(s["index_logistic"] < s["direction_prior"] for s in present)
+        print(f"{issue}: the logistic beats the direction prior on {wins} of {len(present)} splits")
+    both = sum(all(s["index_logistic"] < s["direction_prior"] for s in split.values() if "opinion_rows" in s)
+               for split in scores.values())
+    print(f"on every issue at once: {both} of {len(scores)} splits")
 
 
 if __name__ == "__main__":
-    errors.run(lambda argv: run(parse_options(argv, {"seeds": 20, "dataset": "", "val_fraction": 0.1})), sys.argv[1:])
+    errors.run(lambda argv: run(parse_options(argv, {"seeds": "20", "dataset": "", "val_fraction": 0.1})), sys.argv[1:])

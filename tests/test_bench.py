@@ -1,5 +1,7 @@
 """bench/gpu.py (the device throughput/MFU script) runs end to end on a tiny shape and counts FLOPs by hand;
-bench/memory.py measures what checkpointing saves."""
+bench/memory.py measures what checkpointing saves; bench/splits.py scores as the evaluation does."""
+import math
+
 import pytest
 
 from bench import gpu as bench_gpu
@@ -50,3 +52,27 @@ def test_roofline_bench_runs_on_a_tiny_model(tiny_model_dir):
     assert result["rows"] == 2 and all(v > 0 for v in result["logloss"].values())
     text = roofline.table(result)
     assert "| exact evaluation, fp32 |" in text and "of the bf16 limit" in text and result["machine"] in text
+
+
+def test_splits_bench_scores_each_split_as_the_evaluation_does():
+    """bench.splits' per-issue baselines on a participant split equal the evaluation's own (a
+    second path through opinions.opinion_metrics and choices.choice_metrics' prior)."""
+    import choices
+    import data
+    import opinions
+    from bench import splits
+
+    scores = splits.split_scores("", 0.1, 42)
+    train_rows, val_rows = data.load_examples("", 0.1, 42, log=lambda msg: None)
+    metrics = opinions.opinion_metrics(val_rows, [[1 / 3] * 3] * len(val_rows), train_rows, "exact")
+    prior = choices.position_prior(train_rows)
+    assert sorted(scores) == ["gun_control", "minimum_wage"]
+    for issue, split in scores.items():
+        rows = [r for r in val_rows if r["issue"] == issue]
+        assert split["rows"] == len(rows) and split["opinion_rows"] == sum(bool(r.get("opinion_direction")) for r in rows)
+        want = sum(-math.log(prior(r["n_options"])[r["gold_index"] - 1]) for r in rows) / len(rows)
+        assert split["prior"] == pytest.approx(want)
+        assert split["direction_prior"] == pytest.approx(metrics["by_issue"][issue]["prior"]["logloss"])
+        assert split["index_logistic"] == pytest.approx(metrics["by_issue"][issue]["baseline"]["logloss"])
+        assert split["opinion_uniform"] == pytest.approx(math.log(3))
+    assert splits.seeds_of("3") == [0, 1, 2] and splits.seeds_of("42,7") == [42, 7]
