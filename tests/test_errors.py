@@ -302,7 +302,7 @@ def test_run_sh_ablation_from_one_cloned_start(tiny_model_dir):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", ABLATION_NAME=name,
                ABLATION_START="cloned", ABLATION_ARMS="accuracy calibration")
     small = [f"--model_name_or_path={tiny_model_dir}", "--max_steps=1", "--prompts_per_step=2", "--num_generations=3",
-             "--eval_max_rows=4", "--bc_steps=2"]
+             "--eval_max_rows=4", "--bc_steps=2", "--learning_rate=5e-6"]
     try:
         result = subprocess.run(["./run.sh", "ablation", *small], cwd=ROOT, env=env, capture_output=True, text=True,
                                 timeout=600)
@@ -310,10 +310,13 @@ def test_run_sh_ablation_from_one_cloned_start(tiny_model_dir):
         read = lambda arm: json.loads((ROOT / "out" / name / arm / "config.json").read_text())["config"]
         start = read("start")
         assert start["bc_steps"] == 2 and start["max_steps"] == 2 and start["model_name_or_path"] == str(tiny_model_dir)
+        recipe = tg.parse_config(["--config=recipes/cpu_default.yaml"], {})[0]
+        assert start["learning_rate"] == recipe.learning_rate != 5e-6  # the recipe's, not the arms'
         for arm in ("accuracy", "calibration"):
             config = read(arm)
             assert config["model_name_or_path"] == f"out/{name}/start/checkpoint-000002"
             assert config["bc_steps"] == 0 and config["max_steps"] == 1 and not config["eval_on_start"]
+            assert config["learning_rate"] == 5e-6
         assert read("accuracy")["reward_funcs"] == ["accuracy", "format"]
         report = (ROOT / "reports" / name / "README.md").read_text()
         assert all(f"| {arm} |" in report for arm in ("start", "accuracy", "calibration")), report
