@@ -192,7 +192,7 @@ def save(model, tokenizer, optimizer, scheduler, disc_trainer, step, cfg, world)
     except OSError as err:
         failure = (str(err.filename or tmp), err.strerror or str(err))
     except UserError as err:  # a JSON file that could not be written has said so in its own line
-        failure = (None, str(err))
+        failure = (None, (err.label, err.message))
     failures = [f for f in distributed.all_gather_list([failure]) if f]
     if failures:
         needed = 0
@@ -200,7 +200,7 @@ def save(model, tokenizer, optimizer, scheduler, disc_trainer, step, cfg, world)
             needed = max([folder_bytes(tmp)] + [folder_bytes(p) for p in run.checkpoints()[-1:]])
             shutil.rmtree(tmp, ignore_errors=True)
         path, reason = failures[0]
-        raise write_failure(path, OSError(reason), needed) if path else UserError("output", reason.removeprefix("[output] "))
+        raise write_failure(path, OSError(reason), needed) if path else UserError(*reason)
     distributed.barrier()
     if world.is_main:
         shutil.rmtree(final, ignore_errors=True)

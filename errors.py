@@ -13,6 +13,7 @@ INTERRUPTED_EXIT_CODE = 130  # the shell's code for Ctrl-C
 class UserError(Exception):
     def __init__(self, label, message):
         super().__init__(f"[{label}] {message}")
+        self.label, self.message = label, message  # what a peer rank needs to raise the same error
 
 
 def first_line(err):
