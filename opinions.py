@@ -101,7 +101,7 @@ def opinion_scores(rows, distributions):
     """Scores of per-row direction distributions (each may sum to less than 1: the rest is invalid
     mass) against the labels of `rows` (all labelled): log-loss (raw and renormalised), Brier, valid
     mass, the predicted and actual share of each direction and their TVD, the accuracy of the mode,
-    and the log-loss per participant."""
+    the log-loss per participant and the row-to-row spread."""
     pseudo = [{"gold_index": label_index(row), "n_options": len(OPINION_LABELS)} for row in rows]
     scores = choices.distribution_scores(pseudo, distributions)
     predicted, human = scores.pop("position_mass"), scores.pop("human_positions")
@@ -113,7 +113,17 @@ def opinion_scores(rows, distributions):
         per_person.setdefault(row["participant_key"], []).append(-math.log(max(p[g["gold_index"] - 1], 1e-300)))
     scores["participant_logloss"] = _mean([_mean(v) for v in per_person.values()])
     scores["participants"] = len(per_person)
+    scores["spread"] = row_spread(distributions)
     return scores
+
+
+def row_spread(distributions):
+    """How much a distribution moves from row to row: the across-row standard deviation of each
+    direction's (renormalised) probability, averaged over the directions. 0 for one distribution for
+    everybody (the prior, within an issue); what a simulator that reads the person must have."""
+    renormalised = [[x / sum(p) for x in p] if sum(p) > 0 else [1 / len(p)] * len(p) for p in distributions]
+    columns = list(zip(*renormalised))
+    return _mean([math.sqrt(_mean([(x - _mean(c)) ** 2 for x in c])) for c in columns])
 
 
 def opinion_metrics(rows, distributions, train_rows, method):

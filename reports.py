@@ -103,15 +103,17 @@ def opinion_summary(ev):
     issues = [[name, g["model"]["n"], g["model"]["participants"], f"**{num(g['model']['logloss'])}**",
                num(untrained["by_issue"].get(name, {}).get("logloss")) if untrained else "",
                num(g["prior"]["logloss"]), num(g["baseline"]["logloss"]), num(g["uniform"]["logloss"]),
-               pct(g["no_change_accuracy"])] for name, g in opinion["by_issue"].items()]
+               pct(g["no_change_accuracy"]), num(g["model"].get("spread")), num(g["baseline"].get("spread"))]
+              for name, g in opinion["by_issue"].items()]
     shares = [[label, pct(opinion["model"]["human_shares"][label]), pct(opinion["model"]["shares"][label]),
                pct(opinion["prior"]["shares"][label])] for label in opinion["model"]["shares"]]
     return "\n\n".join([
         f"Opinion distribution on {opinion['model']['n']} labelled held-out rows ({opinion['model']['participants']} "
         f"participants), {how}:\n\n" + table(["", *(label for _, label in OPINION_SCORES)], lines),
-        "By issue (log-loss; \"no change\": the accuracy of always answering it, as upstream scores it):\n\n" + table(
+        "By issue (log-loss; \"no change\": the accuracy of always answering it, as upstream scores it; spread: "
+        "the row-to-row standard deviation of p(direction), 0 for the prior, which reads no one):\n\n" + table(
             ["issue", "rows", "participants", "model", "untrained", "prior", "index logistic", "uniform",
-             "no change"], issues),
+             "no change", "model spread", "logistic spread"], issues),
         "Share of each direction (rows):\n\n" + table(["direction", "humans", "model", "prior"], shares)])
 
 

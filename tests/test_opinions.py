@@ -30,6 +30,10 @@ def test_scores_by_hand_per_row_and_per_participant():
     assert got["human_shares"] == pytest.approx({"increase": 2 / 3, "decrease": 1 / 3, "no_change": 0.0})
     assert got["shares"]["increase"] == pytest.approx((0.5 + q[0] + 0.2) / 3)
     assert got["accuracy"] == pytest.approx(1.0)
+    sd = lambda xs: math.sqrt(sum((x - sum(xs) / 3) ** 2 for x in xs) / 3)
+    assert got["spread"] == pytest.approx((sd([0.5, q[0], 0.2]) + sd([0.25, q[1], 0.6]) + sd([0.25, 0.0, 0.2])) / 3)
+    assert opinions.row_spread([[0.7, 0.2, 0.1]] * 4) == pytest.approx(0.0, abs=1e-12)  # the prior's, in one issue
+    assert opinions.row_spread([[1, 0, 0], [0, 1, 0]]) == pytest.approx((0.5 + 0.5 + 0) / 3)
 
 
 def test_direction_prior_counts_each_training_participant_once_per_issue():
