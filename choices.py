@@ -180,13 +180,12 @@ def distribution_scores(rows, distributions):
     n_max = max(row["n_options"] for row in rows)
     predicted, human = [0.0] * n_max, [0.0] * n_max
     for row, p in zip(rows, distributions):
-        mass = sum(p)
-        q = [x / mass for x in p] if mass > 0 else [1 / len(p)] * len(p)
+        q = renormalised(p)
         gold = row["gold_index"]
         raw.append(-math.log(max(p[gold - 1], 1e-300)))
         renorm.append(-math.log(max(q[gold - 1], 1e-300)))
         brier.append(brier_score(q, gold))
-        valid.append(mass)
+        valid.append(sum(p))
         for k, x in enumerate(q):
             predicted[k] += x / len(rows)
         human[gold - 1] += 1 / len(rows)
@@ -194,6 +193,12 @@ def distribution_scores(rows, distributions):
             "tvd": 0.5 * sum(abs(a - b) for a, b in zip(predicted, human)), "valid_mass": _mean(valid),
             "position_mass": {str(k): x for k, x in enumerate(predicted, 1)},
             "human_positions": {str(k): x for k, x in enumerate(human, 1)}, "n": len(rows)}
+
+
+def renormalised(p):
+    """A distribution with invalid mass scaled to sum to 1 (uniform where nothing is valid)."""
+    mass = sum(p)
+    return [x / mass for x in p] if mass > 0 else [1 / len(p)] * len(p)
 
 
 def calibration_table(golds, distributions, bins=CALIBRATION_BINS):

@@ -13,6 +13,7 @@ Baselines, fit on the training split's participants (one vote each):
   per issue: what a simulator that reads the profile's "support score" should at least match.
 """
 import math
+import statistics
 from collections import Counter
 
 import torch
@@ -121,9 +122,7 @@ def row_spread(distributions):
     """How much a distribution moves from row to row: the across-row standard deviation of each
     direction's (renormalised) probability, averaged over the directions. 0 for one distribution for
     everybody (the prior, within an issue); what a simulator that reads the person must have."""
-    renormalised = [[x / sum(p) for x in p] if sum(p) > 0 else [1 / len(p)] * len(p) for p in distributions]
-    columns = list(zip(*renormalised))
-    return _mean([math.sqrt(_mean([(x - _mean(c)) ** 2 for x in c])) for c in columns])
+    return _mean([statistics.pstdev(column) for column in zip(*map(choices.renormalised, distributions))])
 
 
 def opinion_metrics(rows, distributions, train_rows, method):
