@@ -10,7 +10,9 @@ Baselines, fit on the training split's participants (one vote each):
 - the direction prior of the row's issue (add-0.5 smoothed);
 - "no change", as upstream scores it (the accuracy of always answering no_change);
 - a softmax over the directions linear in the pre-study opinion index (`opinion_before`, 0-1),
-  per issue: what a simulator that reads the profile's "support score" should at least match.
+  per issue: what a simulator that reads the profile's "support score" should at least match;
+- the direction table of the row's issue and stated initial viewpoint (`initial_viewpoint`, the
+  prompt's "Initial Viewpoint:" line), shrunk toward the issue's prior: what the profile's words say.
 """
 import math
 import statistics
@@ -21,6 +23,7 @@ import torch
 import choices
 from data import OPINION_LABELS
 
+VIEWPOINT_STRENGTH = 2.0  # the issue prior's weight, in participants, in each viewpoint's direction table
 LOGISTIC_L2 = 1e-4  # keeps the fit finite where a direction is rare (no_change: 2-4% of participants)
 
 
@@ -98,6 +101,26 @@ def index_baseline(train_rows):
     return predict
 
 
+def viewpoint_baseline(train_rows):
+    """row -> P(direction | issue, initial viewpoint): among the training participants of the row's
+    issue who stated the same viewpoint, the directions' counts plus VIEWPOINT_STRENGTH x the issue's
+    direction prior, normalised (the prior itself for a viewpoint no training participant stated)."""
+    prior, people = direction_prior(train_rows), {}
+    for row in train_rows:
+        if row.get("opinion_direction"):
+            people.setdefault(row["participant_key"], row)
+    counts = {}
+    for row in people.values():
+        counts.setdefault((row.get("issue"), row.get("initial_viewpoint")), Counter())[row["opinion_direction"]] += 1
+
+    def predict(row):
+        seen = counts.get((row.get("issue"), row.get("initial_viewpoint")), Counter())
+        weights = [seen[label] + VIEWPOINT_STRENGTH * p for label, p in zip(OPINION_LABELS, prior(row))]
+        return [w / sum(weights) for w in weights]
+
+    return predict
+
+
 def opinion_scores(rows, distributions):
     """Scores of per-row direction distributions (each may sum to less than 1: the rest is invalid
     mass) against the labels of `rows` (all labelled): log-loss (raw and renormalised), Brier, valid
@@ -126,19 +149,20 @@ def row_spread(distributions):
 
 
 def opinion_metrics(rows, distributions, train_rows, method):
-    """The model's opinion scores beside uniform, the direction prior and the pre-study-index
-    logistic, and the accuracy of "no change", overall and per issue and study, on the labelled rows;
-    with the calibration table. None when no row is labelled."""
+    """The model's opinion scores beside uniform, the direction prior, the pre-study-index logistic
+    and the initial viewpoint's table, and the accuracy of "no change", overall and per issue and
+    study, on the labelled rows; with the calibration table. None when no row is labelled."""
     labelled = [i for i, row in enumerate(rows) if row.get("opinion_direction")]
     if not labelled:
         return None
-    prior, baseline = direction_prior(train_rows), index_baseline(train_rows)
+    prior, baseline, viewpoint = direction_prior(train_rows), index_baseline(train_rows), viewpoint_baseline(train_rows)
 
     def scored(subset):
         rows_, dists = [rows[i] for i in subset], [distributions[i] for i in subset]
         return {"model": opinion_scores(rows_, dists),
                 "prior": opinion_scores(rows_, [prior(r) for r in rows_]),
                 "baseline": opinion_scores(rows_, [baseline(r) for r in rows_]),
+                "viewpoint": opinion_scores(rows_, [viewpoint(r) for r in rows_]),
                 "uniform": opinion_scores(rows_, [[1 / len(OPINION_LABELS)] * len(OPINION_LABELS)] * len(rows_)),
                 "no_change_accuracy": _mean([r["opinion_direction"] == "no_change" for r in rows_])}
 
@@ -161,8 +185,10 @@ def headline_keys(opinion):
     return {"opinion_logloss": opinion["model"]["logloss"], "opinion_brier": opinion["model"]["brier"],
             "opinion_prior_logloss": opinion["prior"]["logloss"],
             "opinion_baseline_logloss": opinion["baseline"]["logloss"],
+            "opinion_viewpoint_logloss": opinion["viewpoint"]["logloss"],
             "opinion_uniform_logloss": opinion["uniform"]["logloss"], "opinion_method": opinion["method"]}
 
 
 def _mean(values):
     return sum(values) / len(values)
+

@@ -87,7 +87,8 @@ OPINION_SCORES = [("logloss", "log-loss"), ("participant_logloss", "log-loss per
 
 def opinion_summary(ev):
     """The opinion's distribution (after the human's click) beside untrained, the direction prior,
-    the pre-study-index logistic and uniform; by issue; and the share of each direction."""
+    the pre-study-index logistic, the initial viewpoint's table and uniform; by issue; and the share
+    of each direction."""
     opinion = ev["views"].get("original", {}).get("opinion")
     if not opinion:
         return None
@@ -99,11 +100,15 @@ def opinion_summary(ev):
         lines.append(["untrained"] + [num(untrained["model"].get(k)) for k, _ in OPINION_SCORES])
     lines += [[label] + [num(opinion[key][k]) for k, _ in OPINION_SCORES] for key, label in (
         ("prior", "direction prior (train participants, per issue)"),
-        ("baseline", "pre-study index logistic (train participants, per issue)"), ("uniform", "uniform"))]
+        ("baseline", "pre-study index logistic (train participants, per issue)"),
+        ("viewpoint", "initial viewpoint's table (train participants, per issue)"), ("uniform", "uniform"))
+        if key in opinion]  # eval.json files written before the viewpoint's table lack it
     issues = [[name, g["model"]["n"], g["model"]["participants"], f"**{num(g['model']['logloss'])}**",
                num(untrained["by_issue"].get(name, {}).get("logloss")) if untrained else "",
-               num(g["prior"]["logloss"]), num(g["baseline"]["logloss"]), num(g["uniform"]["logloss"]),
-               pct(g["no_change_accuracy"]), num(g["model"].get("spread")), num(g["baseline"].get("spread"))]
+               num(g["prior"]["logloss"]), num(g["baseline"]["logloss"]),
+               num(g.get("viewpoint", {}).get("logloss")), num(g["uniform"]["logloss"]),
+               pct(g["no_change_accuracy"]), num(g["model"].get("spread")), num(g["baseline"].get("spread")),
+               num(g.get("viewpoint", {}).get("spread"))]
               for name, g in opinion["by_issue"].items()]
     shares = [[label, pct(opinion["model"]["human_shares"][label]), pct(opinion["model"]["shares"][label]),
                pct(opinion["prior"]["shares"][label])] for label in opinion["model"]["shares"]]
@@ -112,8 +117,8 @@ def opinion_summary(ev):
         f"participants), {how}:\n\n" + table(["", *(label for _, label in OPINION_SCORES)], lines),
         "By issue (log-loss; \"no change\": the accuracy of always answering it, as upstream scores it; spread: "
         "the row-to-row standard deviation of p(direction), 0 for the prior, which reads no one):\n\n" + table(
-            ["issue", "rows", "participants", "model", "untrained", "prior", "index logistic", "uniform",
-             "no change", "model spread", "logistic spread"], issues),
+            ["issue", "rows", "participants", "model", "untrained", "prior", "index logistic", "viewpoint table",
+             "uniform", "no change", "model spread", "logistic spread", "viewpoint spread"], issues),
         "Share of each direction (rows):\n\n" + table(["direction", "humans", "model", "prior"], shares)])
 
 

@@ -92,7 +92,7 @@ class Config:
     bc_learning_rate: float = 1e-5  # its own AdamW, cosine to 0 over bc_steps; prompts_per_step rows a step
     bc_label_smoothing: float = 0.0  # target (1-eps) x the click + eps x the train split's position prior
     bc_opinion_smoothing: float = 0.0  # the opinion's: (1-eps) x the label + eps x its baseline:
-    bc_opinion_prior: str = "issue"  # issue (the direction prior) | index (the pre-study-index logistic)
+    bc_opinion_prior: str = "issue"  # issue (the direction prior) | index (the pre-study-index logistic) | viewpoint (the initial viewpoint's table)
     bc_average: float = 0.0       # the warm start is the mean of the weights after each of the last bc_average x bc_steps steps; 0 = the last step's
     # --- optimisation ---
     gradient_accumulation_steps: int = 1  # micro-batches per rank per optimizer step (one normaliser for the step)
@@ -130,7 +130,8 @@ class Config:
 
 
 # What the opinion's cloning target is smoothed toward: row -> P(direction), fit on the training split.
-OPINION_BASELINES = {"issue": opinions.direction_prior, "index": opinions.index_baseline}
+OPINION_BASELINES = {"issue": opinions.direction_prior, "index": opinions.index_baseline,
+                     "viewpoint": opinions.viewpoint_baseline}
 
 PREEMPTED_EXIT_CODE = 99  # "checkpointed on request, requeue me"; run.sh requeues the SLURM job on it
 

@@ -1,8 +1,8 @@
 """How much a simulator can learn from what the rows carry, split by split: on each participant
 split's held-out rows (the trainer's split, seeded), per issue, the log-loss of the click's position
 prior against uniform, and of the opinion shift's direction prior against the pre-study-index
-logistic (both fit on that split's training participants, opinions.py) and uniform (a script, not a
-test; data only, a few seconds).
+logistic, the initial viewpoint's table (all fit on that split's training participants, opinions.py)
+and uniform (a script, not a test; data only, a few seconds).
 
     python -m bench.splits [--seeds=20 | --seeds=42,7] [--dataset=FILES] [--val_fraction=0.1]   # from the repository root
 
@@ -21,11 +21,12 @@ from bench.steps import parse_options
 
 def split_scores(dataset, val_fraction, seed):
     """{issue: {"rows", "prior", "uniform"[, "opinion_rows", "direction_prior", "index_logistic",
-    "opinion_uniform"]}}: log-loss on one split's held-out participants (the opinion's on their
+    "viewpoint_table", "opinion_uniform"]}}: log-loss on one split's held-out participants (the opinion's on their
     labelled rows)."""
     train_rows, val_rows = data.load_examples(dataset, val_fraction, seed, log=lambda msg: None)
     prior = choices.position_prior(train_rows)
     direction_prior, index_logistic = opinions.direction_prior(train_rows), opinions.index_baseline(train_rows)
+    viewpoint_table = opinions.viewpoint_baseline(train_rows)
     uniform = [1 / len(data.OPINION_LABELS)] * len(data.OPINION_LABELS)
     out = {}
     for issue in sorted({row.get("issue") for row in val_rows}):
@@ -40,6 +41,7 @@ def split_scores(dataset, val_fraction, seed):
                 opinion_rows=len(labelled),
                 direction_prior=opinions.opinion_scores(labelled, [direction_prior(r) for r in labelled])["logloss"],
                 index_logistic=opinions.opinion_scores(labelled, [index_logistic(r) for r in labelled])["logloss"],
+                viewpoint_table=opinions.opinion_scores(labelled, [viewpoint_table(r) for r in labelled])["logloss"],
                 opinion_uniform=opinions.opinion_scores(labelled, [uniform] * len(labelled))["logloss"])
     return out
 
@@ -69,16 +71,17 @@ def run(args):
         print(f"{issue}: the prior beats uniform on {wins} of {len(present)} splits")
     print()
     table("opinion shift, log-loss (nats) on the same participants' labelled rows: direction prior / "
-          "pre-study-index logistic / uniform (rows)", scores,
+          "pre-study-index logistic / initial viewpoint's table / uniform (rows)", scores,
           lambda s: "opinion_rows" in s and f"{s['direction_prior']:.3f} / {s['index_logistic']:.3f} / "
-                                            f"{s['opinion_uniform']:.3f} ({s['opinion_rows']})")
-    for issue in issues:
-        present = [split[issue] for split in scores.values() if "opinion_rows" in split.get(issue, {})]
-        wins = sum(s["index_logistic"] < s["direction_prior"] for s in present)
-        print(f"{issue}: the logistic beats the direction prior on {wins} of {len(present)} splits")
-    both = sum(all(s["index_logistic"] < s["direction_prior"] for s in split.values() if "opinion_rows" in s)
-               for split in scores.values())
-    print(f"on every issue at once: {both} of {len(scores)} splits")
+                                            f"{s['viewpoint_table']:.3f} / {s['opinion_uniform']:.3f} ({s['opinion_rows']})")
+    for name, key in (("the logistic", "index_logistic"), ("the viewpoint's table", "viewpoint_table")):
+        for issue in issues:
+            present = [split[issue] for split in scores.values() if "opinion_rows" in split.get(issue, {})]
+            wins = sum(s[key] < s["direction_prior"] for s in present)
+            print(f"{issue}: {name} beats the direction prior on {wins} of {len(present)} splits")
+        both = sum(all(s[key] < s["direction_prior"] for s in split.values() if "opinion_rows" in s)
+                   for split in scores.values())
+        print(f"{name}, on every issue at once: {both} of {len(scores)} splits")
 
 
 if __name__ == "__main__":

@@ -74,5 +74,6 @@ def test_splits_bench_scores_each_split_as_the_evaluation_does():
         assert split["prior"] == pytest.approx(want)
         assert split["direction_prior"] == pytest.approx(metrics["by_issue"][issue]["prior"]["logloss"])
         assert split["index_logistic"] == pytest.approx(metrics["by_issue"][issue]["baseline"]["logloss"])
+        assert split["viewpoint_table"] == pytest.approx(metrics["by_issue"][issue]["viewpoint"]["logloss"])
         assert split["opinion_uniform"] == pytest.approx(math.log(3))
     assert splits.seeds_of("3") == [0, 1, 2] and splits.seeds_of("42,7") == [42, 7]

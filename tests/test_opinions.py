@@ -68,6 +68,26 @@ def test_index_logistic_recovers_a_known_relation():
     assert baseline(person("z", None, before=None)) == pytest.approx(prior({"issue": "gun_control"}))
 
 
+def test_viewpoint_table_by_hand():
+    """Each training participant votes once for their (issue, viewpoint); VIEWPOINT_STRENGTH x the
+    issue's prior is added; an unseen viewpoint gets the prior itself."""
+    def said(key, label, viewpoint, issue="gun_control"):
+        return {**person(key, label, issue), "initial_viewpoint": viewpoint}
+
+    train = [said("a", "increase", "Opposes")] * 3 + [said("b", "increase", "Opposes"),
+                                                      said("c", "decrease", "Supports"), said("d", None, "Supports")]
+    prior = opinions.direction_prior(train)({"issue": "gun_control"})
+    assert prior == pytest.approx([2.5 / 4.5, 1.5 / 4.5, 0.5 / 4.5])
+    table, k = opinions.viewpoint_baseline(train), opinions.VIEWPOINT_STRENGTH
+    want = [2 + k * prior[0], k * prior[1], k * prior[2]]
+    assert table(said("z", None, "Opposes")) == pytest.approx([w / (2 + k) for w in want])
+    want = [k * prior[0], 1 + k * prior[1], k * prior[2]]
+    assert table(said("z", None, "Supports")) == pytest.approx([w / (1 + k) for w in want])
+    assert table(said("z", None, "Undecided")) == pytest.approx(prior)
+    assert table(said("z", None, "Opposes", "minimum_wage")) == pytest.approx(  # the other issue's: prior only
+        opinions.direction_prior(train)({"issue": "minimum_wage"}))
+
+
 def test_metrics_skip_unlabelled_rows_and_stand_beside_every_baseline():
     train = [person(f"t{i}", LABELS[i % 2], before=0.1 + 0.8 * (i % 2)) for i in range(20)]
     rows = [person("a", "increase", before=0.1), person("b", None), person("c", "decrease", "minimum_wage", 0.9, "study2")]
@@ -81,6 +101,7 @@ def test_metrics_skip_unlabelled_rows_and_stand_beside_every_baseline():
     assert sum(cell["n"] for cell in got["calibration"]) == 6  # 2 labelled rows x 3 directions
     keys = opinions.headline_keys(got)
     assert keys["opinion_logloss"] == got["model"]["logloss"] and keys["opinion_baseline_logloss"] < math.log(3)
+    assert keys["opinion_viewpoint_logloss"] == got["viewpoint"]["logloss"]
     assert opinions.opinion_metrics([person("b", None)], [[0.3] * 3], train, "exact") is None
 
 

@@ -49,9 +49,12 @@ def test_report_holds_every_table_and_plot(run_dirs, tmp_path):
     assert "grail_checkpoint_50" in text  # the bundled rows carry the published answers
     opinion = ev["views"]["original"]["opinion"]
     assert "Opinion distribution on" in text and "](opinion.png)" in text
-    for issue, g in opinion["by_issue"].items():  # each issue's row ends with the model's and the logistic's spread
+    for issue, g in opinion["by_issue"].items():  # each issue's row ends with the model's and the baselines' spread
         row = next(line for line in text.splitlines() if line.startswith(f"| {issue} | {g['model']['n']} |"))
-        assert row.rstrip().endswith(f"| {reports.num(g['model']['spread'])} | {reports.num(g['baseline']['spread'])} |")
+        assert row.rstrip().endswith(f"| {reports.num(g['model']['spread'])} | {reports.num(g['baseline']['spread'])} "
+                                     f"| {reports.num(g['viewpoint']['spread'])} |")
+        assert f"| {reports.num(g['baseline']['logloss'])} | {reports.num(g['viewpoint']['logloss'])} |" in row
+    assert "| initial viewpoint's table (train participants, per issue) |" in text
 
 
 def test_eval_section_shows_what_the_trainer_prints(run_dirs):

@@ -310,10 +310,11 @@ def test_cpu_bf16_autocasts_training_and_not_the_evaluation(tiny_model_dir, tmp_
     assert len(inside["choice"]) == 4 and not any(inside["choice"])  # 2 rows before and after, fp32
 
 
-@pytest.mark.parametrize("baseline", ["issue", "index"])
+@pytest.mark.parametrize("baseline", ["issue", "index", "viewpoint"])
 def test_opinion_cloning_is_smoothed_toward_the_chosen_baseline(tiny_model_dir, tmp_path, monkeypatch, baseline):
     """bc_opinion_prior picks what every cloned row's opinion target mixes in: the issue's direction
-    prior, or the pre-study-index logistic, each fit on the training split alone."""
+    prior, the pre-study-index logistic or the initial viewpoint's table, each fit on the training
+    split alone."""
     import choices
     import data
     import opinions
@@ -330,8 +331,9 @@ def test_opinion_cloning_is_smoothed_toward_the_chosen_baseline(tiny_model_dir, 
                     bc_opinion_prior=baseline, eval_on_start=False, eval_on_end=False)
     tg.train(cfg, CPU)
     train_rows, _ = data.load_examples(cfg.dataset, cfg.val_fraction, cfg.seed, lambda *_: None)
-    expected = {"issue": opinions.direction_prior, "index": opinions.index_baseline}[baseline](train_rows)
-    other = {"issue": opinions.index_baseline, "index": opinions.direction_prior}[baseline](train_rows)
+    expected = {"issue": opinions.direction_prior, "index": opinions.index_baseline,
+                "viewpoint": opinions.viewpoint_baseline}[baseline](train_rows)
+    other = (opinions.index_baseline if baseline == "issue" else opinions.direction_prior)(train_rows)
     assert len(seen) == 2 * cfg.prompts_per_step
     for row, got in seen:
         assert got == pytest.approx(expected(row))
