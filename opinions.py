@@ -34,12 +34,12 @@ def label_index(row):
 
 
 def participants(rows):
-    """One (issue, label, opinion_before) per labelled participant of `rows`."""
+    """The first row of each labelled participant of `rows` (one vote each: the label, the issue, the
+    profile's fields never vary within a participant)."""
     seen = {}
     for row in rows:
         if row.get("opinion_direction"):
-            seen.setdefault(row["participant_key"], (row.get("issue"), row["opinion_direction"],
-                                                     row.get("opinion_before")))
+            seen.setdefault(row["participant_key"], row)
     return list(seen.values())
 
 
@@ -51,10 +51,10 @@ def _normalised(counts):
 def direction_prior(train_rows):
     """row -> P(direction) of the row's issue among the training participants (all issues' where the
     training split has none of that issue)."""
-    people = participants(train_rows)
-    overall = _normalised(Counter(label for _, label, _ in people))
-    by_issue = {issue: _normalised(Counter(label for i, label, _ in people if i == issue))
-                for issue in {issue for issue, _, _ in people}}
+    people = [(row.get("issue"), row["opinion_direction"]) for row in participants(train_rows)]
+    overall = _normalised(Counter(label for _, label in people))
+    by_issue = {issue: _normalised(Counter(label for i, label in people if i == issue))
+                for issue in {issue for issue, _ in people}}
     return lambda row: by_issue.get(row.get("issue"), overall)
 
 
@@ -86,9 +86,9 @@ def index_baseline(train_rows):
     the training split cannot fit (fewer than 2 directions among its participants)."""
     prior, people = direction_prior(train_rows), participants(train_rows)
     fits = {}
-    for issue in {issue for issue, _, _ in people}:
-        pairs = [(before, OPINION_LABELS.index(label)) for i, label, before in people
-                 if i == issue and before is not None]
+    for issue in {row.get("issue") for row in people}:
+        pairs = [(row["opinion_before"], OPINION_LABELS.index(row["opinion_direction"])) for row in people
+                 if row.get("issue") == issue and row.get("opinion_before") is not None]
         if len({label for _, label in pairs}) >= 2:
             fits[issue] = fit_logistic([b for b, _ in pairs], [label for _, label in pairs])
 
@@ -105,12 +105,8 @@ def viewpoint_baseline(train_rows):
     """row -> P(direction | issue, initial viewpoint): among the training participants of the row's
     issue who stated the same viewpoint, the directions' counts plus VIEWPOINT_STRENGTH x the issue's
     direction prior, normalised (the prior itself for a viewpoint no training participant stated)."""
-    prior, people = direction_prior(train_rows), {}
-    for row in train_rows:
-        if row.get("opinion_direction"):
-            people.setdefault(row["participant_key"], row)
-    counts = {}
-    for row in people.values():
+    prior, counts = direction_prior(train_rows), {}
+    for row in participants(train_rows):
         counts.setdefault((row.get("issue"), row.get("initial_viewpoint")), Counter())[row["opinion_direction"]] += 1
 
     def predict(row):
