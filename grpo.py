@@ -233,44 +233,14 @@ def behaviour_cloning(policy, model, tokenizer, batches, cfg, world):
     optimizer, scheduler = make_optimizer(model, bc_cfg)
     end = rollout.stop_token_ids(model, tokenizer)[0]
     losses = []
-    average, first_averaged = TailAverage(model), cfg.bc_steps - round(cfg.bc_average * cfg.bc_steps)
     model.train()
-    for step, (prompt_texts, targets) in enumerate(batches):
+    for prompt_texts, targets in batches:
         stats = update(policy, optimizer, scheduler, cloning_batch(tokenizer, prompt_texts, targets, end, world.device),
                        bc_cfg, world)
         totals = distributed.all_reduce_sum(torch.tensor([stats["weighted_logp_sum"], len(prompt_texts)],
                                                          device=world.device, dtype=torch.float64))
         losses.append(-(totals[0] / totals[1]).item())
-        if step >= first_averaged:
-            average.add()
-    average.apply()
     return losses
-
-
-class TailAverage:
-    """The running mean of a model's trainable weights over the iterates given to `add` (Polyak-Juditsky
-    tail averaging); `apply` writes it into the model. A 2-row step moves the weights toward its two
-    labels, so the last iterate carries the last few rows' clicks and opinions as if they were the
-    population's; the mean of the last iterates averages that noise out. With no iterate added, `apply`
-    leaves the model as it is. Works on DDP replicas and on FSDP2 shards alike (each rank its own)."""
-
-    def __init__(self, model):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.mean, self.count = None, 0
-
-    @torch.no_grad()
-    def add(self):
-        self.count += 1
-        if self.mean is None:
-            self.mean = [p.detach().clone() for p in self.params]
-        else:
-            for m, p in zip(self.mean, self.params):
-                m.lerp_(p.detach(), 1.0 / self.count)
-
-    @torch.no_grad()
-    def apply(self):
-        for p, m in zip(self.params, self.mean or ()):
-            p.copy_(m)
 
 
 def update(policy, optimizer, scheduler, batch, cfg, world):

@@ -93,7 +93,6 @@ class Config:
     bc_label_smoothing: float = 0.0  # target (1-eps) x the click + eps x the train split's position prior
     bc_opinion_smoothing: float = 0.0  # the opinion's: (1-eps) x the label + eps x its baseline:
     bc_opinion_prior: str = "issue"  # issue (the direction prior) | index (the pre-study-index logistic) | viewpoint (the initial viewpoint's table)
-    bc_average: float = 0.0       # the warm start is the mean of the weights after each of the last bc_average x bc_steps steps; 0 = the last step's
     # --- optimisation ---
     gradient_accumulation_steps: int = 1  # micro-batches per rank per optimizer step (one normaliser for the step)
     warmup_ratio: float = 0.1     # linear warm-up share of the optimizer steps, then cosine to 0
@@ -174,7 +173,7 @@ RANGES = {
     "gail_lr": (0, None, False), "gail_disc_steps": (0, None, True), "gail_disc_batch": (1, None, True),
     "gail_human_fraction": (0, 1, True), "gail_buffer_size": (1, None, True), "gail_warmup_steps": (0, None, True),
     "gail_gradient_penalty": (0, None, True), "gail_label_smoothing": (0, 0.5, True), "bc_steps": (0, None, True),
-    "bc_learning_rate": (0, None, False), "bc_label_smoothing": (0, 1, True), "bc_average": (0, 1, True),
+    "bc_learning_rate": (0, None, False), "bc_label_smoothing": (0, 1, True),
     "bc_opinion_smoothing": (0, 1, True), "gradient_accumulation_steps": (1, None, True), "warmup_ratio": (0, 1, True),
     "weight_decay": (0, None, True), "adam_beta1": (0, 1, True), "adam_beta2": (0, 1, True),
     "adam_epsilon": (0, None, False), "max_grad_norm": (0, None, False), "eval_steps": (0, None, True),

@@ -8,7 +8,6 @@ import torch
 import checkpoint
 import choices
 import data
-import distributed
 import grpo
 import opinions
 import prompts
@@ -208,41 +207,6 @@ def test_smoothed_cloning_batch_has_the_cross_entropy_gradient(tiny_model_dir):
     want = torch.autograd.grad(cross_entropy / normaliser, params)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-6, rtol=1e-4)
-
-
-def test_cloning_tail_average_is_the_mean_of_the_last_iterates(tiny_model_dir):
-    """bc_average=0.5 over 4 steps: the warm start is the mean of the weights after steps 3 and 4 of the
-    very trajectory that bc_average=0 follows (averaging changes nothing until the end)."""
-    train_rows, _ = data.load_examples("", 0.1, 0, log=lambda msg: None)
-    rows = [r for r in train_rows if r["opinion_direction"]][:8]
-    prior, direction_prior = choices.position_prior(train_rows), opinions.direction_prior(train_rows)
-
-    def clone(average, snapshots):
-        model = checkpoint.load_model(tiny_model_dir, CPU, trainable=True)
-        tokenizer = checkpoint.load_tokenizer(tiny_model_dir)
-        end = rollout.stop_token_ids(model, tokenizer)[0]
-        params = [p for p in model.parameters() if p.requires_grad]
-
-        def batches():
-            for step in range(4):
-                snapshots.append([p.detach().clone() for p in params])  # the iterate after `step` updates
-                pair = rows[2 * step: 2 * step + 2]
-                yield ([prompts.PromptFormat("answer").text(tokenizer, r) for r in pair],
-                       [choices.cloning_targets(tokenizer, r, prior, 0.5, direction_prior, 0.5, end) for r in pair])
-
-        cfg = tg.Config(bc_steps=4, bc_learning_rate=1e-2, bc_average=average, prompt_mode="answer")
-        grpo.behaviour_cloning(grpo.Policy(model, True), model, tokenizer, batches(), cfg, distributed.single_process())
-        snapshots.append([p.detach().clone() for p in params])
-        return snapshots[-1]
-
-    iterates, averaged = [], clone(0.5, [])
-    last = clone(0.0, iterates)
-    assert all(torch.equal(a, b) for a, b in zip(iterates[4], last))
-    moved = [not torch.equal(a, b) for a, b in zip(iterates[3], iterates[4])]
-    assert sum(moved) > len(moved) / 2  # the last step moved the weights: the mean differs from the last iterate
-    for got, after_3, after_4 in zip(averaged, iterates[3], iterates[4]):
-        assert torch.allclose(got, (after_3 + after_4) / 2, atol=1e-7)
-    assert any(not torch.equal(a, b) for a, b in zip(averaged, last))
 
 
 def test_lr_schedule_warmup_then_cosine():
