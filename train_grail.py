@@ -92,7 +92,7 @@ class Config:
     bc_learning_rate: float = 1e-5  # its own AdamW, cosine to 0 over bc_steps; prompts_per_step rows a step
     bc_label_smoothing: float = 0.0  # target (1-eps) x the click + eps x the train split's position prior
     bc_opinion_smoothing: float = 0.0  # the opinion's: (1-eps) x the label + eps x its baseline:
-    bc_opinion_prior: str = "issue"  # issue (direction prior) | index (pre-study-index logistic) | viewpoint (its table)
+    bc_opinion_prior: str = "issue"  # issue (direction prior) | index (pre-study-index logistic) | viewpoint (the initial viewpoint table)
     # --- optimisation ---
     gradient_accumulation_steps: int = 1  # micro-batches per rank per optimizer step (one normaliser for the step)
     warmup_ratio: float = 0.1     # linear warm-up share of the optimizer steps, then cosine to 0
