@@ -117,6 +117,10 @@ def viewpoint_baseline(train_rows):
     return predict
 
 
+# The fitted baselines an evaluation scores beside the model, by their key in eval.json.
+BASELINES = {"prior": direction_prior, "baseline": index_baseline, "viewpoint": viewpoint_baseline}
+
+
 def opinion_scores(rows, distributions):
     """Scores of per-row direction distributions (each may sum to less than 1: the rest is invalid
     mass) against the labels of `rows` (all labelled): log-loss (raw and renormalised), Brier, valid
@@ -151,15 +155,14 @@ def opinion_metrics(rows, distributions, train_rows, method):
     labelled = [i for i, row in enumerate(rows) if row.get("opinion_direction")]
     if not labelled:
         return None
-    prior, baseline, viewpoint = direction_prior(train_rows), index_baseline(train_rows), viewpoint_baseline(train_rows)
+    fitted = {key: fit(train_rows) for key, fit in BASELINES.items()}
+    uniform = [1 / len(OPINION_LABELS)] * len(OPINION_LABELS)
 
     def scored(subset):
         rows_, dists = [rows[i] for i in subset], [distributions[i] for i in subset]
         return {"model": opinion_scores(rows_, dists),
-                "prior": opinion_scores(rows_, [prior(r) for r in rows_]),
-                "baseline": opinion_scores(rows_, [baseline(r) for r in rows_]),
-                "viewpoint": opinion_scores(rows_, [viewpoint(r) for r in rows_]),
-                "uniform": opinion_scores(rows_, [[1 / len(OPINION_LABELS)] * len(OPINION_LABELS)] * len(rows_)),
+                **{key: opinion_scores(rows_, [predict(r) for r in rows_]) for key, predict in fitted.items()},
+                "uniform": opinion_scores(rows_, [uniform] * len(rows_)),
                 "no_change_accuracy": _mean([r["opinion_direction"] == "no_change" for r in rows_])}
 
     return {**scored(labelled), "method": method,
@@ -187,4 +190,3 @@ def headline_keys(opinion):
 
 def _mean(values):
     return sum(values) / len(values)
-

@@ -22,12 +22,11 @@ from bench.steps import parse_options
 def split_scores(dataset, val_fraction, seed):
     """{issue: {"rows", "prior", "uniform"[, "opinion_rows", "direction_prior", "index_logistic",
     "viewpoint_table", "opinion_uniform"]}}: log-loss on one split's held-out participants (the opinion's on their
-    labelled rows)."""
+    labelled rows, as the evaluation scores its baselines: opinions.opinion_metrics)."""
     train_rows, val_rows = data.load_examples(dataset, val_fraction, seed, log=lambda msg: None)
     prior = choices.position_prior(train_rows)
-    direction_prior, index_logistic = opinions.direction_prior(train_rows), opinions.index_baseline(train_rows)
-    viewpoint_table = opinions.viewpoint_baseline(train_rows)
-    uniform = [1 / len(data.OPINION_LABELS)] * len(data.OPINION_LABELS)
+    uniform = [1 / len(data.OPINION_LABELS)] * len(data.OPINION_LABELS)  # as the model: the baselines come beside it
+    opinion = opinions.opinion_metrics(val_rows, [uniform] * len(val_rows), train_rows, "exact") or {"by_issue": {}}
     out = {}
     for issue in sorted({row.get("issue") for row in val_rows}):
         rows = [row for row in val_rows if row.get("issue") == issue]
@@ -35,14 +34,11 @@ def split_scores(dataset, val_fraction, seed):
                       "prior": choices.distribution_scores(rows, [prior(r["n_options"]) for r in rows])["logloss"],
                       "uniform": choices.distribution_scores(rows, [[1 / r["n_options"]] * r["n_options"]
                                                                     for r in rows])["logloss"]}
-        labelled = [row for row in rows if row.get("opinion_direction")]
-        if labelled:
-            out[issue].update(
-                opinion_rows=len(labelled),
-                direction_prior=opinions.opinion_scores(labelled, [direction_prior(r) for r in labelled])["logloss"],
-                index_logistic=opinions.opinion_scores(labelled, [index_logistic(r) for r in labelled])["logloss"],
-                viewpoint_table=opinions.opinion_scores(labelled, [viewpoint_table(r) for r in labelled])["logloss"],
-                opinion_uniform=opinions.opinion_scores(labelled, [uniform] * len(labelled))["logloss"])
+        scores = opinion["by_issue"].get(str(issue))  # the evaluation's own by-issue scores
+        if scores:
+            out[issue].update(opinion_rows=scores["model"]["n"], direction_prior=scores["prior"]["logloss"],
+                              index_logistic=scores["baseline"]["logloss"],
+                              viewpoint_table=scores["viewpoint"]["logloss"], opinion_uniform=scores["uniform"]["logloss"])
     return out
 
 

@@ -55,8 +55,8 @@ def test_roofline_bench_runs_on_a_tiny_model(tiny_model_dir):
 
 
 def test_splits_bench_scores_each_split_as_the_evaluation_does():
-    """bench.splits' per-issue baselines on a participant split equal the evaluation's own (a
-    second path through opinions.opinion_metrics and choices.choice_metrics' prior)."""
+    """bench.splits' per-issue baselines on a participant split, against each baseline's function
+    applied row by row here (the bench reads them from opinions.opinion_metrics)."""
     import choices
     import data
     import opinions
@@ -64,16 +64,19 @@ def test_splits_bench_scores_each_split_as_the_evaluation_does():
 
     scores = splits.split_scores("", 0.1, 42)
     train_rows, val_rows = data.load_examples("", 0.1, 42, log=lambda msg: None)
-    metrics = opinions.opinion_metrics(val_rows, [[1 / 3] * 3] * len(val_rows), train_rows, "exact")
     prior = choices.position_prior(train_rows)
+    baselines = {"direction_prior": opinions.direction_prior(train_rows),
+                 "index_logistic": opinions.index_baseline(train_rows),
+                 "viewpoint_table": opinions.viewpoint_baseline(train_rows)}
     assert sorted(scores) == ["gun_control", "minimum_wage"]
     for issue, split in scores.items():
         rows = [r for r in val_rows if r["issue"] == issue]
         assert split["rows"] == len(rows) and split["opinion_rows"] == sum(bool(r.get("opinion_direction")) for r in rows)
         want = sum(-math.log(prior(r["n_options"])[r["gold_index"] - 1]) for r in rows) / len(rows)
         assert split["prior"] == pytest.approx(want)
-        assert split["direction_prior"] == pytest.approx(metrics["by_issue"][issue]["prior"]["logloss"])
-        assert split["index_logistic"] == pytest.approx(metrics["by_issue"][issue]["baseline"]["logloss"])
-        assert split["viewpoint_table"] == pytest.approx(metrics["by_issue"][issue]["viewpoint"]["logloss"])
+        labelled = [r for r in rows if r.get("opinion_direction")]
+        for key, predict in baselines.items():
+            want = sum(-math.log(predict(r)[opinions.label_index(r) - 1]) for r in labelled) / len(labelled)
+            assert split[key] == pytest.approx(want), key
         assert split["opinion_uniform"] == pytest.approx(math.log(3))
     assert splits.seeds_of("3") == [0, 1, 2] and splits.seeds_of("42,7") == [42, 7]
