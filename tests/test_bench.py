@@ -82,3 +82,17 @@ def test_splits_bench_scores_each_split_as_the_evaluation_does():
             assert split[key] == pytest.approx(want), key
         assert split["opinion_uniform"] == pytest.approx(math.log(3))
     assert splits.seeds_of("3") == [0, 1, 2] and splits.seeds_of("42,7") == [42, 7]
+
+
+def test_reading_bench_clones_the_opinion_alone_and_scores_it_by_viewpoint(tiny_model_dir):
+    from bench import reading
+
+    result = reading.run(reading.parse_args([f"--model={tiny_model_dir}", "--steps=10", "--lr=1e-2", "--seed=42"]))
+    assert result["loss"][1] < result["loss"][0]  # the opinion's cross-entropy fell
+    assert list(result["scores"]) == ["untrained", "cloned", "direction prior", "viewpoint table"]
+    assert all(s["participants"] == result["participants"] for s in result["scores"].values())
+    assert result["scores"]["cloned"]["logloss"] != result["scores"]["untrained"]["logloss"]
+    assert sum(n for n, _, _ in result["viewpoints"].values()) == result["participants"]
+    for _, humans, mean in result["viewpoints"].values():
+        assert sum(humans.values()) == pytest.approx(1) and sum(mean.values()) == pytest.approx(1)
+    assert "| initial viewpoint |" in reading.table(result)
