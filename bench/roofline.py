@@ -7,8 +7,7 @@ rows per second, each phase shown as a fraction of those limits (a script, not a
 Matmuls: one decoder layer's (q, k, v, o, gate, up, down) on a prompt-length activation, timed
 `runs` times after a warm-up, median. Phases (fp32, then under bf16 autocast): the exact choice
 and opinion distributions of `rows` held-out answer-mode rows (one tree-masked forward a row, choices.py), and
-`bc_steps` cloning steps of 2 rows with the default recipe's label smoothing (grpo.behaviour_cloning),
-and in bf16 with the prompt's head frozen (bc_frozen_prompt);
+`bc_steps` cloning steps of 2 rows with the default recipe's label smoothing (grpo.behaviour_cloning);
 and in fp32 the click's distribution and cloning target alone (what the opinion's branches cost).
 A phase's model FLOPs come from bench.gpu.forward_flops (x 3 for forward + backward); its fraction
 of the limit is those FLOPs per second over the matmul throughput. Also printed: the rows' log-loss of
@@ -98,11 +97,10 @@ def exact_phase(model, tokenizer, texts, rows, stop_ids, bf16, device, opinion=T
     return len(rows) / seconds, flops / len(rows) / 1e9, dists
 
 
-def cloning_phase(model, tokenizer, texts, rows, train_rows, steps, bf16, world, frozen_prompt=False):
-    """(rows per second, GFLOP per row) of `steps` cloning steps of 2 rows (forward + backward; with
-    `frozen_prompt` the prompt but its last grpo.GRAD_TAIL tokens forward only)."""
+def cloning_phase(model, tokenizer, texts, rows, train_rows, steps, bf16, world):
+    """(rows per second, GFLOP per row) of `steps` cloning steps of 2 rows (forward + backward)."""
     cfg = tg.Config(prompt_mode="answer", bc_steps=steps + 1, bc_learning_rate=1e-12, bf16=bf16, cpu_bf16=bf16, prompts_per_step=2,
-                    bc_label_smoothing=0.8, bc_opinion_smoothing=0.5, bc_frozen_prompt=frozen_prompt)
+                    bc_label_smoothing=0.8, bc_opinion_smoothing=0.5)
     prior, direction_prior = choices.position_prior(train_rows), opinions.direction_prior(train_rows)
     end = rollout.stop_token_ids(model, tokenizer)[0]
     batches = [(texts[i:i + 2], [choices.cloning_targets(tokenizer, r, prior, cfg.bc_label_smoothing, direction_prior,
@@ -126,8 +124,6 @@ def cloning_phase(model, tokenizer, texts, rows, train_rows, steps, bf16, world,
         for mask, lengths in zip(batch["prompt_mask"], completions):
             flops += 3 * forward_flops(model, int(mask.sum()), int(lengths.max()), len(lengths),
                                        logits=int(lengths.sum()))
-            if frozen_prompt:  # the head's backward is not run
-                flops -= 2 * forward_flops(model, max(int(mask.sum()) - grpo.GRAD_TAIL, 0), 0, 0, logits=0)
     return 2 * steps / seconds, flops / (2 * steps) / 1e9
 
 
@@ -159,8 +155,6 @@ def run(args):
     for name, bf16 in (("fp32", False), ("bf16", True)):
         phases[f"cloning step, {name}"] = cloning_phase(model, tokenizer, bc_texts, bc_rows, train_rows,
                                                         args["bc_steps"], bf16, world)
-    phases["cloning step, bf16, frozen prompt"] = cloning_phase(model, tokenizer, bc_texts, bc_rows, train_rows,
-                                                                args["bc_steps"], True, world, frozen_prompt=True)
     unlabelled = [dict(row, opinion_direction=None) for row in bc_rows]  # no opinion target
     phases["cloning step, fp32, the click alone"] = cloning_phase(model, tokenizer, bc_texts, unlabelled, train_rows,
                                                                   args["bc_steps"], False, world)
