@@ -16,6 +16,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 import checkpoint
 import choices
@@ -42,7 +43,7 @@ def opinion_distributions(model, tokenizer, prompt, rows):
     model.eval()
     stop_ids = rollout.stop_token_ids(model, tokenizer)
     return [choices.answer_logprobs(model, tokenizer, prompt.text(tokenizer, row), row["n_options"], stop_ids,
-                                    row["gold_index"])[1].exp().tolist() for row in rows]
+                                    row["gold_index"])[1].exp().tolist() for row in tqdm(rows, desc="held-out opinions")]
 
 
 def by_viewpoint(rows, distributions):
@@ -75,7 +76,7 @@ def run(args):
     no_baseline = opinions.direction_prior(train)  # unused at smoothing 0: the targets are the labels
 
     def batches():  # the opinion's branches alone (the click's tokens unscored), hard labels
-        for step in range(args["steps"]):
+        for step in tqdm(range(args["steps"]), desc="cloning the opinion", dynamic_ncols=True):
             rows = [train[i] for i in data.step_prompts(len(train), 2, step, f"{args['seed']}:reading")]
             yield [prompt.text(tokenizer, r) for r in rows], [
                 [t for t in choices.cloning_targets(tokenizer, r, prior, 0.0, no_baseline, 0.0, end) if t[2] > 0]
