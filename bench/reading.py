@@ -21,7 +21,6 @@ from tqdm import tqdm
 import checkpoint
 import choices
 import data
-import distributed
 import errors
 import grpo
 import opinions
@@ -29,7 +28,7 @@ import prompts
 import rollout
 import train_grail as tg
 from bench.roofline import machine
-from bench.steps import parse_options
+from bench.steps import parse_options, trainable_model
 
 
 def parse_args(argv):
@@ -58,12 +57,7 @@ def by_viewpoint(rows, distributions):
 
 
 def run(args):
-    if args["threads"]:
-        torch.set_num_threads(args["threads"])
-    world = distributed.single_process("cuda" if torch.cuda.is_available() else "cpu")
-    path = checkpoint.resolve_model(args["model"], world)
-    model = checkpoint.load_model(path, world.device, trainable=True)
-    tokenizer = checkpoint.load_tokenizer(path)
+    world, model, tokenizer = trainable_model(args)
     train_rows, val_rows = data.load_examples("", 0.1, args["seed"], log=lambda msg: None)
     train = [r for r in train_rows if r.get("issue") == args["issue"] and r.get("opinion_direction")]
     held_out = opinions.participants([r for r in val_rows if r.get("issue") == args["issue"]])
@@ -72,14 +66,14 @@ def run(args):
     cfg = tg.Config(prompt_mode="answer", bc_steps=args["steps"], bc_learning_rate=args["lr"], prompts_per_step=2,
                     cpu_bf16=True, seed=args["seed"])
     prompt = prompts.PromptFormat.of(cfg)
-    end, prior = rollout.stop_token_ids(model, tokenizer)[0], choices.position_prior(train)
-    no_baseline = opinions.direction_prior(train)  # unused at smoothing 0: the targets are the labels
+    end = rollout.stop_token_ids(model, tokenizer)[0]
+    position, direction = choices.position_prior(train), opinions.direction_prior(train)  # mixed in with weight 0
 
-    def batches():  # the opinion's branches alone (the click's tokens unscored), hard labels
+    def batches():  # hard labels; of the targets, the opinion's (first scored token after the click) alone
         for step in tqdm(range(args["steps"]), desc="cloning the opinion", dynamic_ncols=True):
             rows = [train[i] for i in data.step_prompts(len(train), 2, step, f"{args['seed']}:reading")]
             yield [prompt.text(tokenizer, r) for r in rows], [
-                [t for t in choices.cloning_targets(tokenizer, r, prior, 0.0, no_baseline, 0.0, end) if t[2] > 0]
+                [t for t in choices.cloning_targets(tokenizer, r, position, 0.0, direction, 0.0, end) if t[2] > 0]
                 for r in rows]
 
     before = opinion_distributions(model, tokenizer, prompt, held_out)

@@ -25,7 +25,6 @@ import torch
 import checkpoint
 import choices
 import data
-import distributed
 import errors
 import grpo
 import opinions
@@ -33,7 +32,7 @@ import prompts
 import rollout
 import train_grail as tg
 from bench.gpu import forward_flops
-from bench.steps import parse_options
+from bench.steps import parse_options, trainable_model
 
 
 def parse_args(argv):
@@ -128,12 +127,7 @@ def cloning_phase(model, tokenizer, texts, rows, train_rows, steps, bf16, world)
 
 
 def run(args):
-    if args["threads"]:
-        torch.set_num_threads(args["threads"])
-    world = distributed.single_process("cuda" if torch.cuda.is_available() else "cpu")
-    path = checkpoint.resolve_model(args["model"], world)
-    model = checkpoint.load_model(path, world.device, trainable=True)
-    tokenizer = checkpoint.load_tokenizer(path)
+    world, model, tokenizer = trainable_model(args)
     train_rows, val_rows = data.load_examples("", 0.1, 42, log=lambda msg: None)
     prompt = prompts.PromptFormat("answer")
     rows = val_rows[:args["rows"]]

@@ -75,11 +75,23 @@ def parse_options(argv, defaults):
     return args
 
 
-def setup(args):
+def world_and_model_path(args):
+    """This machine's single-process world (CUDA if there is one) and `--model` resolved, with
+    `--threads` torch threads if set."""
     if args["threads"]:
         torch.set_num_threads(args["threads"])
     world = distributed.single_process("cuda" if torch.cuda.is_available() else "cpu")
-    path = checkpoint.resolve_model(args["model"], world)
+    return world, checkpoint.resolve_model(args["model"], world)
+
+
+def trainable_model(args):
+    """(world, the `--model` model, trainable, fp32 master weights; its tokenizer)."""
+    world, path = world_and_model_path(args)
+    return world, checkpoint.load_model(path, world.device, trainable=True), checkpoint.load_tokenizer(path)
+
+
+def setup(args):
+    world, path = world_and_model_path(args)
     cfg = tg.Config(prompt_mode=args["prompt_mode"], num_generations=args["generations"],
                     max_completion_length=args["new_tokens"], prompts_per_step=args["prompts"],
                     learning_rate=1e-6, max_steps=1000, dataset=str(data.DATA_DIR / "gun_control.jsonl"))
