@@ -154,13 +154,19 @@ def cloning_targets(tokenizer, row, prior, smoothing, opinion_prior, opinion_smo
     targets = [(ids, weight, 0) for (ids, _, _), weight in
                zip(answer_branches(tokenizer, row["n_options"]), smoothed(prior(row["n_options"]), row["gold_index"], smoothing))
                if weight > 0]
+    return targets + opinion_targets(tokenizer, row, opinion_prior, opinion_smoothing, end_id)
+
+
+def opinion_targets(tokenizer, row, opinion_prior, opinion_smoothing, end_id):
+    """The opinion's share of cloning_targets (none where the row has no label): scored from
+    "<opinion>" on, after the human's click."""
     label = row.get("opinion_direction")
-    if label:
-        answered, opened, words, close = opinion_branches(tokenizer, row["gold_index"])
-        weights = smoothed(opinion_prior(row), OPINION_LABELS.index(label) + 1, opinion_smoothing)
-        targets += [(answered + opened + ids + close + [end_id], weight, len(answered))
-                    for ids, weight in zip(words, weights) if weight > 0]
-    return targets
+    if not label:
+        return []
+    answered, opened, words, close = opinion_branches(tokenizer, row["gold_index"])
+    weights = smoothed(opinion_prior(row), OPINION_LABELS.index(label) + 1, opinion_smoothing)
+    return [(answered + opened + ids + close + [end_id], weight, len(answered))
+            for ids, weight in zip(words, weights) if weight > 0]
 
 
 def smoothed(prior, gold, smoothing):

@@ -67,14 +67,13 @@ def run(args):
                     cpu_bf16=True, seed=args["seed"])
     prompt = prompts.PromptFormat.of(cfg)
     end = rollout.stop_token_ids(model, tokenizer)[0]
-    position, direction = choices.position_prior(train), opinions.direction_prior(train)  # mixed in with weight 0
+    direction = opinions.direction_prior(train)  # mixed in with weight 0: hard labels
 
-    def batches():  # hard labels; of the targets, the opinion's (first scored token after the click) alone
+    def batches():  # the opinion's targets alone (scored after the human's click)
         for step in tqdm(range(args["steps"]), desc="cloning the opinion", dynamic_ncols=True):
             rows = [train[i] for i in data.step_prompts(len(train), 2, step, f"{args['seed']}:reading")]
             yield [prompt.text(tokenizer, r) for r in rows], [
-                [t for t in choices.cloning_targets(tokenizer, r, position, 0.0, direction, 0.0, end) if t[2] > 0]
-                for r in rows]
+                choices.opinion_targets(tokenizer, r, direction, 0.0, end) for r in rows]
 
     before = opinion_distributions(model, tokenizer, prompt, held_out)
     t0 = time.perf_counter()
