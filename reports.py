@@ -145,6 +145,11 @@ def eval_summary(ev):
     """An eval dict (evaluate.evaluate) as Markdown: the choice-distribution headline, accuracy in
     every view beside the baselines, and the published checkpoints on the same rows."""
     parts = [part for part in (choice_summary(ev), opinion_summary(ev), accuracy_summary(ev)) if part]
+    if ev.get("baselines_in_sample_rows"):
+        parts.insert(0, f"Note: the baselines (position and direction priors, logistic, viewpoint table) are fit on "
+                        f"the training split, which holds the participants of {ev['baselines_in_sample_rows']} of "
+                        f"these {ev.get('n_total', '?')} rows: on those rows they are in-sample, not held out "
+                        "(`eval_split=validation` keeps them apart).")
     refs = ev.get("reference_checkpoints") or {}
     if refs:
         parts.append("Published checkpoints on the same rows (original order): " + ", ".join(

@@ -181,6 +181,7 @@ def test_eval_only_on_a_checkpoint_folder(tiny_model_dir, tmp_path):
     assert saved["accuracy_overall"] == metrics["accuracy_overall"]
     assert saved["model"] == str(tmp_path / "run" / "checkpoint-000001")
     assert saved["split"] == "validation"
+    assert saved["baselines_in_sample_rows"] == 0  # held-out participants: the baselines never saw them
     assert not (out / "metrics.jsonl").exists()
 
 
@@ -200,6 +201,10 @@ def test_eval_only_command_writes_the_choice_keys(tiny_model_dir, tmp_path, bund
                 "opinion_baseline_logloss", "opinion_uniform_logloss"):
         assert isinstance(saved[key], float), key
     assert saved["opinion_method"] == "exact" and saved["opinion_uniform_logloss"] == pytest.approx(math.log(3))
+    import data  # every row's participant in the split the baselines are fit on counts as in-sample
+    train_rows, val_rows = data.load_examples(str(rows), 0.1, 42, log=lambda *_: None)
+    assert saved["baselines_in_sample_rows"] == len(train_rows) and len(val_rows) < 5
+    assert f"of {len(train_rows)} of these 5 rows: on those rows they are in-sample" in result.stdout
 
 
 @pytest.mark.parametrize("fsdp", ["false", "true"])
