@@ -277,8 +277,8 @@ def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world, should_stop
                 predictions = shown_predictions
     metrics["reference_checkpoints"] = reference_metrics(rows)
     # The baselines are fit on train_rows: on a row of one of its participants they saw the answer.
-    fit_on = {row.get("participant_key") for row in train_rows}
-    metrics["baselines_in_sample_rows"] = sum(row.get("participant_key") in fit_on for row in rows)
+    fit_on = {row["participant_key"] for row in train_rows}
+    metrics["baselines_in_sample_rows"] = sum(row["participant_key"] in fit_on for row in rows)
     first = metrics["views"].get("original") or next(iter(metrics["views"].values()))
     metrics.update(upstream_keys(first, len(rows)))
     if "choice" in first:

@@ -148,7 +148,7 @@ def eval_summary(ev):
     if ev.get("baselines_in_sample_rows"):
         parts.insert(0, f"Note: the baselines (position and direction priors, logistic, viewpoint table) are fit on "
                         f"the training split, which holds the participants of {ev['baselines_in_sample_rows']} of "
-                        f"these {ev.get('n_total', '?')} rows: on those rows they are in-sample, not held out "
+                        f"these {ev['n_total']} rows: on those rows they are in-sample, not held out "
                         "(`eval_split=validation` keeps them apart).")
     refs = ev.get("reference_checkpoints") or {}
     if refs:
