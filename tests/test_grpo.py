@@ -310,3 +310,59 @@ def test_tree_mask_by_hand():
 def test_window_longer_than_the_sequence_keeps_the_tree_mask(tmp_path):
     model = checkpoint.load_model(str(tiny.make_tiny_model(tmp_path, sliding_window=64)), CPU, trainable=True)
     assert_same(model, random_batch(model.config.vocab_size), logp_tol=1e-5, grad_rel_tol=1e-5)
+
+
+# --- the frozen prompt (bc_frozen_prompt): the prompt but its tail as a no-grad KV cache ---
+
+
+def each_completion_after_a_cache(model, batch, tail):
+    """The reference: per completion, the prompt's head without grad as a KV cache, then the prompt's
+    last `tail` tokens and that completion alone (no tree mask) with grad. Per-token log-probs [N, C]."""
+    G = batch["completion_ids"].shape[0] // batch["prompt_ids"].shape[0]
+    out = torch.zeros(batch["completion_ids"].shape)
+    for n, (ids, mask) in enumerate(zip(batch["completion_ids"], batch["completion_mask"])):
+        prompt = batch["prompt_ids"][n // G][batch["prompt_mask"][n // G].bool()]
+        cut, length = len(prompt) - tail, int(mask.sum())
+        with torch.no_grad():
+            cache = model(input_ids=prompt[None, :cut], use_cache=True).past_key_values
+        tokens = torch.cat([prompt[cut:], ids[:length]])[None]
+        logits = model(input_ids=tokens, past_key_values=cache, use_cache=False,
+                       position_ids=torch.arange(cut, cut + tokens.shape[1])[None]).logits[0, tail - 1:-1]
+        logp = torch.log_softmax(logits.float() / 0.9, -1).gather(-1, ids[:length, None])[:, 0]
+        out = out.index_put((torch.tensor([n]), torch.arange(length)), logp)
+    return out
+
+
+def weighted_grads(model, logp, batch):
+    model.zero_grad()
+    weights = torch.linspace(-1, 1, logp.numel()).view_as(logp)
+    (logp * weights * batch["completion_mask"]).sum().backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_frozen_prompt_matches_each_completion_run_after_the_same_cache(tiny_model_dir, attention, monkeypatch):
+    """Same log-probs as the full forward; the gradient of the tail and the completions only: that of
+    each completion computed on its own after the prompt's head as a no-grad cache."""
+    monkeypatch.setattr(grpo, "GRAD_TAIL", 3)  # the random prompts are 4-12 tokens: every one is cut
+    model = checkpoint.load_model(str(tiny_model_dir), CPU, trainable=True)
+    model.set_attn_implementation(attention)
+    batch = random_batch(model.config.vocab_size)
+    full = grpo.completion_logprobs(model, batch, temperature=0.9, shared_prefix=True)
+    full_grads = weighted_grads(model, full, batch)
+    frozen = grpo.completion_logprobs(model, batch, temperature=0.9, shared_prefix=True, frozen_prompt=True)
+    frozen_grads = weighted_grads(model, frozen, batch)
+    reference = each_completion_after_a_cache(model, batch, tail=3)
+    reference_grads = weighted_grads(model, reference, batch)
+    mask = batch["completion_mask"].bool()
+    assert (frozen - full)[mask].abs().max() <= 1e-5 and (frozen - reference)[mask].abs().max() <= 1e-5
+    assert (frozen_grads - reference_grads).norm() / reference_grads.norm() <= 1e-5
+    assert (frozen_grads - full_grads).norm() / full_grads.norm() > 1e-2  # the head's share is left out
+
+
+def test_frozen_prompt_needs_the_shared_prefix_and_no_recomputation():
+    with pytest.raises(ValueError, match="needs shared_prefix"):
+        grpo.completion_logprobs(None, random_batch(50), 1.0, shared_prefix=False, frozen_prompt=True)
+    for bad in (dict(gradient_checkpointing=True), dict(shared_prefix=False)):
+        with pytest.raises(SystemExit, match="bc_frozen_prompt"):
+            tg.check_config(tg.Config(prompt_mode="answer", bc_steps=2, bc_frozen_prompt=True, **bad))
