@@ -17,10 +17,6 @@ import distributed
 import rollout
 
 PROMPT_KEYS = ("prompt_ids", "prompt_mask")  # [B, P]; every other batch tensor has one row per sample
-# With frozen_prompt, the prompt tokens computed with grad: the end of the user's turn, the assistant
-# header and the answer's opening tag (8 tokens with SmolLM2's template), so the first answer token's
-# logit has its gradient.
-GRAD_TAIL = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,10 +121,10 @@ def full_sequence_logprobs(model, batch, temperature):
     return selective_log_softmax(out.logits[:, :-1] / temperature, completion_ids)
 
 
-def tree_attention_mask(prompt_length, lengths, attn_implementation, cached=0):
-    """[1, 1, L, cached + L] mask for one prompt followed by its G completions (lengths [G]): every
-    token sees the prompt causally (and the `cached` prompt tokens before it, held in a KV cache); a
-    completion token also sees its own completion's earlier tokens, never another completion's."""
+def tree_attention_mask(prompt_length, lengths, attn_implementation):
+    """[1, 1, L, L] mask for one prompt followed by its G completions (lengths [G]): every token sees
+    the prompt causally; a completion token also sees its own completion's earlier tokens, never
+    another completion's."""
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(f"shared_prefix needs attn_implementation 'sdpa' or 'eager', not {attn_implementation!r} "
                          "(it passes a 4D tree mask); set shared_prefix=false")
@@ -137,23 +133,16 @@ def tree_attention_mask(prompt_length, lengths, attn_implementation, cached=0):
                                     torch.cat([lengths.new_tensor([prompt_length]), lengths]))
     position = torch.arange(len(block), device=device)
     allowed = (position[None, :] <= position[:, None]) & ((block[None, :] == -1) | (block[None, :] == block[:, None]))
-    allowed = torch.cat([allowed.new_ones(len(block), cached), allowed], dim=1)
     if attn_implementation == "eager":  # eager attention adds the mask to the scores
         allowed = torch.zeros(allowed.shape, device=device).masked_fill(~allowed, torch.finfo(torch.float32).min)
     return allowed[None, None]
 
 
-def shared_prefix_logprobs(model, batch, temperature, frozen_prompt=False):
+def shared_prefix_logprobs(model, batch, temperature):
     """Per-token log-probs [N, C] computing each prompt once: each prompt (unpadded) and its G
     completions (unpadded) run as one sequence under a tree mask, so autograd flows into the prompt
     once, with the sum of its G completions' gradients. No KV cache is involved, which keeps
-    activation checkpointing usable.
-
-    `frozen_prompt`: all but the prompt's last GRAD_TAIL tokens run first without grad, as a KV cache
-    the rest attends to. Same log-probs; the gradient is the part that flows through the tail and the
-    completions (how they read the prompt's keys and values, not how the prompt is encoded), for about
-    a third of the prompt's cost (a forward without a backward). Not with activation checkpointing:
-    its recomputation would extend the cache twice."""
+    activation checkpointing usable."""
     C = batch["completion_ids"].shape[1]
     window = getattr(model.config, "sliding_window", None)
     out = []
@@ -164,33 +153,26 @@ def shared_prefix_logprobs(model, batch, temperature, frozen_prompt=False):
         if window and P + int(lengths.max()) > window:  # the tree mask has no window: compute naively
             out.append(full_sequence_logprobs(model, group, temperature))
             continue
-        cut, cache = max(P - GRAD_TAIL, 0) if frozen_prompt else 0, None
-        if cut:
-            with torch.no_grad():
-                cache = model(input_ids=prompt[None, :cut], use_cache=True).past_key_values
         device = prompt.device
-        tokens = torch.cat([prompt[cut:]] + [ids[:n] for ids, n in zip(group["completion_ids"], lengths.tolist())])
-        positions = torch.cat([torch.arange(cut, P, device=device)] +
+        tokens = torch.cat([prompt] + [ids[:n] for ids, n in zip(group["completion_ids"], lengths.tolist())])
+        positions = torch.cat([torch.arange(P, device=device)] +
                               [P + torch.arange(n, device=device) for n in lengths.tolist()])
         # Each completion token is predicted by the position before it; a completion's first token
         # by the prompt's last one.
-        tail = P - cut
-        predictors = torch.arange(tail, len(tokens), device=device) - 1
-        predictors[(torch.cumsum(lengths, 0) - lengths)[lengths > 0]] = tail - 1
-        logits = model(input_ids=tokens[None], position_ids=positions[None], past_key_values=cache, use_cache=False,
-                       attention_mask=tree_attention_mask(tail, lengths, model.config._attn_implementation, cut),
+        predictors = torch.arange(P, len(tokens), device=device) - 1
+        predictors[(torch.cumsum(lengths, 0) - lengths)[lengths > 0]] = P - 1
+        logits = model(input_ids=tokens[None], position_ids=positions[None], use_cache=False,
+                       attention_mask=tree_attention_mask(P, lengths, model.config._attn_implementation),
                        logits_to_keep=predictors).logits
-        flat = selective_log_softmax(logits / temperature, tokens[None, tail:])[0]
+        flat = selective_log_softmax(logits / temperature, tokens[None, P:])[0]
         rows = torch.nn.utils.rnn.pad_sequence(list(flat.split(lengths.tolist())), batch_first=True)
         out.append(torch.nn.functional.pad(rows, (0, C - rows.shape[1])))
     return torch.cat(out)
 
 
-def completion_logprobs(model, batch, temperature, shared_prefix=True, frozen_prompt=False):
+def completion_logprobs(model, batch, temperature, shared_prefix=True):
     if shared_prefix:
-        return shared_prefix_logprobs(model, batch, temperature, frozen_prompt)
-    if frozen_prompt:
-        raise ValueError("frozen_prompt needs shared_prefix")
+        return shared_prefix_logprobs(model, batch, temperature)
     return full_sequence_logprobs(model, batch, temperature)
 
 
@@ -203,8 +185,8 @@ class Policy(torch.nn.Module):
         self.model = model
         self.shared_prefix = shared_prefix
 
-    def forward(self, batch, temperature, frozen_prompt=False):
-        return completion_logprobs(self.model, batch, temperature, self.shared_prefix, frozen_prompt)
+    def forward(self, batch, temperature):
+        return completion_logprobs(self.model, batch, temperature, self.shared_prefix)
 
 
 def no_grad_logprobs(model, batch, cfg, world):
@@ -254,16 +236,16 @@ def behaviour_cloning(policy, model, tokenizer, batches, cfg, world):
     model.train()
     for prompt_texts, targets in batches:
         stats = update(policy, optimizer, scheduler, cloning_batch(tokenizer, prompt_texts, targets, end, world.device),
-                       bc_cfg, world, frozen_prompt=cfg.bc_frozen_prompt)
+                       bc_cfg, world)
         totals = distributed.all_reduce_sum(torch.tensor([stats["weighted_logp_sum"], len(prompt_texts)],
                                                          device=world.device, dtype=torch.float64))
         losses.append(-(totals[0] / totals[1]).item())
     return losses
 
 
-def update(policy, optimizer, scheduler, batch, cfg, world, frozen_prompt=False):
+def update(policy, optimizer, scheduler, batch, cfg, world):
     """One optimizer step per iteration on a batch of rollouts. `policy` is a Policy (DDP-wrapped
-    under torchrun); `frozen_prompt` as in shared_prefix_logprobs. Reads from cfg: num_iterations, gradient_accumulation_steps, temperature,
+    under torchrun). Reads from cfg: num_iterations, gradient_accumulation_steps, temperature,
     epsilon, epsilon_high, beta, loss_type, max_completion_length, max_grad_norm, bf16.
     Returns the step's statistics."""
     normaliser = loss_normaliser(cfg.loss_type, batch["completion_mask"], cfg.max_completion_length)
@@ -276,7 +258,7 @@ def update(policy, optimizer, scheduler, batch, cfg, world, frozen_prompt=False)
             # Gradients are reduced across ranks only on the last micro-batch.
             with distributed.gradient_sync(policy, model, enabled=i == len(chunks) - 1):
                 with distributed.autocast(world.device, cfg.bf16, cfg.cpu_bf16):
-                    logp = policy(chunk, cfg.temperature, frozen_prompt)
+                    logp = policy(chunk, cfg.temperature)
                 old = chunk["old_logp"] if "old_logp" in chunk else logp.detach()
                 token_loss, kl, clipped = per_token_loss(logp, old, chunk.get("ref_logp"), chunk["advantages"],
                                                          cfg.epsilon, cfg.epsilon_high, cfg.beta)

@@ -92,7 +92,6 @@ class Config:
     bc_learning_rate: float = 1e-5  # its own AdamW, cosine to 0 over bc_steps; prompts_per_step rows a step
     bc_label_smoothing: float = 0.0  # target (1-eps) x the click + eps x the train split's position prior
     bc_opinion_smoothing: float = 0.0  # the opinion's: (1-eps) x the label + eps x its baseline:
-    bc_frozen_prompt: bool = False  # the prompt but its last 8 tokens without grad (a KV cache): ~2x the rows a second
     bc_opinion_prior: str = "issue"  # issue (direction prior) | index (pre-study-index logistic) | viewpoint (the initial viewpoint table)
     # --- optimisation ---
     gradient_accumulation_steps: int = 1  # micro-batches per rank per optimizer step (one normaliser for the step)
@@ -204,9 +203,6 @@ def check_config(cfg, world_size=1):
                          "must have the same length")
     if cfg.bc_steps > 0 and cfg.prompt_mode != "answer":
         raise SystemExit("[config] bc_steps needs prompt_mode=answer: the human answer is the whole completion there")
-    if cfg.bc_frozen_prompt and (cfg.gradient_checkpointing or not cfg.shared_prefix):
-        raise SystemExit("[config] bc_frozen_prompt needs shared_prefix=true and gradient_checkpointing=false (the "
-                         "prompt's KV cache would be extended again by the recomputation)")
     if "calibration" in cfg.reward_funcs and not cfg.eval_only:
         if cfg.num_generations < 3:
             raise SystemExit("[config] the calibration reward compares each sample with the others of its group: "

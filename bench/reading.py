@@ -33,7 +33,7 @@ from bench.steps import parse_options, trainable_model
 
 def parse_args(argv):
     return parse_options(argv, {"issue": "gun_control", "steps": 100, "lr": 2e-4, "seed": 7,
-                                "model": checkpoint.EMBEDDED_MODEL, "threads": 0, "frozen_prompt": 0})
+                                "model": checkpoint.EMBEDDED_MODEL, "threads": 0})
 
 
 @torch.no_grad()
@@ -64,7 +64,7 @@ def run(args):
     if not train or not held_out:
         raise SystemExit(f"[bench] no labelled rows of issue {args['issue']!r} on both sides of split {args['seed']}")
     cfg = tg.Config(prompt_mode="answer", bc_steps=args["steps"], bc_learning_rate=args["lr"], prompts_per_step=2,
-                    cpu_bf16=True, seed=args["seed"], bc_frozen_prompt=bool(args["frozen_prompt"]))
+                    cpu_bf16=True, seed=args["seed"])
     prompt = prompts.PromptFormat.of(cfg)
     end = rollout.stop_token_ids(model, tokenizer)[0]
     direction = opinions.direction_prior(train)  # mixed in with weight 0: hard labels

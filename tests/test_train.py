@@ -66,11 +66,10 @@ def test_gail_warm_up_samples_skip_the_updates_log_prob_passes(tiny_model_dir, t
     assert len(calls) == 2  # one step: the sampling policy's and the reference's
 
 
-@pytest.mark.parametrize("frozen_prompt", [False, True])
-def test_behaviour_cloning_raises_the_likelihood_of_the_human_answers(tiny_model_dir, tmp_path, capsys, frozen_prompt):
+def test_behaviour_cloning_raises_the_likelihood_of_the_human_answers(tiny_model_dir, tmp_path, capsys):
     cfg = small_cfg(tiny_model_dir, tmp_path, max_steps=1, bc_steps=30, bc_learning_rate=1e-2, eval_split="train",
                     eval_max_rows=4, eval_views=["original"], reward_funcs=["calibration", "format"],
-                    scale_rewards="batch", bc_frozen_prompt=frozen_prompt)
+                    scale_rewards="batch")
     tg.train(cfg, CPU)
     progress = capsys.readouterr().err  # the long phases show progress (tqdm)
     assert "cloning: 100%" in progress and "30/30" in progress
