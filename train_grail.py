@@ -92,7 +92,6 @@ class Config:
     bc_learning_rate: float = 1e-5  # its own AdamW, cosine to 0 over bc_steps; prompts_per_step rows a step
     bc_label_smoothing: float = 0.0  # target (1-eps) x the click + eps x the train split's position prior
     bc_opinion_smoothing: float = 0.0  # the opinion's: (1-eps) x the label + eps x its baseline:
-    bc_opinion_steps: int = 0     # then steps of the opinion alone, hard labels, one row of each issue a step
     bc_opinion_prior: str = "issue"  # issue (direction prior) | index (pre-study-index logistic) | viewpoint (the initial viewpoint table)
     # --- optimisation ---
     gradient_accumulation_steps: int = 1  # micro-batches per rank per optimizer step (one normaliser for the step)
@@ -307,8 +306,6 @@ def train(cfg, world, ignored_keys=()):
                 evaluate_and_save(model, tokenizer, 0, model_path)
             if cfg.bc_steps:
                 behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world)
-            if cfg.bc_opinion_steps:
-                opinion_cloning(policy, model, tokenizer, train_rows, cfg, world)
             for k in tqdm(range(cfg.gail_warmup_steps if disc_trainer else 0), desc="gail warm-up",
                           disable=not world.is_main):  # D learns the starting policy before its reward joins
                 if distributed.stop_requested(world, cfg.grail_stop_file):
@@ -441,24 +438,6 @@ def behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world):
     losses = grpo.behaviour_cloning(policy, model, tokenizer, batches(), cfg, world)
     world.print(f"[bc] {cfg.bc_steps} steps of behaviour cloning on the human answers: cross-entropy per row "
                 f"{statistics.fmean(losses[:5]):.3f} (first 5) -> {statistics.fmean(losses[-5:]):.3f} (last 5)")
-
-
-def opinion_cloning(policy, model, tokenizer, train_rows, cfg, world):
-    prompt, prior = prompts.PromptFormat.of(cfg), choices.position_prior(train_rows)
-    direction, end = opinions.direction_prior(train_rows), rollout.stop_token_ids(model, tokenizer)[0]
-    labelled = [r for r in train_rows if r.get("opinion_direction")]
-    issues = sorted({r.get("issue") or "" for r in labelled})
-    by_issue = {i: [r for r in labelled if (r.get("issue") or "") == i] for i in issues}
-
-    def batches():
-        for step in tqdm(range(cfg.bc_opinion_steps), desc="cloning the opinion", disable=not world.is_main, dynamic_ncols=True):
-            rows = [by_issue[i][j] for i in issues for j in data.step_prompts(len(by_issue[i]), 1, step, f"{cfg.seed}:opinion:{i}")]
-            yield [prompt.text(tokenizer, r) for r in rows], [
-                [t for t in choices.cloning_targets(tokenizer, r, prior, 0.0, direction, 0.0, end) if t[2] > 0] for r in rows]
-
-    ocfg = dataclasses.replace(cfg, bc_steps=cfg.bc_opinion_steps)
-    losses = grpo.behaviour_cloning(policy, model, tokenizer, batches(), ocfg, world)
-    world.print(f"[bc] opinion: {statistics.fmean(losses[:5]):.3f} -> {statistics.fmean(losses[-5:]):.3f}")
 
 
 def main():
