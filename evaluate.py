@@ -254,7 +254,7 @@ def never():
 def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world, should_stop=never, cache=None):
     """Every view's answers beside their baselines, the choice distribution's scores (exact in answer
     mode; from `eval_samples` samples in think mode, original view), and the published checkpoints on
-    the same rows. Reads from cfg: eval_views, seed, eval_samples, eval_batch_size,
+    the same rows. Reads from cfg: eval_views, split_seed, eval_samples, eval_batch_size,
     max_completion_length, shared_prefix, bf16. Raises Stopped within one batch of `should_stop()`
     turning true (a collective: every rank calls it as often). `cache`: a DistributionCache of the
     model's files, for a model that has not changed since it was loaded.
@@ -265,7 +265,7 @@ def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world, should_stop
     metrics, predictions = {"views": {}}, []
     with distributed.full_params(model), distributed.autocast(world.device, cfg.bf16):
         for view in cfg.eval_views:
-            shown = view_rows(rows, view, cfg.seed)
+            shown = view_rows(rows, view, cfg.split_seed)
             if prompt.answer_only:
                 view_metrics_, shown_predictions = exact_view(model, tokenizer, shown, train_rows, prompt, cfg, world,
                                                               view, should_stop, cache)

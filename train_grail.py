@@ -123,6 +123,8 @@ class Config:
     resume: bool = True           # continue from the newest complete checkpoint in output_dir
     lock_wait_seconds: int = 0    # one process per output_dir: wait this long for its holder to exit (run.sh requeues)
     seed: int = 42                # data order, slate shuffles, split, and (plus the rank) sampling
+    split_seed: int = -1          # the participant split and the evaluated rows alone; -1 = seed. Several seeds on
+                                  # one split_seed measure the run-to-run noise on one held-out set
     dist_timeout_minutes: int = 60  # process-group timeout: long generations on one rank can be slow
     grail_stop_file: str = ""     # env GRAIL_STOP_FILE: when this file appears, checkpoint and exit 99 (run.sh under SLURM)
     report_to: list = field(default_factory=list)  # tensorboard and/or wandb (TRL's option; none = []), rank 0
@@ -179,7 +181,7 @@ RANGES = {
     "adam_epsilon": (0, None, False), "max_grad_norm": (0, None, False), "eval_steps": (0, None, True),
     "eval_max_rows": (0, None, True), "eval_samples": (0, None, True), "eval_batch_size": (1, None, True),
     "log_completions_steps": (0, None, True), "save_steps": (0, None, True), "save_total_limit": (1, None, True),
-    "dist_timeout_minutes": (1, None, True), "lock_wait_seconds": (0, None, True),
+    "dist_timeout_minutes": (1, None, True), "lock_wait_seconds": (0, None, True), "split_seed": (-1, None, True),
 }
 
 
@@ -220,6 +222,8 @@ def check_config(cfg, world_size=1):
 def train(cfg, world, ignored_keys=()):
     """Train (or with `eval_only`, evaluate) as `cfg` says. Returns the final evaluation's metrics;
     raises distributed.Preempted after checkpointing when a stop is requested."""
+    if cfg.split_seed < 0:
+        cfg.split_seed = cfg.seed  # resolved before the config is compared or written: the folder records the split
     run = outputs.RunFolder(cfg.output_dir)
     distributed.on_main(world, lambda: run.lock(cfg.lock_wait_seconds))  # before anything is written or loaded
     run.check_writable()
@@ -230,9 +234,10 @@ def train(cfg, world, ignored_keys=()):
         world.print(f"[config] ignored recipe keys with no meaning here: {', '.join(sorted(ignored_keys))}")
     if changed:
         world.print(f"[config] changed since the run began: {'; '.join(changed)}")
-    train_rows, val_rows = data.load_examples(cfg.dataset, cfg.val_fraction, cfg.seed, world.print)
+    train_rows, val_rows = data.load_examples(cfg.dataset, cfg.val_fraction, cfg.split_seed, world.print)
     evaluates = bool(cfg.eval_only or cfg.eval_on_start or cfg.eval_on_end or cfg.eval_steps)
-    eval_rows = evaluate.select_rows(train_rows, val_rows, cfg.eval_split, cfg.eval_max_rows, cfg.seed, evaluates)
+    eval_rows = evaluate.select_rows(train_rows, val_rows, cfg.eval_split, cfg.eval_max_rows, cfg.split_seed,
+                                     evaluates)
     if not train_rows and not cfg.eval_only:
         raise data.DataError("no training rows: every participant is in the validation split")
     if cfg.max_steps <= 0:

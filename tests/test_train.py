@@ -207,6 +207,23 @@ def test_eval_only_command_writes_the_choice_keys(tiny_model_dir, tmp_path, bund
     assert f"of {len(train_rows)} of these 5 rows: on those rows they are in-sample" in result.stdout
 
 
+def test_split_seed_fixes_the_held_out_rows_whatever_the_training_seed(tiny_model_dir, tmp_path):
+    """Several training seeds on one split: the same held-out rows, in the same shuffled view, scored
+    alike; without split_seed the seed draws the split, as before."""
+    def predictions(name, **seeds):
+        cfg = small_cfg(tiny_model_dir, tmp_path / name, eval_only=str(tiny_model_dir),
+                        eval_views=["original", "shuffled"], eval_max_rows=8, eval_cache=False, **seeds)
+        tg.train(cfg, CPU)
+        config = json.loads((tmp_path / name / "config.json").read_text())["config"]
+        scores = json.loads((tmp_path / name / "eval.json").read_text())["views"]
+        return config["split_seed"], (tmp_path / name / "eval_predictions.jsonl").read_text(), scores
+
+    split, *fixed = predictions("a", seed=1, split_seed=5)
+    assert split == 5 and predictions("b", seed=2, split_seed=5) == (5, *fixed)
+    assert predictions("c", seed=5) == (5, *fixed)  # split_seed defaults to the seed
+    assert predictions("d", seed=2)[1] != fixed[0]
+
+
 @pytest.mark.parametrize("fsdp", ["false", "true"])
 def test_torchrun_two_processes_train(tiny_model_dir, tmp_path, fsdp):
     from transformers import AutoModelForCausalLM
