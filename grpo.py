@@ -225,10 +225,12 @@ def behaviour_cloning(policy, model, tokenizer, batches, cfg, world):
     """Maximum likelihood of given answers, one step per (prompt texts, targets) of `batches`
     (`cfg.bc_steps` of them; targets as in cloning_batch): the update with per-token advantages = the
     target weights on the targets' scored tokens (ratio 1, nothing clipped), whose gradient is that
-    of the cross-entropy to the targets, with an AdamW and cosine schedule of its own
-    (`bc_learning_rate`). The log-loss is a proper scoring rule: it fits the choice distribution, not
-    its mode. Returns each step's cross-entropy per prompt (nats)."""
-    bc_cfg = dataclasses.replace(cfg, learning_rate=cfg.bc_learning_rate, max_steps=cfg.bc_steps, warmup_ratio=0.0,
+    of the cross-entropy to the targets, with an AdamW and schedule of its own (`bc_learning_rate`,
+    a linear warm-up over `bc_warmup_ratio` of the steps, then cosine to 0). The log-loss is a proper
+    scoring rule: it fits the choice distribution, not its mode. Returns each step's cross-entropy per
+    prompt (nats)."""
+    bc_cfg = dataclasses.replace(cfg, learning_rate=cfg.bc_learning_rate, max_steps=cfg.bc_steps,
+                                 warmup_ratio=cfg.bc_warmup_ratio,
                                  num_iterations=1, beta=0.0, temperature=1.0, loss_type="dapo")
     optimizer, scheduler = make_optimizer(model, bc_cfg)
     end = rollout.stop_token_ids(model, tokenizer)[0]

@@ -223,6 +223,33 @@ def test_lr_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
 
 
+
+def test_cloning_warms_up_over_its_own_share_of_its_steps(monkeypatch):
+    """The cloning's schedule: bc_learning_rate, warmed up over bc_warmup_ratio of bc_steps (not the
+    GRPO keys), then cosine to 0; the GRPO schedule is untouched."""
+    import distributed
+
+    seen = []
+
+    def recorded_update(policy, optimizer, scheduler, batch, cfg, world):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+        return {"weighted_logp_sum": -1.0}
+
+    monkeypatch.setattr(grpo, "update", recorded_update)
+    monkeypatch.setattr(grpo, "cloning_batch", lambda *args: None)
+    monkeypatch.setattr(grpo.rollout, "stop_token_ids", lambda *args: [0])
+    cfg = tg.Config(bc_steps=10, bc_learning_rate=2.0, bc_warmup_ratio=0.2, learning_rate=1.0, warmup_ratio=0.5)
+    losses = grpo.behaviour_cloning(None, torch.nn.Linear(2, 2), None, [(["p"], [None])] * 10, cfg,
+                                    distributed.single_process())
+    assert seen[:3] == [1.0, 2.0, pytest.approx(2.0)] and seen[-1] < 0.1 and losses == [1.0] * 10
+    assert all(a >= b for a, b in zip(seen[1:], seen[2:]))
+    seen.clear()
+    grpo.behaviour_cloning(None, torch.nn.Linear(2, 2), None, [(["p"], [None])] * 10,
+                           tg.Config(bc_steps=10, bc_learning_rate=2.0), distributed.single_process())
+    assert seen[0] == 2.0  # no warm-up unless asked (the default 0)
+
 # --- the shared-prefix training forward ---
 
 
