@@ -227,22 +227,24 @@ def behaviour_cloning(policy, model, tokenizer, batches, cfg, world):
     target weights on the targets' scored tokens (ratio 1, nothing clipped), whose gradient is that
     of the cross-entropy to the targets, with an AdamW and schedule of its own (`bc_learning_rate`,
     a linear warm-up over `bc_warmup_ratio` of the steps, then cosine to 0). The log-loss is a proper
-    scoring rule: it fits the choice distribution, not its mode. Returns each step's cross-entropy per
-    prompt (nats)."""
+    scoring rule: it fits the choice distribution, not its mode. Returns each step's {bc_step, loss: the
+    cross-entropy per prompt (nats), lr, grad_norm}."""
     bc_cfg = dataclasses.replace(cfg, learning_rate=cfg.bc_learning_rate, max_steps=cfg.bc_steps,
                                  warmup_ratio=cfg.bc_warmup_ratio,
                                  num_iterations=1, beta=0.0, temperature=1.0, loss_type="dapo")
     optimizer, scheduler = make_optimizer(model, bc_cfg)
     end = rollout.stop_token_ids(model, tokenizer)[0]
-    losses = []
+    steps = []
     model.train()
     for prompt_texts, targets in batches:
+        lr = optimizer.param_groups[0]["lr"]
         stats = update(policy, optimizer, scheduler, cloning_batch(tokenizer, prompt_texts, targets, end, world.device),
                        bc_cfg, world)
         totals = distributed.all_reduce_sum(torch.tensor([stats["weighted_logp_sum"], len(prompt_texts)],
                                                          device=world.device, dtype=torch.float64))
-        losses.append(-(totals[0] / totals[1]).item())
-    return losses
+        steps.append({"bc_step": len(steps) + 1, "loss": -(totals[0] / totals[1]).item(), "lr": lr,
+                      "grad_norm": stats.get("grad_norm")})
+    return steps
 
 
 def update(policy, optimizer, scheduler, batch, cfg, world):

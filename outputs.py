@@ -4,6 +4,8 @@ The trainer writes through `RunFolder` and reports.py reads through it, so the s
     config.json             {"config": the effective Config, "environment": versions, commit, devices,
                              "resumed_from": checkpoint or null}
     metrics.jsonl           one object per optimizer step (grpo.step_metrics, disc.step_metrics)
+    cloning.jsonl           one object per step of the cloning warm start: bc_step, loss (cross-entropy per
+                            row, nats), lr, grad_norm (grpo.behaviour_cloning); rewritten by a restart
     completions.jsonl       sample completions with their rewards, every `log_completions_steps`
     eval.json               the latest evaluation (evaluate.evaluate's dict plus step, seconds, model, ...)
     evals/step_NNNNNN.json  every evaluation, by step
@@ -109,6 +111,7 @@ class RunFolder:
         self.config = self.path / "config.json"
         self.metrics = self.path / "metrics.jsonl"
         self.completions = self.path / "completions.jsonl"
+        self.cloning = self.path / "cloning.jsonl"
         self.eval = self.path / "eval.json"
         self.evals = self.path / "evals"
         self.predictions = self.path / "eval_predictions.jsonl"
@@ -230,6 +233,9 @@ class RunFolder:
             rows = read_jsonl(path)
             if any(row.get("step", 0) > step for row in rows):
                 write_text(path, jsonl_text(row for row in rows if row.get("step", 0) <= step))
+
+    def write_cloning(self, steps):
+        write_text(self.cloning, jsonl_text(steps))  # whole: a restart clones again from the start
 
     def append_step(self, metrics, completions=()):
         append_jsonl(self.metrics, [metrics])

@@ -311,7 +311,7 @@ def train(cfg, world, ignored_keys=()):
             if cfg.eval_on_start:
                 evaluate_and_save(model, tokenizer, 0, model_path)
             if cfg.bc_steps:
-                behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world)
+                behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world, run)
             for k in tqdm(range(cfg.gail_warmup_steps if disc_trainer else 0), desc="gail warm-up",
                           disable=not world.is_main):  # D learns the starting policy before its reward joins
                 if distributed.stop_requested(world, cfg.grail_stop_file):
@@ -424,9 +424,10 @@ def add_logprobs(model, ref_model, batch, cfg, world):
         batch["ref_logp"] = grpo.no_grad_logprobs(ref_model, batch, cfg, world)
 
 
-def behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world):
+def behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world, run):
     """The warm start (grpo.behaviour_cloning) on the training split's human answers, `prompts_per_step`
-    rows a step; a stop request ends it (it is not checkpointed: a restart begins it again)."""
+    rows a step, its curve into the run folder; a stop request ends it (it is not checkpointed: a restart
+    begins it again)."""
     prompt, prior = prompts.PromptFormat.of(cfg), choices.position_prior(train_rows)
     opinion_prior, end = OPINION_BASELINES[cfg.bc_opinion_prior](train_rows), rollout.stop_token_ids(model, tokenizer)[0]
 
@@ -441,7 +442,10 @@ def behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world):
                 choices.cloning_targets(tokenizer, r, prior, cfg.bc_label_smoothing, opinion_prior,
                                         cfg.bc_opinion_smoothing, end) for r in rows]
 
-    losses = grpo.behaviour_cloning(policy, model, tokenizer, batches(), cfg, world)
+    steps = grpo.behaviour_cloning(policy, model, tokenizer, batches(), cfg, world)
+    if world.is_main:
+        run.write_cloning(steps)
+    losses = [s["loss"] for s in steps]
     world.print(f"[bc] {cfg.bc_steps} steps of behaviour cloning on the human answers: cross-entropy per row "
                 f"{statistics.fmean(losses[:5]):.3f} (first 5) -> {statistics.fmean(losses[-5:]):.3f} (last 5)")
 

@@ -77,7 +77,8 @@ def run(args):
 
     before = opinion_distributions(model, tokenizer, prompt, held_out)
     t0 = time.perf_counter()
-    losses = grpo.behaviour_cloning(grpo.Policy(model, True), model, tokenizer, batches(), cfg, world)
+    losses = [s["loss"] for s in grpo.behaviour_cloning(grpo.Policy(model, True), model, tokenizer, batches(), cfg,
+                                                         world)]
     seconds = time.perf_counter() - t0
     after = opinion_distributions(model, tokenizer, prompt, held_out)
     fitted = {"direction prior": opinions.direction_prior(train_rows),

@@ -81,6 +81,10 @@ def test_behaviour_cloning_raises_the_likelihood_of_the_human_answers(tiny_model
     opinion_mass = [ev["views"]["original"]["opinion"]["model"]["valid_mass"] for ev in (before, after)]
     assert opinion_mass[1] > 2 * opinion_mass[0]  # and "</answer><opinion>d</opinion>" after the click
     assert after["opinion_logloss"] < before["opinion_logloss"] - 1
+    curve = RunFolder(tmp_path).cloning.read_text().splitlines()  # the warm start's curve, one line a step
+    curve = [json.loads(line) for line in curve]
+    assert [c["bc_step"] for c in curve] == list(range(1, 31)) and curve[0]["lr"] == 1e-2
+    assert all(math.isfinite(c["grad_norm"]) for c in curve) and curve[-1]["loss"] < curve[0]["loss"]
 
 
 def run_cli(args, nproc=None):
