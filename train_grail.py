@@ -89,7 +89,7 @@ class Config:
     gail_label_smoothing: float = 0.0  # targets 1-eps for humans, eps for the policy
     # --- behaviour-cloning warm start (answer mode) ---
     bc_steps: int = 0             # steps of maximum likelihood on the human answers before GRPO (0 = none)
-    bc_learning_rate: float = 1e-5  # its own AdamW, cosine to 0 over bc_steps; prompts_per_step rows a step
+    bc_learning_rate: float = 1e-5  # its own AdamW, warm-up then cosine to 0 over bc_steps; prompts_per_step rows a step
     bc_warmup_ratio: float = 0.0  # linear warm-up share of the cloning steps, before the cosine
     bc_label_smoothing: float = 0.0  # target (1-eps) x the click + eps x the train split's position prior
     bc_opinion_smoothing: float = 0.0  # the opinion's: (1-eps) x the label + eps x its baseline:
@@ -123,7 +123,7 @@ class Config:
     save_total_limit: int = 3     # checkpoints kept in output_dir
     resume: bool = True           # continue from the newest complete checkpoint in output_dir
     lock_wait_seconds: int = 0    # one process per output_dir: wait this long for its holder to exit (run.sh requeues)
-    seed: int = 42                # data order, slate shuffles, split, and (plus the rank) sampling
+    seed: int = 42                # data order, slate shuffles, (plus the rank) sampling, and the split unless split_seed
     split_seed: int = -1          # the participant split and the evaluated rows alone; -1 = seed. Several seeds on
                                   # one split_seed measure the run-to-run noise on one held-out set
     dist_timeout_minutes: int = 60  # process-group timeout: long generations on one rank can be slow

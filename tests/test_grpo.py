@@ -223,10 +223,9 @@ def test_lr_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
 
 
-
 def test_cloning_warms_up_over_its_own_share_of_its_steps(monkeypatch):
-    """The cloning's schedule: bc_learning_rate, warmed up over bc_warmup_ratio of bc_steps (not the
-    GRPO keys), then cosine to 0; the GRPO schedule is untouched."""
+    """The cloning's schedule: bc_learning_rate, warmed up over bc_warmup_ratio of bc_steps, then
+    cosine to 0, whatever the GRPO schedule's keys (learning_rate, warmup_ratio) say."""
     import distributed
 
     seen = []
@@ -250,6 +249,7 @@ def test_cloning_warms_up_over_its_own_share_of_its_steps(monkeypatch):
     grpo.behaviour_cloning(None, torch.nn.Linear(2, 2), None, [(["p"], [None])] * 10,
                            tg.Config(bc_steps=10, bc_learning_rate=2.0), distributed.single_process())
     assert seen[0] == 2.0  # no warm-up unless asked (the default 0)
+
 
 # --- the shared-prefix training forward ---
 
