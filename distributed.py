@@ -127,11 +127,15 @@ def barrier():
         dist.barrier()
 
 
+def uses_autocast(device, cuda, cpu=False):
+    return (device.type == "cuda" and cuda) or (device.type == "cpu" and cpu)
+
+
 def autocast(device, cuda, cpu=False):
-    """bf16 autocast for generation and every log-prob pass of training (policy, old policy,
-    reference): on CUDA when `cuda` (cfg.bf16), on CPU when `cpu` (cfg.cpu_bf16). One precision
-    throughout, or precision alone would move the importance ratio away from 1."""
-    if (device.type == "cuda" and cuda) or (device.type == "cpu" and cpu):
+    """bf16 autocast for generation, every log-prob pass of training (policy, old policy, reference)
+    and the evaluation: on CUDA when `cuda` (cfg.bf16), on CPU when `cpu` (cfg.cpu_bf16). One
+    precision throughout, or precision alone would move the importance ratio away from 1."""
+    if uses_autocast(device, cuda, cpu):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 

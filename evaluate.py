@@ -178,13 +178,13 @@ class DistributionCache:
     click. Only for a model as its files are: never one that trained in memory. Rank 0 hashes the
     files (gigabytes on a cluster model) and every rank reads its key from there: a collective."""
 
-    def __init__(self, model_dir, model, bf16, folder, world):
-        key = self._key(model_dir, model, bf16) if world.is_main else None
+    def __init__(self, model_dir, model, precision, folder, world):
+        key = self._key(model_dir, model, precision) if world.is_main else None
         self.path = Path(folder) / f"{distributed.all_gather_list([key])[0]}.json"
         self.entries = self._read()
 
     @staticmethod
-    def _key(model_dir, model, bf16):
+    def _key(model_dir, model, precision):
         digest = hashlib.sha256()
         for path in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
             digest.update(str(path.relative_to(model_dir)).encode())
@@ -194,9 +194,8 @@ class DistributionCache:
         for source in ("choices.py", "grpo.py", "prompts.py"):
             digest.update((Path(__file__).parent / source).read_bytes())
         device = next(model.parameters()).device.type
-        autocast = bf16 and device == "cuda"  # as evaluate(): CPU evaluations are fp32
         digest.update(f"{torch.__version__} {transformers.__version__} {model.config._attn_implementation} "
-                      f"{device} {autocast}".encode())
+                      f"{device} {precision}".encode())
         return digest.hexdigest()[:32]
 
     def _read(self):
@@ -255,7 +254,7 @@ def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world, should_stop
     """Every view's answers beside their baselines, the choice distribution's scores (exact in answer
     mode; from `eval_samples` samples in think mode, original view), and the published checkpoints on
     the same rows. Reads from cfg: eval_views, split_seed, eval_samples, eval_batch_size,
-    max_completion_length, shared_prefix, bf16. Raises Stopped within one batch of `should_stop()`
+    max_completion_length, shared_prefix, bf16, cpu_bf16. Raises Stopped within one batch of `should_stop()`
     turning true (a collective: every rank calls it as often). `cache`: a DistributionCache of the
     model's files, for a model that has not changed since it was loaded.
 
@@ -263,7 +262,7 @@ def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world, should_stop
     original view (its answer, and its distribution or completion)."""
     model.eval()
     metrics, predictions = {"views": {}}, []
-    with distributed.full_params(model), distributed.autocast(world.device, cfg.bf16):
+    with distributed.full_params(model), distributed.autocast(world.device, cfg.bf16, cfg.cpu_bf16):
         for view in cfg.eval_views:
             shown = view_rows(rows, view, cfg.split_seed)
             if prompt.answer_only:

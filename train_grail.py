@@ -105,7 +105,8 @@ class Config:
     gradient_checkpointing: bool = False  # keep each decoder layer's input, recompute the rest in backward
     fsdp: bool = False            # FSDP2 (fully_shard per decoder layer) instead of DDP, for models too big for DDP
     bf16: bool = True             # bf16 autocast on CUDA (weights and optimizer stay fp32)
-    cpu_bf16: bool = False        # the same for training on CPU (pays where it multiplies bf16 natively); CPU evaluation stays fp32
+    cpu_bf16: bool = False        # the same on CPU, evaluation too (pays where the CPU multiplies bf16 natively)
+    cast_lm_head_to_fp32: bool = True  # TRL's: the output head in fp32 under autocast (logits not rounded to bf16)
     # --- evaluation, logging, checkpoints ---
     # When to evaluate: nothing unless asked, as in HF/TRL (an evaluation costs minutes; the recipes ask)
     eval_on_start: bool = False   # the untrained model first (its scores then stand beside every later one)
@@ -250,7 +251,9 @@ def train(cfg, world, ignored_keys=()):
 
     def evaluate_and_save(model, tokenizer, step, files=None):  # files: the folder the model is still equal to
         nonlocal untrained
-        cache = evaluate.DistributionCache(files, model, cfg.bf16, checkpoint.cache_root() / "evals", world) \
+        precision = (f"autocast {distributed.uses_autocast(world.device, cfg.bf16, cfg.cpu_bf16)}, "
+                     f"fp32 head {cfg.cast_lm_head_to_fp32}")
+        cache = evaluate.DistributionCache(files, model, precision, checkpoint.cache_root() / "evals", world) \
             if files and cfg.eval_cache and prompt.answer_only else None
         world.print(f"[eval step {step}] {len(eval_rows)} {cfg.eval_split} rows x {len(cfg.eval_views)} views "
                     f"({', '.join(cfg.eval_views)}), {'exact' if prompt.answer_only else 'sampled'} choice and opinion distributions")
@@ -272,7 +275,8 @@ def train(cfg, world, ignored_keys=()):
 
     if cfg.eval_only:
         path = checkpoint.resolve_model(cfg.eval_only, world)
-        model, tokenizer = checkpoint.load_model(path, world.device, trainable=False), checkpoint.load_tokenizer(path)
+        model, tokenizer = checkpoint.load_model(path, world.device, trainable=False,
+                                                  fp32_head=cfg.cast_lm_head_to_fp32), checkpoint.load_tokenizer(path)
         environment = checkpoint.environment(world)  # every rank: it all-gathers the device names
         try:
             metrics = evaluate_and_save(model, tokenizer, 0, path)
@@ -288,8 +292,10 @@ def train(cfg, world, ignored_keys=()):
     policy_path = str(resume_from) if resume_from else model_path
     tokenizer = checkpoint.load_tokenizer(policy_path)
     # Generation and checkpoints use the bare model; the update goes through `policy`.
-    model = checkpoint.load_model(policy_path, world.device, trainable=True, checkpointing=cfg.gradient_checkpointing)
-    ref_model = checkpoint.load_model(model_path, world.device, trainable=False) if cfg.beta else None
+    model = checkpoint.load_model(policy_path, world.device, trainable=True, checkpointing=cfg.gradient_checkpointing,
+                                  fp32_head=cfg.cast_lm_head_to_fp32)
+    ref_model = checkpoint.load_model(model_path, world.device, trainable=False,
+                                      fp32_head=cfg.cast_lm_head_to_fp32) if cfg.beta else None
     disc_trainer = None
     if cfg.gail_use:
         discriminator = disc.build(cfg.gail_disc_model, model, tokenizer, world.device, cfg.seed)

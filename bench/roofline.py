@@ -11,8 +11,10 @@ and opinion distributions of `rows` held-out answer-mode rows (one tree-masked f
 and in fp32 the click's distribution and cloning target alone (what the opinion's branches cost).
 A phase's model FLOPs come from bench.gpu.forward_flops (x 3 for forward + backward); its fraction
 of the limit is those FLOPs per second over the matmul throughput. Also printed: the rows' log-loss of
-the human click in fp32 and in bf16, and how far the bf16 distributions are from the fp32 ones
-(`--model=CHECKPOINT --rows=111`: what bf16 would do to a trained model's held-out score).
+the human click and of the opinion in fp32, in bf16 (the head in fp32, `cast_lm_head_to_fp32`, as the
+trainer and the evaluation run it) and in bf16 with autocast's bf16 head, and how far each bf16
+distribution is from fp32's (`--model=CHECKPOINT --rows=111`: what bf16 does to a trained model's
+held-out score).
 """
 import platform
 import statistics
@@ -75,7 +77,7 @@ def precision(bf16, device):
 
 
 def exact_phase(model, tokenizer, texts, rows, stop_ids, bf16, device, opinion=True):
-    """(rows per second, GFLOP per row, the click distributions) of the exact evaluation on `rows`:
+    """(rows per second, GFLOP per row, the (click, opinion) log-distributions) of the exact evaluation on `rows`:
     the click's and (`opinion`) the opinion's branches, as the evaluation runs it."""
     def gold(row):
         return row["gold_index"] if opinion else None
@@ -83,7 +85,7 @@ def exact_phase(model, tokenizer, texts, rows, stop_ids, bf16, device, opinion=T
     with precision(bf16, device):
         choices.answer_logprobs(model, tokenizer, texts[0], rows[0]["n_options"], stop_ids, gold(rows[0]))
         t0 = time.perf_counter()  # after a warm-up
-        dists = [choices.answer_logprobs(model, tokenizer, text, row["n_options"], stop_ids, gold(row))[0].exp()
+        dists = [choices.answer_logprobs(model, tokenizer, text, row["n_options"], stop_ids, gold(row))
                  for text, row in zip(texts, rows)]
         seconds = time.perf_counter() - t0
     flops = 0
@@ -126,6 +128,26 @@ def cloning_phase(model, tokenizer, texts, rows, train_rows, steps, bf16, world)
     return 2 * steps / seconds, flops / (2 * steps) / 1e9
 
 
+def precision_scores(dists, rows):
+    """Each precision's log-loss of the click and the opinion (labelled rows), and its largest
+    distance from fp32's: |d log p(gold click)| and |d p| over every click and opinion branch."""
+    labelled = [i for i, row in enumerate(rows) if opinions.label_index(row)]
+
+    def logloss(name):
+        return (-sum(dists[name][i][0][row["gold_index"] - 1].item() for i, row in enumerate(rows)) / len(rows),
+                -sum(dists[name][i][1][opinions.label_index(rows[i]) - 1].item() for i in labelled) / max(len(labelled), 1))
+
+    out = {}
+    for name in dists:
+        pairs = list(zip(dists["fp32"], dists[name]))
+        out[name] = {"logloss": logloss(name),
+                     "max_abs_logp_gold_diff": max(abs(a[0][r["gold_index"] - 1] - b[0][r["gold_index"] - 1]).item()
+                                                   for (a, b), r in zip(pairs, rows)),
+                     "max_abs_prob_diff": max(max((a[0].exp() - b[0].exp()).abs().max().item(),
+                                                  (a[1].exp() - b[1].exp()).abs().max().item()) for a, b in pairs)}
+    return out
+
+
 def run(args):
     world, model, tokenizer = trainable_model(args)
     train_rows, val_rows = data.load_examples("", 0.1, 42, log=lambda msg: None)
@@ -144,6 +166,10 @@ def run(args):
     for name, bf16 in (("fp32", False), ("bf16", True)):
         rate, gflop, dists[name] = exact_phase(model, tokenizer, texts, rows, stop_ids, bf16, world.device)
         phases[f"exact evaluation, {name}"] = (rate, gflop)
+    autocast_head = checkpoint.load_model(checkpoint.resolve_model(args["model"], world), world.device,
+                                          trainable=False, fp32_head=False)
+    dists["bf16, bf16 head"] = exact_phase(autocast_head, tokenizer, texts, rows, stop_ids, True, world.device)[2]
+    del autocast_head
     phases["exact evaluation, fp32, the click alone"] = exact_phase(model, tokenizer, texts, rows, stop_ids, False,
                                                                     world.device, opinion=False)[:2]
     for name, bf16 in (("fp32", False), ("bf16", True)):
@@ -152,12 +178,8 @@ def run(args):
     unlabelled = [dict(row, opinion_direction=None) for row in bc_rows]  # no opinion target
     phases["cloning step, fp32, the click alone"] = cloning_phase(model, tokenizer, bc_texts, unlabelled, train_rows,
                                                                   args["bc_steps"], False, world)
-    gold = [torch.log(d[row["gold_index"] - 1]) for d, row in zip(dists["fp32"], rows)]
-    gold_bf16 = [torch.log(d[row["gold_index"] - 1]) for d, row in zip(dists["bf16"], rows)]
     return {"machine": machine(world.device), "prompt_tokens": tokens, "limits_gflops": limits, "phases": phases,
-            "rows": len(rows), "logloss": {"fp32": -torch.stack(gold).mean().item(), "bf16": -torch.stack(gold_bf16).mean().item()},
-            "bf16_max_abs_logp_gold_diff": max(abs(a - b).item() for a, b in zip(gold, gold_bf16)),
-            "bf16_max_abs_prob_diff": max((a - b).abs().max().item() for a, b in zip(dists["fp32"], dists["bf16"]))}
+            "rows": len(rows), "precision": precision_scores(dists, rows)}
 
 
 def machine(device):
@@ -178,9 +200,14 @@ def table(result):
         achieved = rate * gflop
         lines.append(f"| {name} | {rate:.2f} | {gflop:.0f} | {achieved:.0f} | {achieved / fp32:.2f} | "
                      f"{achieved / bf16:.2f} |")
-    lines += ["", f"bf16 against fp32 on the same {result['rows']} held-out rows: log-loss "
-              f"{result['logloss']['fp32']:.4f} fp32, {result['logloss']['bf16']:.4f} bf16; max |d log p(gold)| "
-              f"{result['bf16_max_abs_logp_gold_diff']:.4f}, max |d p(k)| {result['bf16_max_abs_prob_diff']:.4f}"]
+    lines += ["", f"The exact evaluation's precision on the same {result['rows']} held-out rows "
+              "(bf16: the head in fp32, as the trainer runs it):", "",
+              "| precision | click log-loss | opinion log-loss | max abs d log p(gold click) | max abs d p |",
+              "|---|---|---|---|---|"]
+    for name, score in result["precision"].items():
+        click, opinion = score["logloss"]
+        lines.append(f"| {name} | {click:.4f} | {opinion:.4f} | {score['max_abs_logp_gold_diff']:.4f} | "
+                     f"{score['max_abs_prob_diff']:.4f} |")
     return "\n".join(lines)
 
 

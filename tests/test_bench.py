@@ -48,10 +48,13 @@ def test_roofline_bench_runs_on_a_tiny_model(tiny_model_dir):
     assert phases["exact evaluation, fp32"][1] > phases["exact evaluation, fp32, the click alone"][1]
     assert phases["cloning step, fp32"][1] > phases["cloning step, fp32, the click alone"][1]
     assert all(rate > 0 and gflop > 0 for rate, gflop in result["phases"].values())
-    assert 0 <= result["bf16_max_abs_prob_diff"] < 1
-    assert result["rows"] == 2 and all(v > 0 for v in result["logloss"].values())
+    precision = result["precision"]
+    assert list(precision) == ["fp32", "bf16", "bf16, bf16 head"] and result["rows"] == 2
+    assert precision["fp32"]["max_abs_prob_diff"] == 0  # against itself
+    assert all(0 <= p["max_abs_prob_diff"] < 1 and all(x > 0 for x in p["logloss"]) for p in precision.values())
     text = roofline.table(result)
     assert "| exact evaluation, fp32 |" in text and "of the bf16 limit" in text and result["machine"] in text
+    assert "| bf16, bf16 head |" in text
 
 
 def test_splits_bench_scores_each_split_as_the_evaluation_does():

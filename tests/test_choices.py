@@ -202,3 +202,41 @@ def test_prior_uniform_collapse_and_calibration():
 def test_sampled_distribution_is_smoothed_over_options_and_invalid():
     got = choices.sampled_distribution([1, 1, None, 2], 3)
     assert got == pytest.approx([2.5 / 6, 1.5 / 6, 0.5 / 6])  # 4 samples + 0.5 x (3 options + invalid)
+
+
+def test_under_autocast_the_head_projects_in_fp32(tiny_model_dir):
+    """cast_lm_head_to_fp32 (the default): under bf16 autocast the logits are the fp32 projection of
+    the trunk's last hidden state, not autocast's bf16 rounding of it."""
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    for fp32_head in (True, False):
+        model = checkpoint.load_model(str(tiny_model_dir), CPU, trainable=False, fp32_head=fp32_head)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, output_hidden_states=True)
+        want = out.hidden_states[-1].float() @ model.get_output_embeddings().weight.T
+        if fp32_head:
+            assert out.logits.dtype == torch.float32
+            assert torch.allclose(out.logits, want, atol=1e-5)
+        else:
+            assert out.logits.dtype == torch.bfloat16
+
+
+def test_bf16_exact_distributions_agree_with_fp32(tiny_model_dir):
+    """The CPU evaluation runs under bf16 autocast with `cpu_bf16`, as CUDA's does with `bf16`: the
+    exact click and opinion distributions of a model taught to answer stay within 0.02 of fp32's.
+    (On the trained default model the fp32 head is what keeps them there: bench.roofline.)"""
+    tokenizer = checkpoint.load_tokenizer(str(tiny_model_dir))
+    text = prompts.PromptFormat("answer").text(tokenizer, row_with(3))
+    eos = tokenizer.eos_token
+    model = teach(checkpoint.load_model(str(tiny_model_dir), CPU, trainable=True), tokenizer, text,
+                  {f"1</answer>{eos}": 0.5, f"2</answer><opinion>increase</opinion>{eos}": 0.3,
+                   f"2</answer><opinion>decrease</opinion>{eos}": 0.1, f"3</answer>{eos}": 0.1})
+    stop_ids = rollout.stop_token_ids(model, tokenizer)
+
+    def distributions(autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            click, opinion = choices.answer_logprobs(model, tokenizer, text, 3, stop_ids, gold=2)
+        return torch.cat([click, opinion]).exp()
+
+    fp32, bf16 = distributions(False), distributions(True)
+    assert fp32[:3].sum() > 0.8 and fp32[3:].sum() > 0.5  # real masses on the click and the opinion
+    assert (bf16 - fp32).abs().max() < 0.02

@@ -49,7 +49,7 @@ import checkpoint, distributed, evaluate
 world = distributed.setup(5)
 model = checkpoint.load_model(sys.argv[1], world.device, trainable=False)
 files = sys.argv[1] if world.is_main else sys.argv[1] + "-absent"  # a rank that hashed these would differ
-cache = evaluate.DistributionCache(files, model, False, sys.argv[2], world)
+cache = evaluate.DistributionCache(files, model, "fp32", sys.argv[2], world)
 names = distributed.all_gather_list([cache.path.name])
 if world.is_main:
     print("names", *names)

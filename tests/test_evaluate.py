@@ -80,7 +80,7 @@ def test_distribution_cache_reuses_only_what_the_same_files_code_and_prompt_give
     monkeypatch.setattr(choices, "answer_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def run(prompt=prompts.PromptFormat("answer"), cache_dir=tmp_path / "evals"):
-        cache = evaluate.DistributionCache(folder, model, False, cache_dir, distributed.single_process())
+        cache = evaluate.DistributionCache(folder, model, "fp32", cache_dir, distributed.single_process())
         return evaluate.exact_distributions(model, tokenizer, rows, prompt, world, 2, evaluate.never, cache=cache)
 
     first = run()
@@ -90,7 +90,9 @@ def test_distribution_cache_reuses_only_what_the_same_files_code_and_prompt_give
     assert len(calls) == 6
     (folder / "config.json").write_text((folder / "config.json").read_text() + " ")  # other files: another cache
     assert run() == first and len(calls) == 9
-    cache_file = evaluate.DistributionCache(folder, model, False, tmp_path / "evals", distributed.single_process()).path
+    cache_file = evaluate.DistributionCache(folder, model, "fp32", tmp_path / "evals", distributed.single_process()).path
+    other_precision = evaluate.DistributionCache(folder, model, "bf16", tmp_path / "evals", distributed.single_process())
+    assert other_precision.path != cache_file  # a precision's distributions are not another's
     cache_file.write_text("{broken")  # never trusted: recomputed, and the file repaired
     assert run() == first and len(calls) == 12
     assert json.loads(cache_file.read_text())

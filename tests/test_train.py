@@ -318,9 +318,11 @@ def test_rollouts_and_evaluation_run_under_the_training_autocast(tiny_model_dir,
     assert all(inside["generate"] + inside["choice"])
 
 
-def test_cpu_bf16_autocasts_training_and_not_the_evaluation(tiny_model_dir, tmp_path, monkeypatch):
-    """cpu_bf16: the cloning passes, the rollouts and the update's log-probs run under CPU bf16
-    autocast (one precision, so the importance ratio starts at 1); the exact evaluation stays fp32."""
+@pytest.mark.parametrize("cpu_bf16", [True, False])
+def test_cpu_bf16_autocasts_training_and_the_evaluation(tiny_model_dir, tmp_path, monkeypatch, cpu_bf16):
+    """cpu_bf16: the cloning passes, the rollouts, the update's log-probs and the exact evaluation run
+    under CPU bf16 autocast (one precision, so the importance ratio starts at 1; the head stays fp32,
+    tests/test_choices.py); without it every pass is fp32."""
     import choices
     import grpo
     import rollout
@@ -330,10 +332,11 @@ def test_cpu_bf16_autocasts_training_and_not_the_evaluation(tiny_model_dir, tmp_
     monkeypatch.setattr(grpo, "completion_logprobs", recording(inside, "logprobs", grpo.completion_logprobs))
     monkeypatch.setattr(choices, "answer_logprobs", recording(inside, "choice", choices.answer_logprobs))
     tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=1, save_steps=0, bc_steps=2, eval_max_rows=2,
-                       eval_views=["original"], eval_cache=False, cpu_bf16=True), CPU)
-    assert len(inside["logprobs"]) == 3 and all(inside["logprobs"])  # two cloning steps, one GRPO update
-    assert inside["generate"] == [True]
-    assert len(inside["choice"]) == 4 and not any(inside["choice"])  # 2 rows before and after, fp32
+                       eval_views=["original"], eval_cache=False, cpu_bf16=cpu_bf16), CPU)
+    assert len(inside["logprobs"]) == 3  # two cloning steps, one GRPO update
+    assert inside["generate"] == [cpu_bf16]
+    assert len(inside["choice"]) == 4  # 2 rows before and after
+    assert all(seen == cpu_bf16 for seen in inside["logprobs"] + inside["choice"])
 
 
 @pytest.mark.parametrize("baseline", ["issue", "index", "viewpoint"])
