@@ -129,13 +129,17 @@ def cloning_phase(model, tokenizer, texts, rows, train_rows, steps, bf16, world)
 
 
 def precision_scores(dists, rows):
-    """Each precision's log-loss of the click and the opinion (labelled rows), and its largest
-    distance from fp32's: |d log p(gold click)| and |d p| over every click and opinion branch."""
+    """Each precision's log-loss of the click and the opinion (labelled rows), scored as eval.json
+    scores them, and its largest distance from fp32's: |d log p(gold click)| and |d p| over every
+    click and opinion branch."""
     labelled = [i for i, row in enumerate(rows) if opinions.label_index(row)]
 
     def logloss(name):
-        return (-sum(dists[name][i][0][row["gold_index"] - 1].item() for i, row in enumerate(rows)) / len(rows),
-                -sum(dists[name][i][1][opinions.label_index(rows[i]) - 1].item() for i in labelled) / max(len(labelled), 1))
+        click = choices.distribution_scores(rows, [c.exp().tolist() for c, _ in dists[name]])["logloss"]
+        opinion = opinions.opinion_scores([rows[i] for i in labelled],
+                                          [dists[name][i][1].exp().tolist() for i in labelled])["logloss"] \
+            if labelled else float("nan")
+        return click, opinion
 
     out = {}
     for name in dists:
