@@ -11,7 +11,8 @@ One warm-up, then the median of `runs`, each phase on the same batch:
 MFU counts model FLOPs only: per token 2·(decoder matmul parameters) forward and 3× that for
 forward+backward, the attention scores and values (4·layers·hidden per attended key, forward), and
 the LM head where logits are taken. Recomputation under checkpointing is not counted. Peak is the
-bf16 dense peak of the card (H100/H200: 989 TFLOP/s) unless --peak_tflops says otherwise.
+bf16 dense peak of the card (H100/H200: 989 TFLOP/s) unless --peak_tflops says otherwise; the head
+computes in fp32 (as the trainer's does), so its FLOPs count against the bf16 peak all the same.
 Then, on the same batch and device, the largest gap between the shared-prefix log-probs the trainer
 uses and the naive full-sequence ones (fp32 and bf16 autocast): the CPU tests' equality, on the GPU.
 `--shape=tiny` runs the same code on a CPU in seconds (the test of this script). `--shape=qwen2.5-1.5b`
@@ -131,10 +132,11 @@ def run(args):
 
     def do_train():
         model.train()
-        for chunk in grpo.micro_batches(batch, args["micro_batches"]):  # gradient accumulation, as the trainer
+        chunks = list(grpo.micro_batches(batch, args["micro_batches"]))  # gradient accumulation, as the trainer
+        for chunk in chunks:
             with distributed.autocast(world.device, cfg.bf16):
                 logp = grpo.completion_logprobs(model, chunk, cfg.temperature)
-            (logp.float().mean() / args["micro_batches"]).backward()
+            (logp.float().mean() / len(chunks)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
