@@ -105,6 +105,19 @@ def eval_folder(model):
     return str(Path("out") / f"eval-{name or 'model'}")
 
 
+def lock_holder(handle, tries=20):
+    """Who holds the lock, as it wrote itself into the lock file ("pid N on host"). The holder writes
+    right after it takes the lock, so a process that finds the lock taken may read the file in
+    between: poll briefly (a slow or loaded machine widens that gap) before saying "another process"."""
+    for _ in range(tries):
+        handle.seek(0)
+        holder = handle.read().strip()
+        if holder:
+            return holder
+        time.sleep(0.05)
+    return "another process"
+
+
 class RunFolder:
     def __init__(self, path):
         self.path = Path(path)
@@ -158,8 +171,7 @@ class RunFolder:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    handle.seek(0)
-                    holder = handle.read().strip() or "another process"
+                    holder = lock_holder(handle)
                     handle.close()
                     waited = f" (waited {wait_seconds} s)" if wait_seconds else ""
                     raise UserError("output", f"{self.path} is being written by {holder}{waited}: one process per "

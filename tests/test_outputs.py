@@ -203,3 +203,18 @@ def test_a_full_disk_loses_nothing_and_the_run_resumes_bitwise(tiny_model_dir, t
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4] and json.loads((tmp_path / "eval.json").read_text())["step"] == 4
+
+
+def test_the_refusal_names_a_holder_that_writes_itself_in_a_moment_late(tmp_path):
+    import threading
+
+    from outputs import lock_holder
+
+    lock_file = tmp_path / ".lock"
+    lock_file.write_text("")
+    with open(lock_file, "a+", encoding="utf-8") as reader:
+        assert lock_holder(reader, tries=2) == "another process"  # nobody ever writes: said so, not hung
+        late = threading.Timer(0.2, lambda: lock_file.write_text("pid 7 on node\n"))
+        late.start()  # the holder took the lock and writes its name 0.2 s later (a slow machine)
+        assert lock_holder(reader) == "pid 7 on node"
+        late.join()
