@@ -94,11 +94,12 @@ def median_seconds(fn, runs, device):
 def max_logprob_gap(model, batch, temperature, bf16):
     """max |shared-prefix - full-sequence| per-token log-prob over the completions, on this device:
     the tree-masked forward the trainer uses against the naive one it is tested against on the CPU."""
-    with torch.no_grad(), torch.autocast(batch["prompt_ids"].device.type, torch.bfloat16, enabled=bf16):
-        shared = grpo.shared_prefix_logprobs(model, batch, temperature)
-        full = torch.cat([grpo.full_sequence_logprobs(model, chunk, temperature)
+    def logprobs(shared_prefix):  # one prompt (and its G samples) at a time, as the trainer's passes
+        return torch.cat([grpo.completion_logprobs(model, chunk, temperature, shared_prefix)
                           for chunk in grpo.micro_batches(batch, batch["prompt_ids"].shape[0])])
-    return float((shared - full).abs().max())
+
+    with torch.no_grad(), torch.autocast(batch["prompt_ids"].device.type, torch.bfloat16, enabled=bf16):
+        return float((logprobs(True) - logprobs(False)).abs().max())
 
 
 def peak_tflops(args, device):
