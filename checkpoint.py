@@ -311,14 +311,16 @@ def newest_complete(checkpoints, log):
     return None
 
 
-def prompt_settings(path):
-    """The prompt a checkpoint was trained with (from its trainer_state.json), so that `--eval_only`
-    scores it as it was trained; {} for a model that is not one of this trainer's checkpoints."""
+def eval_settings(path):
+    """What a checkpoint was trained with that decides how `--eval_only` scores it (from its
+    trainer_state.json): its prompt, so that it is scored as it was trained, and its participant split,
+    so that "validation" is participants it never trained on; {} for a model that is not one of this
+    trainer's checkpoints."""
     state = Path(path).expanduser() / "trainer_state.json"
     if not state.exists():
         return {}
     config = json.loads(state.read_text()).get("config", {})
-    keys = ("prompt_mode", "system_prompt", "grail_max_history", "max_completion_length")
+    keys = ("prompt_mode", "system_prompt", "grail_max_history", "max_completion_length", "split_seed", "val_fraction")
     return {key: config[key] for key in keys if key in config}
 
 

@@ -25,7 +25,8 @@ MAX_OPTIONS = 50  # a larger slate is a broken row, not a recommendation list
 OPINION_LABELS = ("increase", "decrease", "no_change")
 TEXT_FIELDS = ("viewer_profile_sentence", "initial_viewpoint", "survey_highlights", "current_video_id",
                "current_video_title", "current_video_channel", "issue", "participant_study",
-               "participant_key", "next_video_id", "opinion_direction", "state_text", "id")
+               "participant_key", "next_video_id", "state_text", "id")
+ID_FIELDS = ("participant_key", "participant_study", "id", "next_video_id", "current_video_id")
 
 
 class DataError(UserError):
@@ -49,15 +50,15 @@ class BadRow(ValueError):
 
 def _decode_list(row, field, required):
     value = row.get(field)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else None  # '' and 'null' are "none"
+        except ValueError:
+            raise BadRow(f"malformed_json:{field}") from None
     if value is None:
         if required:
             raise BadRow(f"missing_field:{field}")
         return []
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise BadRow(f"malformed_json:{field}") from None
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         raise BadRow(f"wrong_type:{field}")
     return value
@@ -81,6 +82,8 @@ def _gold_index(row, slate):
     """1-based gold position from `gold_index` and/or `next_video_id`; both must agree when present."""
     index = row.get("gold_index")
     if isinstance(index, float) and index.is_integer():  # parquet/pandas store ints with nulls as floats
+        index = int(index)
+    if isinstance(index, str) and index.strip().isdigit():  # a CSV-born "2"
         index = int(index)
     if index is not None:
         if isinstance(index, bool) or not isinstance(index, int):
@@ -107,12 +110,17 @@ def _gold_index(row, slate):
 MALFORMED_LINE = {"__malformed_json_line__": True}
 
 
-def clean_row(row):
-    """Validated copy of a raw row: lists decoded, `gold_index` set, `participant_key` filled in."""
+def clean_row(row, dropped=None):
+    """Validated copy of a raw row: lists decoded, `gold_index` set, `participant_key` filled in.
+    An unusable optional opinion field (`opinion_direction`, `opinion_before`) is removed, not the
+    row (its click is still good), and counted in `dropped` by reason."""
     if row is MALFORMED_LINE:
         raise BadRow("malformed_json:line")
     if not isinstance(row, dict):
         raise BadRow("wrong_type:row")
+    # Keys written as numbers by pandas or a CSV round trip are still keys.
+    row = {**row, **{field: str(row[field]) for field in ID_FIELDS
+                     if isinstance(row.get(field), int) and not isinstance(row[field], bool)}}
     for field in TEXT_FIELDS:
         if row.get(field) is not None and not isinstance(row[field], str):
             raise BadRow(f"wrong_type:{field}")
@@ -129,18 +137,41 @@ def clean_row(row):
         _check_item(item, "watched_detailed_json", ("id", "title", "channel"),
                     ("watch_seconds", "total_length", "watch_percent"), needs_label=False)
     gold = _gold_index(row, slate)
-    opinion = row.get("opinion_direction")
-    if opinion is not None and opinion not in OPINION_LABELS:
-        raise BadRow("bad_opinion_direction")
-    before = row.get("opinion_before")
-    if before is not None and (isinstance(before, bool) or not isinstance(before, (int, float))
-                               or not math.isfinite(before)):
-        raise BadRow("wrong_type:opinion_before")
     out = dict(row)
+    for field, (value, problem) in (("opinion_direction", _opinion_direction(row)),
+                                    ("opinion_before", _opinion_before(row))):
+        out[field] = value
+        if problem and dropped is not None:
+            dropped[f"{field}:{problem}"] += 1
     out.update(slate_items_json=slate, watched_detailed_json=history, gold_index=gold,
                n_options=len(slate), participant_key=participant_key(row),
                reference_predictions=_reference_predictions(row.get("reference_predictions")))
     return out
+
+
+def _opinion_direction(row):
+    """(label or None, why it was dropped or None): case and spaces ignored ("No change" is
+    no_change); '' is no label."""
+    value = row.get("opinion_direction")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None, None
+    label = value.strip().lower().replace(" ", "_").replace("-", "_") if isinstance(value, str) else None
+    return (label, None) if label in OPINION_LABELS else (None, "unknown")
+
+
+def _opinion_before(row):
+    """(the pre-study index in [0, 1] or None, why it was dropped or None); a numeric string is read."""
+    value = row.get("opinion_before")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None, "not_a_number"
+    if value is None:
+        return None, None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None, "not_a_number"
+    return (value, None) if 0 <= value <= 1 else (None, "outside_0_1")
 
 
 def _reference_predictions(value):
@@ -166,15 +197,19 @@ def participant_key(row):
 
 
 def clean_rows(raw_rows, split_name="data", log=print):
-    """Validate every row: (good rows, Counter of skip reasons). Logs one summary line."""
-    good, skipped = [], Counter()
+    """Validate every row: (good rows, Counter of skip reasons). Logs one summary line, and one
+    more where rows kept their click but lost an unusable opinion field."""
+    good, skipped, dropped = [], Counter(), Counter()
     for raw in raw_rows:
         try:
-            good.append(clean_row(raw))
+            good.append(clean_row(raw, dropped))
         except BadRow as bad:
             skipped[bad.reason] += 1
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
     log(f"[data] {split_name}: {len(good)} rows kept, {sum(skipped.values())} skipped ({reasons})")
+    if dropped:
+        fields = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items()))
+        log(f"[data] {split_name}: opinion fields dropped, the rows kept ({fields})")
     if not good:
         problem = f"every row is bad ({reasons})" if skipped else "no rows at all"
         raise DataError(f"{split_name}: {problem}; nothing to train or evaluate on")
@@ -210,7 +245,8 @@ def load_raw(source):
         kinds = {"parquet" if p.suffix == ".parquet" else "json" for p in paths}
         if len(kinds) > 1:
             raise DataError(f"mixed file types in {source}: use one of .jsonl/.json or .parquet")
-        return {"train": _rows_from_files(paths, kinds.pop())}
+        kind = kinds.pop()
+        return {split: _rows_from_files(files, kind) for split, files in _files_by_split(paths).items()}
     missing = [str(p) for p in paths if not p.exists()]
     if len(paths) > 1 or any(p.suffix in (".jsonl", ".json", ".parquet") for p in paths):
         raise DataError(f"data files not found: {missing}")
@@ -219,6 +255,22 @@ def load_raw(source):
     except (OSError, ValueError, ConnectionError) as err:  # offline, no such dataset, a bad folder
         raise DataError(f"{paths[0]}: no such file or folder, and not a loadable hub dataset ({first_line(err)})") \
             from err
+
+
+def _files_by_split(paths):
+    """{split: files}: files named train.jsonl, validation.jsonl, test.parquet, ... are those splits
+    (as the hub's data files are); any other names are one split, "train"."""
+    named = [p for p in paths if p.stem in SPLIT_NAMES]
+    if not named:
+        return {"train": paths}
+    if len(named) < len(paths):
+        raise DataError(f"some files are named after a split ({', '.join(p.name for p in named)}) and some not "
+                        f"({', '.join(p.name for p in paths if p not in named)}): name each file after its split "
+                        f"({', '.join(SPLIT_NAMES)}) or none")
+    splits = {}
+    for path in named:
+        splits.setdefault(path.stem, []).append(path)
+    return splits
 
 
 def _rows_from_files(paths, kind):
@@ -256,18 +308,25 @@ def _as_splits(loaded):
 
 
 VALIDATION_SPLIT_NAMES = ("validation", "eval", "test")
+SPLIT_NAMES = ("train",) + VALIDATION_SPLIT_NAMES
 
 
 def load_examples(source, val_fraction, seed, log=print):
     """(train rows, validation rows) of a source, validated.
 
-    A source that ships a validation split keeps it; otherwise the rows are split by participant.
+    A source that ships a held-out split keeps it: the first of validation, eval, test is evaluated,
+    and only `train` (or, without one, every split that is not held out) is trained on; another held-out
+    split (a test set beside a validation set) is set aside, never trained on. A source with no train
+    rows gives [] for them (enough for --eval_only). Otherwise the rows are split by participant.
     """
     splits = load_raw(source)
     val_name = next((name for name in VALIDATION_SPLIT_NAMES if name in splits), None)
     if val_name is not None:
-        train = [row for name, rows in splits.items() if name != val_name for row in rows]
-        train_rows, _ = clean_rows(train, "train", log)
+        train_names = ["train"] if "train" in splits else [n for n in splits if n not in VALIDATION_SPLIT_NAMES]
+        for name in splits.keys() - {val_name, *train_names}:
+            log(f"[data] {name}: {len(splits[name])} rows set aside (a held-out split; {val_name} is evaluated)")
+        train = [row for name in train_names for row in splits[name]]
+        train_rows = clean_rows(train, "train", log)[0] if train else []
         val_rows, _ = clean_rows(splits[val_name], val_name, log)
         return train_rows, val_rows
     rows, _ = clean_rows([row for rows in splits.values() for row in rows], "all", log)

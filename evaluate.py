@@ -282,8 +282,7 @@ def evaluate(model, tokenizer, rows, train_rows, prompt, cfg, world, should_stop
     metrics.update(upstream_keys(first, len(rows)))
     if "choice" in first:
         metrics.update(headline_keys(first["choice"]))
-    if first.get("opinion"):
-        metrics.update(opinions.headline_keys(first["opinion"]))
+    metrics.update(opinions.headline_keys(first.get("opinion")))
     return metrics, predictions
 
 

@@ -180,7 +180,10 @@ def sampled_distribution(opinions):
 
 
 def headline_keys(opinion):
-    """The opinion's scores at the top level of eval.json."""
+    """The opinion's scores at the top level of eval.json (null where no row carries a label)."""
+    if opinion is None:
+        return dict.fromkeys(("opinion_logloss", "opinion_brier", "opinion_prior_logloss", "opinion_baseline_logloss",
+                              "opinion_viewpoint_logloss", "opinion_uniform_logloss", "opinion_method"))
     return {"opinion_logloss": opinion["model"]["logloss"], "opinion_brier": opinion["model"]["brier"],
             "opinion_prior_logloss": opinion["prior"]["logloss"],
             "opinion_baseline_logloss": opinion["baseline"]["logloss"],

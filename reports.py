@@ -49,6 +49,11 @@ def table(header, rows):
 # One evaluation
 
 
+def which_rows(ev):
+    """How the evaluated rows relate to training: held out unless --eval_split said otherwise."""
+    return {"train": "training", "all": "training and held-out"}.get(ev.get("split"), "held-out")
+
+
 def choice_summary(ev):
     """The headline: the original view's choice distribution beside untrained, prior and uniform."""
     choice = ev["views"].get("original", {}).get("choice")
@@ -69,7 +74,7 @@ def choice_summary(ev):
     c = choice["collapse"]
     flag = (f"**Collapse:** the model puts {pct(c['model_share'])} of its mass on position {c['position']}; "
             f"humans clicked it on {pct(c['human_share'])} of rows." if c["flag"] else "No collapse flag.")
-    parts = [f"Choice distribution on {choice['model']['n']} held-out rows, {how}, original order:\n\n"
+    parts = [f"Choice distribution on {choice['model']['n']} {which_rows(ev)} rows, {how}, original order:\n\n"
              + table(["", *(label for _, label in SCORES)], lines),
              "By issue / study (log-loss):\n\n" + table(
                  ["group", "rows", "model", "untrained", "prior", "uniform", "model TVD"], groups), flag]
@@ -113,7 +118,7 @@ def opinion_summary(ev):
     shares = [[label, pct(opinion["model"]["human_shares"][label]), pct(opinion["model"]["shares"][label]),
                pct(opinion["prior"]["shares"][label])] for label in opinion["model"]["shares"]]
     return "\n\n".join([
-        f"Opinion distribution on {opinion['model']['n']} labelled held-out rows ({opinion['model']['participants']} "
+        f"Opinion distribution on {opinion['model']['n']} labelled {which_rows(ev)} rows ({opinion['model']['participants']} "
         f"participants), {how}:\n\n" + table(["", *(label for _, label in OPINION_SCORES)], lines),
         "By issue (log-loss; \"no change\": the accuracy of always answering it, as upstream scores it; spread: "
         "the row-to-row standard deviation of p(direction), 0 for the prior, which reads no one):\n\n" + table(

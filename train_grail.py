@@ -154,7 +154,7 @@ def parse_config(argv, environ):
     prompt it was trained with, into a folder of its own, unless told otherwise."""
     cfg, ignored = configurator.apply_overrides(Config, argv, environ)
     if cfg.eval_only:
-        base = {**checkpoint.prompt_settings(cfg.eval_only), "output_dir": outputs.eval_folder(cfg.eval_only)}
+        base = {**checkpoint.eval_settings(cfg.eval_only), "output_dir": outputs.eval_folder(cfg.eval_only)}
         cfg, ignored = configurator.apply_overrides(Config, argv, environ, base)
     try:
         cfg.reward_funcs = rewards.canonical_reward_names(cfg.reward_funcs)

@@ -24,14 +24,10 @@ BAD_ROWS = {
                                                "next_video_id": "a"},
     "wrong_type:viewer_profile_sentence": {"slate_items_json": [{"id": "a", "title": "A"}], "next_video_id": "a",
                                            "viewer_profile_sentence": 42},
-    "wrong_type:gold_index": {"slate_items_json": [{"id": "a", "title": "A"}], "gold_index": "1"},
+    "wrong_type:gold_index": {"slate_items_json": [{"id": "a", "title": "A"}], "gold_index": "first"},
     "missing_field:next_video_id": {"slate_items_json": [{"id": "a", "title": "A"}]},
     "gold_ambiguous": {"slate_items_json": [{"id": "a", "title": "A"}, {"id": "a", "title": "A"}],
                        "next_video_id": "a"},
-    "bad_opinion_direction": {"slate_items_json": [{"id": "a", "title": "A"}], "next_video_id": "a",
-                              "opinion_direction": "up"},
-    "wrong_type:opinion_before": {"slate_items_json": [{"id": "a", "title": "A"}], "next_video_id": "a",
-                                  "opinion_before": "95%"},
     "slate_too_large": {"slate_items_json": [{"id": str(i), "title": "x"} for i in range(60)],
                         "next_video_id": "1"},
 }
@@ -43,6 +39,67 @@ def test_each_bad_row_kind_is_skipped_and_counted(reason, bundled, capsys):
     assert len(good) == 2
     assert skipped == Counter({reason: 1})
     assert f"2 rows kept, 1 skipped ({reason}=1)" in capsys.readouterr().out
+
+
+def test_an_unusable_opinion_field_is_dropped_and_counted_and_the_row_kept(bundled, capsys):
+    """The click of a row is good without its opinion: a label or index that cannot be read costs
+    that field (counted), never the row; spelling and numeric strings are read as meant."""
+    given = [("Increase", 0.2), (" No change ", "0.5"), ("no-change", 1), ("", 0.3), ("up", float("nan")),
+             (None, "95%"), ("decrease", 55), ("decrease", -0.1)]
+    rows = [dict(bundled[i], opinion_direction=d, opinion_before=b) for i, (d, b) in enumerate(given)]
+    good, skipped = data.clean_rows(rows, "mixed")
+    assert not skipped and len(good) == len(given)
+    assert [r["opinion_direction"] for r in good] == ["increase", "no_change", "no_change", None, None, None,
+                                                     "decrease", "decrease"]
+    assert [r["opinion_before"] for r in good] == [0.2, 0.5, 1, 0.3, None, None, None, None]
+    assert ("opinion fields dropped, the rows kept (opinion_before:not_a_number=2, opinion_before:outside_0_1=2, "
+            "opinion_direction:unknown=1)") in capsys.readouterr().out
+
+
+def test_numbers_where_text_is_expected_are_read_as_text(bundled):
+    row = dict(bundled[0], participant_key=1234, participant_study=2, gold_index=str(bundled[0]["gold_index"]),
+               watched_detailed_json="")
+    clean = data.clean_row(row)
+    assert (clean["participant_key"], clean["participant_study"]) == ("1234", "2")
+    assert clean["gold_index"] == bundled[0]["gold_index"] and clean["watched_detailed_json"] == []
+    assert data.clean_row(dict(row, watched_detailed_json="null"))["watched_detailed_json"] == []
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_files_named_after_splits_are_those_splits(tmp_path, bundled, capsys):
+    """train.jsonl beside validation.jsonl (the hub's data-file convention) is a given split, never
+    re-split; a test split beside a validation split is set aside, never trained on."""
+    write_rows(tmp_path / "train.jsonl", bundled[:10])
+    write_rows(tmp_path / "validation.jsonl", bundled[10:14])
+    write_rows(tmp_path / "test.jsonl", bundled[14:20])
+    train, val = data.load_examples(str(tmp_path), 0.5, 42)
+    assert [r["id"] for r in train] == [r["id"] for r in bundled[:10]]
+    assert [r["id"] for r in val] == [r["id"] for r in bundled[10:14]]
+    assert "[data] test: 6 rows set aside (a held-out split; validation is evaluated)" in capsys.readouterr().out
+    (tmp_path / "extra.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(data.DataError, match="some files are named after a split .* and some not \\(extra.jsonl\\)"):
+        data.load_raw(str(tmp_path))
+
+
+def test_a_saved_dataset_with_a_test_split_never_trains_on_it(tmp_path, bundled):
+    import datasets
+
+    table = lambda rows: datasets.Dataset.from_list([dict(r, slate_items_json=json.dumps(r["slate_items_json"]),
+                                                          watched_detailed_json=json.dumps(r["watched_detailed_json"]),
+                                                          reference_predictions="{}") for r in rows])
+    datasets.DatasetDict({"train": table(bundled[:8]), "validation": table(bundled[8:12]),
+                          "test": table(bundled[12:20])}).save_to_disk(str(tmp_path / "saved"))
+    train, val = data.load_examples(str(tmp_path / "saved"), 0.1, 42, log=lambda *_: None)
+    assert len(train) == 8 and len(val) == 4
+
+
+def test_a_source_with_only_a_held_out_split_has_no_training_rows(tmp_path, bundled):
+    write_rows(tmp_path / "test.jsonl", bundled[:5])
+    train, val = data.load_examples(str(tmp_path), 0.1, 42, log=lambda *_: None)
+    assert train == [] and len(val) == 5
 
 
 def test_all_bad_dataset_stops_with_reasons():

@@ -184,12 +184,14 @@ def test_resume_false_and_eval_only_never_overwrite_a_run(run_trainer, tmp_path)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
-def test_eval_only_uses_its_own_folder_and_the_checkpoints_prompt(run_trainer, tmp_path, monkeypatch):
-    assert run_trainer([])[0] == 0
+def test_eval_only_uses_its_own_folder_and_the_checkpoints_prompt_and_split(run_trainer, tmp_path, monkeypatch):
+    assert run_trainer(["--split_seed=5", "--val_fraction=0.3"])[0] == 0
     monkeypatch.chdir(tmp_path)
     checkpoint_dir = tmp_path / "run" / "checkpoint-000001"
     cfg, _ = tg.parse_config([f"--eval_only={checkpoint_dir}"], {})
     assert (cfg.prompt_mode, cfg.max_completion_length) == ("answer", 6)  # not the think-mode defaults
+    assert (cfg.split_seed, cfg.val_fraction) == (5, 0.3)  # its held-out participants, not the seed's
+    assert tg.parse_config([f"--eval_only={checkpoint_dir}", "--split_seed=7"], {})[0].split_seed == 7
     assert cfg.output_dir == str(Path("out") / "eval-run-checkpoint-000001")
     assert tg.parse_config([f"--eval_only={checkpoint_dir}", "--prompt_mode=think"], {})[0].prompt_mode == "think"
 

@@ -55,6 +55,9 @@ def test_report_holds_every_table_and_plot(run_dirs, tmp_path):
                                      f"| {reports.num(g['viewpoint']['spread'])} |")
         assert f"| {reports.num(g['baseline']['logloss'])} | {reports.num(g['viewpoint']['logloss'])} |" in row
     assert "| initial viewpoint's table (train participants, per issue) |" in text
+    in_sample = dict(ev, split="all")  # --eval_split=all: the headline does not call the rows held out
+    assert "on 6 training and held-out rows" in reports.choice_summary(in_sample)
+    assert f"on {opinion['model']['n']} labelled training and held-out rows" in reports.opinion_summary(in_sample)
 
 
 def test_eval_section_shows_what_the_trainer_prints(run_dirs):

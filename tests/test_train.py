@@ -211,6 +211,21 @@ def test_eval_only_command_writes_the_choice_keys(tiny_model_dir, tmp_path, bund
     assert f"of {len(train_rows)} of these 5 rows: on those rows they are in-sample" in result.stdout
 
 
+def test_eval_only_on_rows_that_ship_only_a_test_split(tiny_model_dir, tmp_path, bundled):
+    """A held-out file alone (nothing to train on) is enough to score a model: the baselines that are
+    fit on training rows fall back to uniform, and a file without opinion labels still writes the
+    opinion's keys, as nulls."""
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    append_jsonl(folder / "test.jsonl", [dict(r, opinion_direction=None) for r in bundled[:4]])
+    tg.train(small_cfg(tiny_model_dir, tmp_path / "eval", eval_only=str(tiny_model_dir), dataset=str(folder),
+                       eval_cache=False), CPU)
+    saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert saved["n_total"] == 4 and saved["split"] == "validation"
+    assert saved["prior_logloss"] == pytest.approx(saved["uniform_logloss"])
+    assert saved["opinion_logloss"] is None and saved["opinion_prior_logloss"] is None
+
+
 def test_split_seed_fixes_the_held_out_rows_whatever_the_training_seed(tiny_model_dir, tmp_path):
     """Several training seeds on one split: the same held-out rows, in the same shuffled view, scored
     alike; without split_seed the seed draws the split, as before."""
