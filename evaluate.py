@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import random
+import statistics
 from collections import Counter
 from pathlib import Path
 
@@ -318,6 +319,10 @@ def sampled_view(model, tokenizer, rows, train_rows, prompt, cfg, world, view, s
                          for ps, row in zip(parsed, rows)]
         out["choice"] = {**choices.choice_metrics(rows, distributions, train_rows), "method": "sampled",
                          "samples_per_row": cfg.eval_samples}
+        # The share of samples that parse: the smoothed estimate's valid mass is mostly its smoothing
+        # where K is small and the slate large (12 options, 3 unparseable samples: 0.63).
+        out["choice"]["model"]["valid_mass"] = statistics.fmean(
+            sum(p.choice is not None for p in ps) / len(ps) for ps in parsed)
         # Sampled after the model's own click, not the human's: the marginal over its clicks.
         opinion = opinions.opinion_metrics(rows, [opinions.sampled_distribution([p.opinion for p in ps])
                                                   for ps in parsed], train_rows, "sampled")

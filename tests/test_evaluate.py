@@ -96,3 +96,24 @@ def test_distribution_cache_reuses_only_what_the_same_files_code_and_prompt_give
     cache_file.write_text("{broken")  # never trusted: recomputed, and the file repaired
     assert run() == first and len(calls) == 12
     assert json.loads(cache_file.read_text())
+
+
+def test_sampled_valid_mass_is_the_share_of_samples_that_parse(monkeypatch):
+    """Think mode: 3 samples a row on a 12-option slate. The smoothed estimate keeps 0.63 of its mass
+    on options when no sample parses; the valid mass reported is what the samples did."""
+    import train_grail as tg
+
+    rows = [row(11, 12), row(2, 12)]
+    texts = {True: ["<think>x</think><answer>11</answer>"],
+             False: ["<answer>11</answer><opinion>increase</opinion>", "no answer", "<answer>99</answer>"]}
+
+    def complete(model, tokenizer, rows_, prompt, cfg, world, k, greedy, should_stop, what):
+        sample = texts[greedy] if rows_ is rows else None
+        return [(sample if i == 0 else ["junk"] * k, [False] * k) for i in range(len(rows_))]
+
+    monkeypatch.setattr(evaluate, "complete_rows", complete)
+    cfg = tg.Config(prompt_mode="think", eval_samples=3)
+    out, _ = evaluate.sampled_view(None, None, rows, rows, prompts.PromptFormat("think"), cfg,
+                                   distributed.single_process(), "original", lambda: False)
+    assert out["choice"]["model"]["valid_mass"] == pytest.approx((1 / 3 + 0) / 2)
+    assert sum(choices.sampled_distribution([None] * 3, 12)) == pytest.approx(0.63, abs=0.01)
