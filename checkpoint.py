@@ -320,8 +320,9 @@ def eval_settings(path):
     if not state.exists():
         return {}
     config = json.loads(state.read_text()).get("config", {})
+    config.setdefault("split_seed", config.get("seed"))  # written before split_seed existed: the seed drew it
     keys = ("prompt_mode", "system_prompt", "grail_max_history", "max_completion_length", "split_seed", "val_fraction")
-    return {key: config[key] for key in keys if key in config}
+    return {key: config[key] for key in keys if config.get(key) is not None}
 
 
 def restore(path, model, optimizer, scheduler, disc_trainer, world):

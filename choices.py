@@ -233,14 +233,18 @@ def collapse(scores, margin=0.25):
     return {"flag": model - human > margin, "position": int(top), "model_share": model, "human_share": human}
 
 
-def choice_metrics(rows, distributions, train_rows):
+def choice_metrics(rows, distributions, train_rows, valid_mass=None):
     """The model's scores beside uniform and the position prior, overall and per issue and study,
-    with the calibration table and the collapse flag."""
+    with the calibration table and the collapse flag. `valid_mass`: each row's valid mass where it is
+    not the distribution's sum (a sampled estimate's: the share of samples that parse)."""
     prior = position_prior(train_rows)
 
     def scored(subset):
         rows_, dists = [rows[i] for i in subset], [distributions[i] for i in subset]
-        return {"model": distribution_scores(rows_, dists),
+        model = distribution_scores(rows_, dists)
+        if valid_mass is not None:
+            model["valid_mass"] = _mean([valid_mass[i] for i in subset])
+        return {"model": model,
                 "prior": distribution_scores(rows_, [prior(r["n_options"]) for r in rows_]),
                 "uniform": distribution_scores(rows_, [[1 / r["n_options"]] * r["n_options"] for r in rows_])}
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import statistics
 import sys
 from collections import Counter
@@ -61,7 +62,7 @@ def _decode_list(row, field, required):
         return []
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         raise BadRow(f"wrong_type:{field}")
-    return value
+    return [{**item, "id": _as_key(item["id"])} if "id" in item else item for item in value]
 
 
 def _check_item(item, field, text_keys, int_keys, needs_label):
@@ -71,11 +72,24 @@ def _check_item(item, field, text_keys, int_keys, needs_label):
     for key in int_keys:
         value = item.get(key)
         # bool is an int subclass in Python; a boolean view count is a broken row.
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value)):
+        if value is not None and not _is_number(value):
             raise BadRow(f"wrong_type:{field}.{key}")
     if needs_label and not (item.get("title") or item.get("id")):
         raise BadRow(f"missing_field:{field}.title")  # an option must be nameable
+
+
+def _is_number(value):
+    """A finite int or float; bool is an int subclass in Python, and a boolean count is a broken row.
+    (An int is finite however large: math.isfinite would overflow on it.)"""
+    return not isinstance(value, bool) and (isinstance(value, int) or isinstance(value, float) and math.isfinite(value))
+
+
+def _as_key(value):
+    """An id written as a number (pandas, a CSV round trip; 1234.0 where the column has nulls) as
+    the text it stands for; anything else as it is."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _gold_index(row, slate):
@@ -83,7 +97,7 @@ def _gold_index(row, slate):
     index = row.get("gold_index")
     if isinstance(index, float) and index.is_integer():  # parquet/pandas store ints with nulls as floats
         index = int(index)
-    if isinstance(index, str) and index.strip().isdigit():  # a CSV-born "2"
+    if isinstance(index, str) and index.strip().isdecimal() and index.strip().isascii():  # a CSV-born "2"
         index = int(index)
     if index is not None:
         if isinstance(index, bool) or not isinstance(index, int):
@@ -118,9 +132,7 @@ def clean_row(row, dropped=None):
         raise BadRow("malformed_json:line")
     if not isinstance(row, dict):
         raise BadRow("wrong_type:row")
-    # Keys written as numbers by pandas or a CSV round trip are still keys.
-    row = {**row, **{field: str(row[field]) for field in ID_FIELDS
-                     if isinstance(row.get(field), int) and not isinstance(row[field], bool)}}
+    row = {**row, **{field: _as_key(row[field]) for field in ID_FIELDS if field in row}}
     for field in TEXT_FIELDS:
         if row.get(field) is not None and not isinstance(row[field], str):
             raise BadRow(f"wrong_type:{field}")
@@ -155,7 +167,7 @@ def _opinion_direction(row):
     value = row.get("opinion_direction")
     if value is None or (isinstance(value, str) and not value.strip()):
         return None, None
-    label = value.strip().lower().replace(" ", "_").replace("-", "_") if isinstance(value, str) else None
+    label = "_".join(value.lower().replace("-", " ").split()) if isinstance(value, str) else None
     return (label, None) if label in OPINION_LABELS else (None, "unknown")
 
 
@@ -169,7 +181,7 @@ def _opinion_before(row):
             return None, "not_a_number"
     if value is None:
         return None, None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not _is_number(value):
         return None, "not_a_number"
     return (value, None) if 0 <= value <= 1 else (None, "outside_0_1")
 
@@ -258,19 +270,31 @@ def load_raw(source):
 
 
 def _files_by_split(paths):
-    """{split: files}: files named train.jsonl, validation.jsonl, test.parquet, ... are those splits
-    (as the hub's data files are); any other names are one split, "train"."""
-    named = [p for p in paths if p.stem in SPLIT_NAMES]
-    if not named:
+    """{split: files}: files named after a split (train.jsonl, validation.jsonl, dev.json,
+    test-00000-of-00001.parquet, ...) are that split, as the hub's data files are; files named
+    otherwise are one split, "train"."""
+    named = {p: split_name(p.stem) for p in paths}
+    if not any(named.values()):
         return {"train": paths}
-    if len(named) < len(paths):
-        raise DataError(f"some files are named after a split ({', '.join(p.name for p in named)}) and some not "
-                        f"({', '.join(p.name for p in paths if p not in named)}): name each file after its split "
-                        f"({', '.join(SPLIT_NAMES)}) or none")
+    if not all(named.values()):
+        raise DataError(f"some files are named after a split ({', '.join(p.name for p in paths if named[p])}) and "
+                        f"some not ({', '.join(p.name for p in paths if not named[p])}): name each file after its "
+                        f"split (train, validation, test, ...) or none")
     splits = {}
-    for path in named:
-        splits.setdefault(path.stem, []).append(path)
+    for path in paths:
+        splits.setdefault(named[path], []).append(path)
     return splits
+
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+                 "val": "validation", "dev": "validation", "eval": "eval", "test": "test"}
+
+
+def split_name(name):
+    """The split a file or dataset split name stands for ("dev" and "valid" are validation,
+    "train-00000-of-00002" is train), or None."""
+    match = re.fullmatch(r"([a-z]+)(?:[-_.].*)?", name.lower())
+    return SPLIT_ALIASES.get(match.group(1)) if match else None
 
 
 def _rows_from_files(paths, kind):
@@ -303,12 +327,14 @@ def _as_splits(loaded):
     import datasets
 
     if isinstance(loaded, datasets.DatasetDict):
-        return {name: list(split) for name, split in loaded.items()}
+        splits = {}
+        for name, split in loaded.items():
+            splits.setdefault(split_name(name) or name, []).extend(split)
+        return splits
     return {"train": list(loaded)}
 
 
 VALIDATION_SPLIT_NAMES = ("validation", "eval", "test")
-SPLIT_NAMES = ("train",) + VALIDATION_SPLIT_NAMES
 
 
 def load_examples(source, val_fraction, seed, log=print):
@@ -321,15 +347,16 @@ def load_examples(source, val_fraction, seed, log=print):
     """
     splits = load_raw(source)
     val_name = next((name for name in VALIDATION_SPLIT_NAMES if name in splits), None)
+    train_names = ["train"] if "train" in splits else [n for n in splits if n not in VALIDATION_SPLIT_NAMES]
+    for name in sorted(splits.keys() - {val_name, *train_names}):
+        why = f"a held-out split; {val_name} is evaluated" if name in VALIDATION_SPLIT_NAMES else "not the train split"
+        log(f"[data] {name}: {len(splits[name])} rows set aside ({why})")
+    train = [row for name in train_names for row in splits[name]]
     if val_name is not None:
-        train_names = ["train"] if "train" in splits else [n for n in splits if n not in VALIDATION_SPLIT_NAMES]
-        for name in splits.keys() - {val_name, *train_names}:
-            log(f"[data] {name}: {len(splits[name])} rows set aside (a held-out split; {val_name} is evaluated)")
-        train = [row for name in train_names for row in splits[name]]
         train_rows = clean_rows(train, "train", log)[0] if train else []
         val_rows, _ = clean_rows(splits[val_name], val_name, log)
         return train_rows, val_rows
-    rows, _ = clean_rows([row for rows in splits.values() for row in rows], "all", log)
+    rows, _ = clean_rows(train, "all", log)
     train_rows, val_rows = split_by_participant(rows, val_fraction, seed)
     log(f"[data] participant split (seed {seed}): train {len(train_rows)} rows, "
           f"validation {len(val_rows)} rows")

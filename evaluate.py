@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import random
-import statistics
 from collections import Counter
 from pathlib import Path
 
@@ -317,12 +316,11 @@ def sampled_view(model, tokenizer, rows, train_rows, prompt, cfg, world, view, s
                   for (texts, truncated_flags), row in zip(sampled, rows)]
         distributions = [choices.sampled_distribution([p.choice for p in ps], row["n_options"])
                          for ps, row in zip(parsed, rows)]
-        out["choice"] = {**choices.choice_metrics(rows, distributions, train_rows), "method": "sampled",
+        # The valid mass is the share of samples that parse: the smoothed estimate's own is mostly its
+        # smoothing where K is small and the slate large (12 options, 3 unparseable samples: 0.63).
+        parsing = [sum(p.choice is not None for p in ps) / len(ps) for ps in parsed]
+        out["choice"] = {**choices.choice_metrics(rows, distributions, train_rows, parsing), "method": "sampled",
                          "samples_per_row": cfg.eval_samples}
-        # The share of samples that parse: the smoothed estimate's valid mass is mostly its smoothing
-        # where K is small and the slate large (12 options, 3 unparseable samples: 0.63).
-        out["choice"]["model"]["valid_mass"] = statistics.fmean(
-            sum(p.choice is not None for p in ps) / len(ps) for ps in parsed)
         # Sampled after the model's own click, not the human's: the marginal over its clicks.
         opinion = opinions.opinion_metrics(rows, [opinions.sampled_distribution([p.opinion for p in ps])
                                                   for ps in parsed], train_rows, "sampled")

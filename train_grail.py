@@ -241,7 +241,9 @@ def train(cfg, world, ignored_keys=()):
     eval_rows = evaluate.select_rows(train_rows, val_rows, cfg.eval_split, cfg.eval_max_rows, cfg.split_seed,
                                      evaluates)
     if not train_rows and not cfg.eval_only:
-        raise data.DataError("no training rows: every participant is in the validation split")
+        raise data.DataError("no training rows: the source holds only a held-out split (files named test, "
+                             "validation, ... are one) or every participant is in the validation split; "
+                             "name the training file train.jsonl, or score a model with --eval_only")
     if cfg.max_steps <= 0:
         cfg.max_steps = math.ceil(cfg.num_train_epochs * len(train_rows) / cfg.prompts_per_step)
     prompt = prompts.PromptFormat.of(cfg)

@@ -44,7 +44,7 @@ def test_each_bad_row_kind_is_skipped_and_counted(reason, bundled, capsys):
 def test_an_unusable_opinion_field_is_dropped_and_counted_and_the_row_kept(bundled, capsys):
     """The click of a row is good without its opinion: a label or index that cannot be read costs
     that field (counted), never the row; spelling and numeric strings are read as meant."""
-    given = [("Increase", 0.2), (" No change ", "0.5"), ("no-change", 1), ("", 0.3), ("up", float("nan")),
+    given = [("Increase", 0.2), (" No  change ", "0.5"), ("no-change", 1), ("", 0.3), ("up", float("nan")),
              (None, "95%"), ("decrease", 55), ("decrease", -0.1)]
     rows = [dict(bundled[i], opinion_direction=d, opinion_before=b) for i, (d, b) in enumerate(given)]
     good, skipped = data.clean_rows(rows, "mixed")
@@ -57,12 +57,20 @@ def test_an_unusable_opinion_field_is_dropped_and_counted_and_the_row_kept(bundl
 
 
 def test_numbers_where_text_is_expected_are_read_as_text(bundled):
-    row = dict(bundled[0], participant_key=1234, participant_study=2, gold_index=str(bundled[0]["gold_index"]),
-               watched_detailed_json="")
+    slate = [dict(item, id=k) for k, item in enumerate(bundled[0]["slate_items_json"], 100)]
+    row = dict(bundled[0], participant_key=1234, participant_study=2.0, gold_index=str(bundled[0]["gold_index"]),
+               watched_detailed_json="", slate_items_json=slate, next_video_id=99 + bundled[0]["gold_index"])
     clean = data.clean_row(row)
     assert (clean["participant_key"], clean["participant_study"]) == ("1234", "2")
+    assert [item["id"] for item in clean["slate_items_json"]] == [str(k) for k in range(100, 100 + len(slate))]
     assert clean["gold_index"] == bundled[0]["gold_index"] and clean["watched_detailed_json"] == []
     assert data.clean_row(dict(row, watched_detailed_json="null"))["watched_detailed_json"] == []
+    for bad in ("²", "2.5", "-1"):  # not a plain number: the usual counted skip, never a crash
+        with pytest.raises(data.BadRow, match="wrong_type:gold_index"):
+            data.clean_row(dict(row, gold_index=bad, next_video_id=None))
+    huge = dict(row, opinion_before=10 ** 400, slate_items_json=[dict(slate[0], view_count=10 ** 400)], gold_index=1,
+                next_video_id=None)
+    assert data.clean_row(huge)["opinion_before"] is None  # an int is finite however large
 
 
 def write_rows(path, rows):
@@ -84,16 +92,27 @@ def test_files_named_after_splits_are_those_splits(tmp_path, bundled, capsys):
         data.load_raw(str(tmp_path))
 
 
+@pytest.mark.parametrize("names, splits", [
+    (("train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl", "test-00000-of-00001.jsonl"), {"train", "test"}),
+    (("train.jsonl", "dev.jsonl"), {"train", "validation"}), (("training.json", "valid.json"), {"train", "validation"}),
+    (("gun_control.jsonl", "minimum_wage.jsonl"), {"train"})])
+def test_split_names_as_the_hub_writes_them(tmp_path, bundled, names, splits):
+    for name in names:
+        write_rows(tmp_path / name, bundled[:2])
+    assert set(data.load_raw(str(tmp_path))) == splits
+    assert (data.split_name("unsupervised"), data.split_name("Validation")) == (None, "validation")
+
+
 def test_a_saved_dataset_with_a_test_split_never_trains_on_it(tmp_path, bundled):
     import datasets
 
     table = lambda rows: datasets.Dataset.from_list([dict(r, slate_items_json=json.dumps(r["slate_items_json"]),
                                                           watched_detailed_json=json.dumps(r["watched_detailed_json"]),
                                                           reference_predictions="{}") for r in rows])
-    datasets.DatasetDict({"train": table(bundled[:8]), "validation": table(bundled[8:12]),
+    datasets.DatasetDict({"train": table(bundled[:8]), "dev": table(bundled[8:12]),
                           "test": table(bundled[12:20])}).save_to_disk(str(tmp_path / "saved"))
     train, val = data.load_examples(str(tmp_path / "saved"), 0.1, 42, log=lambda *_: None)
-    assert len(train) == 8 and len(val) == 4
+    assert len(train) == 8 and [r["id"] for r in val] == [r["id"] for r in bundled[8:12]]  # dev is validation
 
 
 def test_a_source_with_only_a_held_out_split_has_no_training_rows(tmp_path, bundled):

@@ -196,6 +196,21 @@ def test_eval_only_uses_its_own_folder_and_the_checkpoints_prompt_and_split(run_
     assert tg.parse_config([f"--eval_only={checkpoint_dir}", "--prompt_mode=think"], {})[0].prompt_mode == "think"
 
 
+def test_a_checkpoint_from_before_split_seed_is_scored_on_the_split_its_seed_drew(tmp_path):
+    import checkpoint
+
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2, "config": {"seed": 7, "prompt_mode": "answer"}}))
+    assert checkpoint.eval_settings(tmp_path) == {"prompt_mode": "answer", "split_seed": 7}
+
+
+def test_training_on_a_source_with_only_a_held_out_split_says_what_to_do(run_trainer, tmp_path, bundled):
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bundled[:4]), encoding="utf-8")
+    code, _, err = run_trainer([f"--dataset={folder}"])
+    assert code != 0 and "the source holds only a held-out split" in err and "--eval_only" in err
+
+
 def test_a_damaged_newest_checkpoint_is_named_and_passed_over(run_trainer, tmp_path):
     run = tmp_path / "run"
     assert run_trainer(["--max_steps=2"])[0] == 0

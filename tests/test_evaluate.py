@@ -116,4 +116,5 @@ def test_sampled_valid_mass_is_the_share_of_samples_that_parse(monkeypatch):
     out, _ = evaluate.sampled_view(None, None, rows, rows, prompts.PromptFormat("think"), cfg,
                                    distributed.single_process(), "original", lambda: False)
     assert out["choice"]["model"]["valid_mass"] == pytest.approx((1 / 3 + 0) / 2)
+    assert [g["model"]["valid_mass"] for g in out["choice"]["by_group"].values()] == [pytest.approx(1 / 6)]
     assert sum(choices.sampled_distribution([None] * 3, 12)) == pytest.approx(0.63, abs=0.01)
