@@ -11,7 +11,8 @@
 #                                     the discriminator alone; one report with the runs side by side. From the
 #                                     untrained model (no cloning, so the reward decides), or with
 #                                     ABLATION_START=cloned from the default job's checkpoint (trained
-#                                     once into out/NAME/start with the same arguments, a row of the report).
+#                                     once into out/NAME/start with the same arguments, a row of the report;
+#                                     the arms then 10 steps of 8 prompts x 8).
 #                                     ABLATION_ARMS="grail_proper disc_only" runs a subset (the report shows
 #                                     every arm that has a folder); ABLATION_NAME names out/NAME, reports/NAME
 #   sbatch run.sh --config=recipes/grail_gun.yaml    one or more nodes; GAIL_*/GRAIL_* pass through
@@ -78,6 +79,11 @@ if [ "${1:-}" = "ablation" ]; then
     case " $ALL_ARMS " in *" $name "*) ;; *) echo "[config] ABLATION_ARMS: no arm '$name' (arms: $ALL_ARMS)" >&2; exit 2 ;; esac
   done
   BASE=(--config=recipes/cpu_default.yaml --max_steps=30 --learning_rate=2e-5 --save_steps=30 --bc_steps=0)
+  # From the cloned start: 10 steps of 8 prompts x 8 (in 4 micro-batches, 7-9 GB on CPU). At the
+  # recipe's 2 x 8 every arm follows its batch's noise and GRAIL proper's gap to calibration is noise
+  # too (README, "Measured here").
+  [ "$START" = cloned ] && BASE=(--config=recipes/cpu_default.yaml --max_steps=10 --prompts_per_step=8
+                                 --gradient_accumulation_steps=4 --learning_rate=2e-5 --save_steps=30 --bc_steps=0)
   EXTRA=("$@")
   FROM=()
   if [ "$START" = cloned ]; then

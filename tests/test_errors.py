@@ -329,11 +329,12 @@ def test_run_sh_ablation_from_one_cloned_start(tiny_model_dir):
         assert start["bc_steps"] == 2 and start["max_steps"] == 2 and start["model_name_or_path"] == str(tiny_model_dir)
         recipe = tg.parse_config(["--config=recipes/cpu_default.yaml"], {})[0]
         assert start["learning_rate"] == recipe.learning_rate != 5e-6  # the recipe's, not the arms'
+        assert start["gradient_accumulation_steps"] == 1  # the arms' batch is theirs alone
         for arm in ("accuracy", "calibration"):
             config = read(arm)
             assert config["model_name_or_path"] == f"out/{name}/start/checkpoint-000002"
             assert config["bc_steps"] == 0 and config["max_steps"] == 1 and not config["eval_on_start"]
-            assert config["learning_rate"] == 5e-6
+            assert config["learning_rate"] == 5e-6 and config["gradient_accumulation_steps"] == 4
         assert read("accuracy")["reward_funcs"] == ["accuracy", "format"]
         report = (ROOT / "reports" / name / "README.md").read_text()
         assert all(f"| {arm} |" in report for arm in ("start", "accuracy", "calibration")), report
