@@ -179,16 +179,16 @@ def sampled_distribution(opinions):
                                         len(OPINION_LABELS))
 
 
+# eval.json's top-level opinion keys: (the scorer, its score).
+HEADLINE_KEYS = {"opinion_logloss": ("model", "logloss"), "opinion_brier": ("model", "brier"),
+                 "opinion_prior_logloss": ("prior", "logloss"), "opinion_baseline_logloss": ("baseline", "logloss"),
+                 "opinion_viewpoint_logloss": ("viewpoint", "logloss"), "opinion_uniform_logloss": ("uniform", "logloss")}
+
+
 def headline_keys(opinion):
     """The opinion's scores at the top level of eval.json (null where no row carries a label)."""
-    if opinion is None:
-        return dict.fromkeys(("opinion_logloss", "opinion_brier", "opinion_prior_logloss", "opinion_baseline_logloss",
-                              "opinion_viewpoint_logloss", "opinion_uniform_logloss", "opinion_method"))
-    return {"opinion_logloss": opinion["model"]["logloss"], "opinion_brier": opinion["model"]["brier"],
-            "opinion_prior_logloss": opinion["prior"]["logloss"],
-            "opinion_baseline_logloss": opinion["baseline"]["logloss"],
-            "opinion_viewpoint_logloss": opinion["viewpoint"]["logloss"],
-            "opinion_uniform_logloss": opinion["uniform"]["logloss"], "opinion_method": opinion["method"]}
+    return {**{key: opinion[scorer][score] if opinion else None for key, (scorer, score) in HEADLINE_KEYS.items()},
+            "opinion_method": opinion["method"] if opinion else None}
 
 
 def _mean(values):

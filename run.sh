@@ -78,12 +78,12 @@ if [ "${1:-}" = "ablation" ]; then
   for name in $ARMS; do
     case " $ALL_ARMS " in *" $name "*) ;; *) echo "[config] ABLATION_ARMS: no arm '$name' (arms: $ALL_ARMS)" >&2; exit 2 ;; esac
   done
-  BASE=(--config=recipes/cpu_default.yaml --max_steps=30 --learning_rate=2e-5 --save_steps=30 --bc_steps=0)
+  STEPS=(--max_steps=30)
   # From the cloned start: 10 steps of 8 prompts x 8 (in 4 micro-batches, 7-9 GB on CPU). At the
   # recipe's 2 x 8 every arm follows its batch's noise and GRAIL proper's gap to calibration is noise
   # too (README, "Measured here").
-  [ "$START" = cloned ] && BASE=(--config=recipes/cpu_default.yaml --max_steps=10 --prompts_per_step=8
-                                 --gradient_accumulation_steps=4 --learning_rate=2e-5 --save_steps=30 --bc_steps=0)
+  [ "$START" = cloned ] && STEPS=(--max_steps=10 --prompts_per_step=8 --gradient_accumulation_steps=4)
+  BASE=(--config=recipes/cpu_default.yaml "${STEPS[@]}" --learning_rate=2e-5 --save_steps=30 --bc_steps=0)
   EXTRA=("$@")
   FROM=()
   if [ "$START" = cloned ]; then

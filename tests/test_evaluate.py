@@ -108,8 +108,7 @@ def test_sampled_valid_mass_is_the_share_of_samples_that_parse(monkeypatch):
              False: ["<answer>11</answer><opinion>increase</opinion>", "no answer", "<answer>99</answer>"]}
 
     def complete(model, tokenizer, rows_, prompt, cfg, world, k, greedy, should_stop, what):
-        sample = texts[greedy] if rows_ is rows else None
-        return [(sample if i == 0 else ["junk"] * k, [False] * k) for i in range(len(rows_))]
+        return [(texts[greedy] if i == 0 else ["junk"] * k, [False] * k) for i in range(len(rows_))]
 
     monkeypatch.setattr(evaluate, "complete_rows", complete)
     cfg = tg.Config(prompt_mode="think", eval_samples=3)
