@@ -24,9 +24,9 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 BUNDLED_FILES = ("gun_control.jsonl", "minimum_wage.jsonl")
 MAX_OPTIONS = 50  # a larger slate is a broken row, not a recommendation list
 OPINION_LABELS = ("increase", "decrease", "no_change")
-TEXT_FIELDS = ("viewer_profile_sentence", "initial_viewpoint", "survey_highlights", "current_video_id",
-               "current_video_title", "current_video_channel", "issue", "participant_study",
-               "participant_key", "next_video_id", "state_text", "id")
+VIEWER_FIELDS = ("viewer_profile_sentence", "initial_viewpoint", "survey_highlights")  # who the viewer is
+TEXT_FIELDS = VIEWER_FIELDS + ("current_video_id", "current_video_title", "current_video_channel", "issue",
+                               "participant_study", "participant_key", "next_video_id", "state_text", "id")
 ID_FIELDS = ("participant_key", "participant_study", "id", "next_video_id", "current_video_id")
 
 
@@ -203,9 +203,11 @@ def participant_key(row):
     """The row's participant: `participant_key`, else a hash of the viewer fields (as upstream)."""
     if row.get("participant_key"):
         return row["participant_key"]
-    text = "\n".join(row.get(f) or "" for f in ("viewer_profile_sentence", "initial_viewpoint",
-                                                "survey_highlights"))
+    text = "\n".join(row.get(f) or "" for f in VIEWER_FIELDS)
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+NAMELESS_KEY = participant_key({})  # no participant_key and no viewer fields: every such row is this one
 
 
 def clean_rows(raw_rows, split_name="data", log=print):
@@ -222,6 +224,10 @@ def clean_rows(raw_rows, split_name="data", log=print):
     if dropped:
         fields = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items()))
         log(f"[data] {split_name}: opinion fields dropped, the rows kept ({fields})")
+    nameless = sum(row["participant_key"] == NAMELESS_KEY for row in good)
+    if nameless:
+        log(f"[data] {split_name}: {nameless} rows name no participant (no participant_key, no viewer fields): "
+            "they count as one participant, so the participant split keeps them all on one side")
     if not good:
         problem = f"every row is bad ({reasons})" if skipped else "no rows at all"
         raise DataError(f"{split_name}: {problem}; nothing to train or evaluate on")

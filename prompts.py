@@ -203,3 +203,22 @@ class PromptFormat:
         messages = build_messages(row, self.system, self.max_history)
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return text + (ANSWER_PREFIX if self.answer_only else "")
+
+
+def fitting_rows(rows, tokenizer, prompt, positions, room, name, log=print):
+    """The rows whose prompt plus `room` answer tokens fit in the model's `positions` (None: no limit).
+    Past its positions a rotary model still runs, on positions it never saw: its answers there are
+    silently wrong, so such rows are skipped and counted on one log line."""
+    if not positions:
+        return rows
+    kept = []
+    for row in rows:
+        text = prompt.text(tokenizer, row)
+        # A token spans at least one UTF-8 byte: only a text longer in bytes than the limit is tokenized.
+        if len(text.encode("utf-8")) + room <= positions or \
+                len(tokenizer.encode(text, add_special_tokens=False)) + room <= positions:
+            kept.append(row)
+    if len(kept) < len(rows):
+        log(f"[data] {name}: {len(rows) - len(kept)} of {len(rows)} rows skipped (prompt_too_long: more than the "
+            f"model's {positions} positions with {room} answer tokens; history is capped by grail_max_history)")
+    return kept

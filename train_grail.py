@@ -279,6 +279,7 @@ def train(cfg, world, ignored_keys=()):
         path = checkpoint.resolve_model(cfg.eval_only, world)
         model, tokenizer = checkpoint.load_model(path, world.device, trainable=False,
                                                   fp32_head=cfg.cast_lm_head_to_fp32), checkpoint.load_tokenizer(path)
+        eval_rows = rows_that_fit(eval_rows, cfg.eval_split, model, tokenizer, prompt, cfg, world)
         environment = checkpoint.environment(world)  # every rank: it all-gathers the device names
         try:
             metrics = evaluate_and_save(model, tokenizer, 0, path)
@@ -298,6 +299,8 @@ def train(cfg, world, ignored_keys=()):
                                   fp32_head=cfg.cast_lm_head_to_fp32)
     ref_model = checkpoint.load_model(model_path, world.device, trainable=False,
                                       fp32_head=cfg.cast_lm_head_to_fp32) if cfg.beta else None
+    train_rows = rows_that_fit(train_rows, "train", model, tokenizer, prompt, cfg, world)
+    eval_rows = rows_that_fit(eval_rows, cfg.eval_split, model, tokenizer, prompt, cfg, world) if evaluates else eval_rows
     disc_trainer = None
     if cfg.gail_use:
         discriminator = disc.build(cfg.gail_disc_model, model, tokenizer, world.device, cfg.seed)
@@ -383,6 +386,16 @@ def train(cfg, world, ignored_keys=()):
     tracker.close()
     world.print(f"[done] outputs in {run.path}/ (the files: outputs.py)")
     return final
+
+
+def rows_that_fit(rows, name, model, tokenizer, prompt, cfg, world):
+    """`rows` less those too long for the model's positions (counted on a log line); none left is an error."""
+    kept = prompts.fitting_rows(rows, tokenizer, prompt, getattr(model.config, "max_position_embeddings", None),
+                                cfg.max_completion_length, name, world.print)
+    if rows and not kept:
+        raise data.DataError(f"{name}: every prompt is longer than the model's positions "
+                             "(a smaller GRAIL_MAX_HISTORY shortens them)")
+    return kept
 
 
 def collect_rollouts(model, tokenizer, train_rows, step, cfg, world, disc_trainer=None, prompt_seed=None):

@@ -168,6 +168,18 @@ def test_participant_key_falls_back_to_viewer_hash(bundled):
     assert data.participant_key(row) == expected  # the data README defines the key this way
 
 
+def test_rows_that_name_no_participant_are_counted(bundled, capsys):
+    """Without participant_key and viewer fields every row hashes to one participant, which the split
+    cannot separate: the rows are kept and counted, those with a name are not."""
+    nameless = [{k: v for k, v in r.items() if k not in ("participant_key", *data.VIEWER_FIELDS)} for r in bundled[:3]]
+    rows, _ = data.clean_rows(nameless + bundled[3:5], "train")
+    assert len(rows) == 5 and {r["participant_key"] for r in rows[:3]} == {data.NAMELESS_KEY}
+    assert ("[data] train: 3 rows name no participant (no participant_key, no viewer fields): they count as one "
+            "participant, so the participant split keeps them all on one side") in capsys.readouterr().out
+    data.clean_rows(bundled[:5], "train")
+    assert "name no participant" not in capsys.readouterr().out
+
+
 def test_shuffle_slate_remaps_gold_and_is_deterministic(bundled):
     row = data.clean_row(next(r for r in bundled if r["n_options"] == 5))
     gold_id = row["slate_items_json"][row["gold_index"] - 1]["id"]

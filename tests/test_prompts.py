@@ -1,5 +1,5 @@
 """prompts.py: the upstream user prompt rebuilt byte for byte, history truncation, fallbacks, and
-the chat prompt of each prompt mode."""
+the chat prompt of each prompt mode, and the rows too long for the model."""
 import json
 
 
@@ -61,3 +61,25 @@ def test_prompt_format_of_each_mode(tiny_model_dir):
     assert think.endswith("<|im_start|>assistant\n") and prompts.SYSTEM_PROMPT in think
     custom = prompts.PromptFormat("answer", system_prompt="Be brief.").text(tokenizer, row)
     assert "Be brief." in custom and prompts.ANSWER_SYSTEM_PROMPT not in custom
+
+
+def test_rows_too_long_for_the_model_are_skipped_and_counted(tiny_model_dir, bundled):
+    """Past its positions a rotary model runs on silently: a row whose prompt plus the answer's room
+    exceeds them is skipped, exactly those rows (tokenized one by one), with one count on the log."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = prompts.PromptFormat("answer")
+    rows = bundled[:40]
+    lengths = [len(tokenizer.encode(prompt.text(tokenizer, r), add_special_tokens=False)) for r in rows]
+    limit = sorted(lengths)[len(lengths) // 2] + 16  # about half the rows fit with 16 tokens of room
+    logged = []
+    kept = prompts.fitting_rows(rows, tokenizer, prompt, limit, 16, "train", logged.append)
+    assert kept == [r for r, n in zip(rows, lengths) if n + 16 <= limit] and 0 < len(kept) < len(rows)
+    assert logged == [f"[data] train: {len(rows) - len(kept)} of {len(rows)} rows skipped (prompt_too_long: more "
+                      f"than the model's {limit} positions with 16 answer tokens; history is capped by "
+                      "grail_max_history)"]
+    logged.clear()
+    assert prompts.fitting_rows(rows, tokenizer, prompt, None, 16, "train", logged.append) == rows and not logged
+    assert prompts.fitting_rows(rows, tokenizer, prompt, max(lengths) + 16, 16, "train", logged.append) == rows
+    assert not logged

@@ -3,6 +3,7 @@ torchrun, recipes, and the documentation of every Config key."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -224,6 +225,33 @@ def test_eval_only_on_rows_that_ship_only_a_test_split(tiny_model_dir, tmp_path,
     assert saved["n_total"] == 4 and saved["split"] == "validation"
     assert saved["prior_logloss"] == pytest.approx(saved["uniform_logloss"])
     assert saved["opinion_logloss"] is None and saved["opinion_prior_logloss"] is None
+
+
+def test_rows_longer_than_the_models_positions_are_skipped_in_training_and_evaluation(tiny_model_dir, tmp_path,
+                                                                                      capsys):
+    """A model with fewer positions than some prompts need: those rows leave training and the evaluation,
+    each side counted on a log line, and the evaluation scores exactly the rest."""
+    import data
+    import prompts
+    from transformers import AutoTokenizer
+
+    short = tmp_path / "short_model"
+    shutil.copytree(tiny_model_dir, short)
+    config = json.loads((short / "config.json").read_text())
+    cfg = small_cfg(short, tmp_path / "run", max_steps=1, save_steps=1, eval_on_start=False, eval_max_rows=12)
+    tokenizer, prompt = AutoTokenizer.from_pretrained(short), prompts.PromptFormat.of(cfg)
+    train_rows, val_rows = data.load_examples("", cfg.val_fraction, cfg.seed, log=lambda *_: None)
+    eval_rows = tg.evaluate.select_rows(train_rows, val_rows, "validation", 12, cfg.seed)
+    length = lambda r: len(tokenizer.encode(prompt.text(tokenizer, r), add_special_tokens=False))
+    config["max_position_embeddings"] = sorted(map(length, eval_rows))[6] + cfg.max_completion_length
+    (short / "config.json").write_text(json.dumps(config))
+    fits = [r for r in eval_rows if length(r) + cfg.max_completion_length <= config["max_position_embeddings"]]
+    tg.train(cfg, CPU)
+    log = capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert 0 < len(fits) < 12 and saved["n_total"] == len(fits)
+    assert f"[data] validation: {12 - len(fits)} of 12 rows skipped (prompt_too_long" in log
+    assert "[data] train: " in log and "rows skipped (prompt_too_long" in log.split("[data] train: ")[1].split("\n")[0]
 
 
 def test_split_seed_fixes_the_held_out_rows_whatever_the_training_seed(tiny_model_dir, tmp_path):
