@@ -236,6 +236,9 @@ def train(cfg, world, ignored_keys=()):
         world.print(f"[config] ignored recipe keys with no meaning here: {', '.join(sorted(ignored_keys))}")
     if changed:
         world.print(f"[config] changed since the run began: {'; '.join(changed)}")
+    if "calibration" in cfg.reward_funcs and cfg.scale_rewards == "batch" and cfg.prompts_per_step < 16:
+        world.print(f"[config] scale_rewards=batch at {cfg.prompts_per_step} prompts a step tilts the calibration "
+                    "reward toward the mode (about 1/prompts; rewards.calibration_rewards): none is exact")
     train_rows, val_rows = data.load_examples(cfg.dataset, cfg.val_fraction, cfg.split_seed, world.print)
     evaluates = bool(cfg.eval_only or cfg.eval_on_start or cfg.eval_on_end or cfg.eval_steps)
     eval_rows = evaluate.select_rows(train_rows, val_rows, cfg.eval_split, cfg.eval_max_rows, cfg.split_seed,

@@ -95,6 +95,36 @@ def test_group_std_scaling_biases_calibration_toward_the_mode():
     assert tvd(p) > 0.1 and p[0] > 0.6
 
 
+def expected_advantage_at_q(scale, prompts, G=8, draws=4000, seed=0):
+    """E[A_i | a_i = k] / std(A) for each option k, by Monte Carlo, when the policy already samples
+    the humans' q: the project's calibration reward and group advantages. A proper setup leaves every
+    option's expected advantage equal there (no update moves p off q)."""
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    sums, counts, squares = torch.zeros(len(Q)), torch.zeros(len(Q)), 0.0
+    for _ in range(draws):
+        choices = torch.multinomial(torch.tensor(Q), prompts * G, replacement=True, generator=gen) + 1
+        golds = [gold for gold in rng.choices(range(1, len(Q) + 1), weights=Q, k=prompts) for _ in range(G)]
+        values = torch.tensor(rewards.calibration_rewards(choices.tolist(), golds, G)).view(prompts, G)
+        advantages = grpo.group_advantages(values, scale, 1e-4).view(-1).float()
+        sums.index_add_(0, choices - 1, advantages)
+        counts.index_add_(0, choices - 1, torch.ones(prompts * G))
+        squares += float((advantages ** 2).sum())
+    return sums / counts / (squares / (draws * prompts * G)) ** 0.5
+
+
+@pytest.mark.parametrize("scale, prompts", [("none", 2), ("batch", 32)])
+def test_calibration_advantage_is_flat_at_the_human_distribution(scale, prompts):
+    mean = expected_advantage_at_q(scale, prompts)
+    assert (mean.max() - mean.min()).item() < 0.05  # Monte-Carlo noise here is about 0.015
+
+
+def test_batch_std_of_a_small_batch_tilts_calibration_toward_the_mode():
+    """Why the trainer warns below 16 prompts a step with scale_rewards=batch: the batch's std holds
+    the sample's own reward, so at B = 2 the mode's expected advantage stands above every other's."""
+    mean = expected_advantage_at_q("batch", 2)
+    assert (mean.max() - mean.min()).item() > 0.08 and mean.argmax().item() == 0 and (mean[1:] < 0).all()
+
+
 def test_accuracy_reward_collapses_onto_the_mode():
     p = train_bandit("accuracy", "group")
     assert tvd(p) > 0.4 and p.argmax().item() == 0

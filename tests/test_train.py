@@ -72,7 +72,8 @@ def test_behaviour_cloning_raises_the_likelihood_of_the_human_answers(tiny_model
                     eval_max_rows=4, eval_views=["original"], reward_funcs=["calibration", "format"],
                     scale_rewards="batch")
     tg.train(cfg, CPU)
-    progress = capsys.readouterr().err  # the long phases show progress (tqdm)
+    out, progress = capsys.readouterr()  # the long phases show progress (tqdm)
+    assert "[config] scale_rewards=batch at 2 prompts a step tilts the calibration reward toward the mode" in out
     assert "cloning: 100%" in progress and "30/30" in progress
     assert "eval original, exact: 100%" in progress and "4/4" in progress
     before = json.loads((tmp_path / "evals" / "step_000000.json").read_text())
