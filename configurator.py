@@ -1,13 +1,17 @@
 """Overrides of a config dataclass's defaults, later sources winning: `--config=FILE` (YAML or JSON;
-also `--config FILE`), the GAIL_*/GRAIL_* environment variables named after its fields, then
-`--key=value` (or `--key value`) arguments; a list is `a,b` or `[a,b]`. Unknown keys and malformed
+also `--config FILE`), the GAIL_*/GRAIL_* environment variables named after its fields (any other
+such variable is a typo and stops the run), then `--key=value` (or `--key value`) arguments; a list is `a,b` or `[a,b]`. Unknown keys and malformed
 values stop the run with a one-line message.
 """
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 ENV_PREFIXES = ("GAIL_", "GRAIL_")
+# Variables with those prefixes that are not config keys but are read elsewhere (checkpoint.py,
+# errors.py, run.sh); any other is a typo (GRAIL_USE for GAIL_USE) and stops the run.
+OTHER_ENV = {"GRAIL_CACHE", "GRAIL_DEBUG", "GRAIL_LOCK_WAIT_SECONDS"}
 CONFIG_FILE_ALIASES = {"dataset_name": "dataset"}
 # Upstream/TRL recipe keys that mean nothing here: a recipe that sets them runs, with one warning.
 FOREIGN_KEYS = {
@@ -36,19 +40,22 @@ def parse_value(kind, text):
             inner = inner[1:-1] if inner.startswith("[") and inner.endswith("]") else inner
             return [part.strip().strip("'\"") for part in inner.split(",") if part.strip().strip("'\"")]
         return kind(text)
+    if isinstance(text, bool) and kind is not bool:  # YAML's yes/true where a number is expected
+        raise ValueError(f"a boolean, {text!r}")
     if kind is float and isinstance(text, int):
         return float(text)
     if kind is bool and isinstance(text, int):
         return bool(text)
     if not isinstance(text, kind):
         raise ValueError(f"expected {kind.__name__}, got {text!r}")
+    if kind is list and any(isinstance(item, (list, dict)) for item in text):
+        raise ValueError("a list of plain values, not nested ones")
     return text
 
 
-def apply_overrides(config_class, argv, environ, base=None):
-    """(an instance of config_class with every override applied, the ignored recipe keys). `base`
-    replaces some class defaults (below every override)."""
-    base = base or {}
+def apply_overrides(config_class, argv, environ, pinned=None):
+    """(an instance of config_class with every override applied, the ignored recipe keys). `pinned`
+    values outrank the config file and the environment; only the command line overrides them."""
     kinds = {f.name: f.type for f in dataclasses.fields(config_class)}
     values, ignored = {}, []
     args = joined_arguments(argv)
@@ -59,6 +66,12 @@ def apply_overrides(config_class, argv, environ, base=None):
         env_name = name.upper()
         if env_name.startswith(ENV_PREFIXES) and env_name in environ:
             values[name] = environ[env_name]
+    values.update({key: value for key, value in (pinned or {}).items() if key in kinds})
+    unknown = sorted(n for n in environ if n.startswith(ENV_PREFIXES) and n not in OTHER_ENV
+                     and n.lower() not in kinds)
+    if unknown:
+        known = sorted(n.upper() for n in kinds if n.upper().startswith(ENV_PREFIXES)) + sorted(OTHER_ENV)
+        raise SystemExit(f"[config] unknown environment variable {', '.join(unknown)}; known: {', '.join(known)}")
     for arg in args:
         if arg.startswith("--config="):
             continue
@@ -75,7 +88,9 @@ def apply_overrides(config_class, argv, environ, base=None):
             parsed[key] = parse_value(kinds[key], value)
         except (TypeError, ValueError) as err:
             raise SystemExit(f"[config] {key}={value!r}: expected {kinds[key].__name__} ({err})") from None
-    return config_class(**{**base, **parsed}), ignored
+        if kinds[key] is float and not math.isfinite(parsed[key]):  # NaN passes every range comparison
+            raise SystemExit(f"[config] {key}={value!r}: must be a finite number")
+    return config_class(**parsed), ignored
 
 
 def joined_arguments(argv):

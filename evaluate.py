@@ -340,7 +340,8 @@ def untrained_scores(metrics):
     def models(groups):
         return {name: group["model"] for name, group in groups.items()}
 
-    return {"step": metrics.get("step"), "model": choice["model"], "by_group": models(choice["by_group"]),
+    return {"step": metrics.get("step"), "rows": [metrics.get("split"), metrics.get("n_total")],
+            "model": choice["model"], "by_group": models(choice["by_group"]),
             "opinion": opinion and {"model": opinion["model"], "by_group": models(opinion["by_group"]),
                                     "by_issue": models(opinion["by_issue"])}}
 

@@ -120,7 +120,7 @@ class Config:
     eval_only: str = ""           # a checkpoint folder or hub id: evaluate it and exit
     eval_cache: bool = True       # reuse exact distributions of unchanged model files (GRAIL_CACHE/evals)
     log_completions_steps: int = 10  # write sample completions every N steps
-    save_steps: int = 50          # checkpoint every N steps and at the end
+    save_steps: int = 50          # checkpoint every N steps and at the end (0 = at the end only)
     save_total_limit: int = 3     # checkpoints kept in output_dir
     resume: bool = True           # continue from the newest complete checkpoint in output_dir
     lock_wait_seconds: int = 0    # one process per output_dir: wait this long for its holder to exit (run.sh requeues)
@@ -153,9 +153,9 @@ def parse_config(argv, environ):
     """The effective Config and the ignored recipe keys. `--eval_only` scores a checkpoint with the
     prompt it was trained with, into a folder of its own, unless told otherwise."""
     cfg, ignored = configurator.apply_overrides(Config, argv, environ)
-    if cfg.eval_only:
-        base = {**checkpoint.eval_settings(cfg.eval_only), "output_dir": outputs.eval_folder(cfg.eval_only)}
-        cfg, ignored = configurator.apply_overrides(Config, argv, environ, base)
+    if cfg.eval_only:  # its prompt and split outrank a recipe file and an exported GRAIL_MAX_HISTORY
+        pinned = {**checkpoint.eval_settings(cfg.eval_only), "output_dir": outputs.eval_folder(cfg.eval_only)}
+        cfg, ignored = configurator.apply_overrides(Config, argv, environ, pinned)
     try:
         cfg.reward_funcs = rewards.canonical_reward_names(cfg.reward_funcs)
         cfg.reward_weights = [float(w) for w in cfg.reward_weights]
@@ -200,12 +200,22 @@ def check_config(cfg, world_size=1):
     if cfg.prompts_per_step % world_size:
         raise SystemExit(f"[config] prompts_per_step={cfg.prompts_per_step} must divide by the {world_size} ranks")
     unknown_views = set(cfg.eval_views) - set(evaluate.VIEWS)
-    if unknown_views or not cfg.eval_views:
-        raise SystemExit(f"[config] eval_views={cfg.eval_views}: choose from {evaluate.VIEWS}")
+    if unknown_views or "original" not in cfg.eval_views:
+        raise SystemExit(f"[config] eval_views={cfg.eval_views}: choose from {evaluate.VIEWS}, original among them "
+                         "(eval.json's headline scores are its)")
+    if not cfg.output_dir:
+        raise SystemExit("[config] output_dir is empty: name the run's folder")
+    if not (cfg.adam_beta1 < 1 and cfg.adam_beta2 < 1):
+        raise SystemExit(f"[config] adam_beta1={cfg.adam_beta1}, adam_beta2={cfg.adam_beta2}: each must be < 1")
+    if not cfg.reward_funcs and not cfg.gail_use and not cfg.eval_only:
+        raise SystemExit("[config] reward_funcs is empty and GAIL is off: every reward would be 0")
+    if cfg.beta and cfg.bc_steps and not cfg.eval_only:
+        raise SystemExit("[config] beta > 0 with bc_steps: the KL's reference would be the model before cloning; "
+                         "clone in a run of its own and start GRPO from its checkpoint (run.sh ablation does)")
     if len(cfg.reward_funcs) != len(cfg.reward_weights):
         raise SystemExit(f"[config] reward_funcs {cfg.reward_funcs} and reward_weights {cfg.reward_weights} "
                          "must have the same length")
-    if cfg.bc_steps > 0 and cfg.prompt_mode != "answer":
+    if cfg.bc_steps > 0 and cfg.prompt_mode != "answer" and not cfg.eval_only:
         raise SystemExit("[config] bc_steps needs prompt_mode=answer: the human answer is the whole completion there")
     if "calibration" in cfg.reward_funcs and not cfg.eval_only:
         if cfg.num_generations < 3:
@@ -267,8 +277,12 @@ def train(cfg, world, ignored_keys=()):
                                                  lambda: distributed.stop_requested(world, cfg.grail_stop_file), cache)
         metrics.update(step=step, seconds=round(time.time() - t0, 1), model=cfg.eval_only or cfg.model_name_or_path,
                        dataset=cfg.dataset or "bundled data/", split=cfg.eval_split)
+        rows = [cfg.eval_split, metrics["n_total"]]  # eval_split and eval_max_rows may change on resume
         if step == 0 and not cfg.eval_only:
             untrained = evaluate.untrained_scores(metrics)
+        elif untrained and untrained.get("rows", rows) != rows:
+            world.print(f"[eval] the untrained model was scored on other rows ({untrained['rows']}, now {rows}): "
+                        "its scores are not set beside these")
         elif untrained:
             metrics["untrained"] = untrained
         if world.is_main:
@@ -312,6 +326,9 @@ def train(cfg, world, ignored_keys=()):
     optimizer, scheduler = grpo.make_optimizer(model, cfg)
     start_step = checkpoint.restore(resume_from, model, optimizer, scheduler, disc_trainer, world) \
         if resume_from else 0
+    if start_step > cfg.max_steps:
+        raise SystemExit(f"[config] max_steps={cfg.max_steps} is behind {resume_from}: raise max_steps, or train "
+                         "into another output_dir")
 
     environment = checkpoint.environment(world)  # every rank: it all-gathers the device names
     if world.is_main:
@@ -362,7 +379,7 @@ def train(cfg, world, ignored_keys=()):
                                  acc=f"{metrics['reward/accuracy/mean']:.3f}",
                                  zero_std=f"{metrics['frac_reward_zero_std']:.2f}", s=f"{seconds:.1f}")
         done = step + 1 == cfg.max_steps
-        saved = cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or done)
+        saved = done or (cfg.save_steps and (step + 1) % cfg.save_steps == 0)
         if saved:
             checkpoint.save(model, tokenizer, optimizer, scheduler, disc_trainer, step + 1, cfg, world)
         stop = not done and distributed.stop_requested(world, cfg.grail_stop_file)  # the same answer on every rank

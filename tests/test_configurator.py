@@ -60,6 +60,16 @@ def test_json_config_lists_and_bools(tmp_path):
     ([], {"GRAIL_MAX_HISTORY": "-3"}, "grail_max_history=-3: must be >= 0"),
     (["--prompts_per_step=3"], {"WORLD_SIZE": "2"}, "prompts_per_step=3 must divide by the 2 ranks"),
     (["--report_to=mlflow"], {}, "report_to=['mlflow']: choose from"),
+    # typos and values that would run silently wrong
+    ([], {"GRAIL_USE": "1"}, "unknown environment variable GRAIL_USE; known: GAIL_ALPHA"),
+    ([], {"GAIL_WIEGHT": "0.3"}, "unknown environment variable GAIL_WIEGHT"),
+    (["--top_p=nan"], {}, "top_p='nan': must be a finite number"),
+    ([], {"GAIL_ALPHA": "inf"}, "gail_alpha='inf': must be a finite number"),
+    (["--adam_beta2=1"], {}, "adam_beta2=1.0: each must be < 1"),
+    (["--output_dir="], {}, "output_dir is empty"),
+    (["--reward_funcs=", "--reward_weights="], {}, "GAIL is off: every reward would be 0"),
+    (["--beta=0.04", "--bc_steps=5", "--prompt_mode=answer"], {}, "the KL's reference would be the model before cloning"),
+    (["--eval_views=shuffled"], {}, "original among them"),
 ])
 def test_bad_config_stops_with_a_clear_message(argv, env, message):
     with pytest.raises(SystemExit) as exit_:
@@ -85,3 +95,31 @@ def test_shipped_recipes_parse():
     for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
         cfg, ignored = tg.parse_config([f"--config={recipe}"], {})
         assert ignored == [], recipe
+
+
+@pytest.mark.parametrize("line, message", [
+    ("max_steps: true", "max_steps=True: expected int (a boolean, True)"),
+    ("learning_rate: yes", "learning_rate=True: expected float (a boolean, True)"),
+    ("reward_funcs: [accuracy, [format]]", "a list of plain values, not nested ones"),
+])
+def test_yaml_values_of_the_wrong_kind_stop_with_a_clear_message(tmp_path, line, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(line + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        tg.parse_config([f"--config={path}"], {})
+    assert str(exit_.value.code).startswith("[config] ") and message in str(exit_.value.code)
+
+
+def test_eval_only_takes_the_checkpoints_prompt_over_a_recipe_and_the_environment(tmp_path):
+    """`./run.sh --eval_only=CKPT` on a CPU adds the CPU recipe: the checkpoint's prompt and its own
+    output folder outrank that file and an exported GRAIL_MAX_HISTORY; the command line outranks all."""
+    ckpt = tmp_path / "run" / "checkpoint-000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"config": {
+        "prompt_mode": "think", "grail_max_history": 12, "max_completion_length": 128, "seed": 7}}))
+    argv = ["--config=recipes/cpu_default.yaml", f"--eval_only={ckpt}"]
+    cfg, _ = tg.parse_config(argv, {"GRAIL_MAX_HISTORY": "4"})
+    assert (cfg.prompt_mode, cfg.grail_max_history, cfg.max_completion_length, cfg.split_seed) == ("think", 12, 128, 7)
+    assert cfg.output_dir.endswith("eval-run-checkpoint-000004") and cfg.cpu_bf16  # the recipe's speed settings
+    cfg, _ = tg.parse_config(argv + ["--grail_max_history=3", "--output_dir=out/x"], {"GRAIL_MAX_HISTORY": "4"})
+    assert (cfg.grail_max_history, cfg.output_dir) == (3, "out/x")

@@ -411,3 +411,20 @@ def test_opinion_cloning_is_smoothed_toward_the_chosen_baseline(tiny_model_dir, 
     for row, got in seen:
         assert got == pytest.approx(expected(row))
     assert any(got != pytest.approx(other(row)) for row, got in seen)  # the two baselines differ on these rows
+
+
+def test_resume_settings_that_would_mislabel_a_run(tiny_model_dir, tmp_path, capsys):
+    """save_steps=0 still checkpoints at the end; a resume that scores other rows does not set the
+    untrained model's step-0 scores beside them; max_steps below the newest checkpoint stops."""
+    tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=1, save_steps=0, eval_max_rows=6), CPU)
+    assert (tmp_path / "checkpoint-000001" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "eval.json").read_text())["untrained"]["rows"] == ["validation", 6]
+    tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=2, save_steps=0, eval_max_rows=4), CPU)
+    after = json.loads((tmp_path / "eval.json").read_text())
+    assert after["step"] == 2 and after["n_total"] == 4 and "untrained" not in after
+    assert "[eval] the untrained model was scored on other rows (['validation', 6], now ['validation', 4])" \
+        in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=1, save_steps=0, eval_max_rows=4), CPU)
+    assert str(exit_.value.code).startswith("[config] max_steps=1 is behind ") and "checkpoint-000002" in \
+        str(exit_.value.code)
