@@ -214,8 +214,8 @@ class RunFolder:
         an evaluation never write over a run that is already there."""
         if not self.config.exists() and not self.holds_training():
             return []
-        old = read_json(self.config).get("config", {}) if self.config.exists() else {}
         fresh = "choose a new --output_dir, or move this one away"
+        old = self.run_config(fresh) if self.config.exists() else {}
         if config.get("eval_only"):
             if self.holds_training() or not old.get("eval_only"):
                 raise UserError("output", f"{self.path} holds a training run; an evaluation writes to its own "
@@ -231,6 +231,18 @@ class RunFolder:
                                       f"run with its settings to continue it, {fresh}, or edit {self.config} "
                                       "to accept the change")
         return [f"{key}: {a!r} -> {b!r}" for key, (a, b) in sorted(changed.items())]
+
+    def run_config(self, fresh):
+        """The Config of the run in this folder. A config.json of another kind (a model's
+        `save_pretrained` folder) is refused: resuming would overwrite it with this run's."""
+        try:
+            written = read_json(self.config)
+        except (OSError, ValueError):
+            written = None
+        if not isinstance(written, dict) or not isinstance(written.get("config"), dict):
+            raise UserError("output", f"{self.path} holds a config.json that is not a grail run's (a model "
+                                      f"folder?), and a run would overwrite it: {fresh}")
+        return written["config"]
 
     # --- writing (rank 0) ---
 

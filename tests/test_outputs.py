@@ -4,6 +4,7 @@ would trust, and a resume that continues bitwise like an uninterrupted run."""
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -218,3 +219,18 @@ def test_the_refusal_names_a_holder_that_writes_itself_in_a_moment_late(tmp_path
         late.start()  # the holder took the lock and writes its name 0.2 s later (a slow machine)
         assert lock_holder(reader) == "pid 7 on node"
         late.join()
+
+
+# --- folders that are not (whole) runs ---
+
+
+def test_a_model_folder_is_refused_as_output_dir_and_its_config_kept(tiny_model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    before = (folder / "config.json").read_bytes()
+    with pytest.raises(UserError) as refused:
+        tg.train(small_cfg(tiny_model_dir, folder, max_steps=1, save_steps=1, eval_on_start=False), CPU)
+    assert str(refused.value).startswith(f"[output] {folder} holds a config.json that is not a grail run's ")
+    assert "\n" not in str(refused.value) and (folder / "config.json").read_bytes() == before
+    assert not (folder / "metrics.jsonl").exists() and not list(folder.glob("checkpoint-*"))
+
