@@ -319,7 +319,11 @@ def eval_settings(path):
     state = Path(path).expanduser() / "trainer_state.json"
     if not state.exists():
         return {}
-    config = json.loads(state.read_text()).get("config", {})
+    try:
+        config = json.loads(state.read_text()).get("config", {})
+    except (OSError, ValueError) as err:  # written last and whole (a rename): the folder was damaged later
+        raise UserError("checkpoint", f"{state} is unreadable ({first_line(err)}): score another checkpoint, "
+                                      "or move the file away to score the weights with the default prompt") from None
     config.setdefault("split_seed", config.get("seed"))  # written before split_seed existed: the seed drew it
     keys = ("prompt_mode", "system_prompt", "grail_max_history", "max_completion_length", "split_seed", "val_fraction")
     return {key: config[key] for key in keys if config.get(key) is not None}
