@@ -130,13 +130,28 @@ def load_model(path, device, trainable, checkpointing=False, fp32_head=True):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     except (OSError, ValueError, KeyError) as err:  # missing hub id offline, unknown architecture, bad files
         raise UserError("model", f"cannot load {path}: {first_line(err)}") from err
-    if not trainable:
+    if trainable:
+        disable_dropout(model)
+    else:
         model.eval().requires_grad_(False)
     if checkpointing:  # keep only each decoder layer's input for backward, recompute the rest
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if fp32_head:
         cast_lm_head_to_fp32(model)
     return model
+
+
+def disable_dropout(model):
+    """No dropout in the trained policy (TRL's `disable_dropout`). Sampling and the old and reference
+    log-probs run in eval mode, the update in train mode: with dropout the update's ratio is not 1 at
+    the sampled policy and its gradient is not the sampling distribution's. HF attention modules keep
+    `attention_dropout` as a float they pass to sdpa in train mode, outside any nn.Dropout. The model's
+    config is left alone, so a checkpoint saves the dropout it was given."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def cast_lm_head_to_fp32(model):
@@ -319,7 +334,11 @@ def eval_settings(path):
     state = Path(path).expanduser() / "trainer_state.json"
     if not state.exists():
         return {}
-    config = json.loads(state.read_text()).get("config", {})
+    try:
+        config = json.loads(state.read_text()).get("config", {})
+    except (OSError, ValueError) as err:  # written last and whole (a rename): the folder was damaged later
+        raise UserError("checkpoint", f"{state} is unreadable ({first_line(err)}): score another checkpoint, "
+                                      "or move the file away to score the weights with the default prompt") from None
     config.setdefault("split_seed", config.get("seed"))  # written before split_seed existed: the seed drew it
     keys = ("prompt_mode", "system_prompt", "grail_max_history", "max_completion_length", "split_seed", "val_fraction")
     return {key: config[key] for key in keys if config.get(key) is not None}

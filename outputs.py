@@ -75,10 +75,30 @@ def read_json(path):
 
 
 def read_jsonl(path):
+    return parse_jsonl(path)[0]
+
+
+def parse_jsonl(path):
+    """The objects of a JSONL file and whether its last line was torn. A node that dies mid-append (or
+    an NFS client that loses its tail) leaves a partial last line: it is dropped, said so, and a
+    resume rewrites the file without it. A bad line anywhere else is damage, not a crash: one line."""
     path = Path(path)
     if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [], False
+    # Bytes: a cut can split a UTF-8 character, and str.splitlines would also split at U+2028 or U+0085,
+    # which json.dumps(ensure_ascii=False) leaves raw inside strings.
+    lines = [(n, line) for n, line in enumerate(path.read_bytes().splitlines(), 1) if line.strip()]
+    rows = []
+    for n, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # not JSON, or not UTF-8
+            if n != lines[-1][0]:
+                raise UserError("output", f"{path} line {n} is not JSON (a damaged file): fix or remove that "
+                                          "line") from None
+            print(f"[output] {path}: dropped its torn last line {n} (a write cut short)", flush=True)
+            return rows, True
+    return rows, False
 
 
 def append_jsonl(path, objects):
@@ -214,8 +234,8 @@ class RunFolder:
         an evaluation never write over a run that is already there."""
         if not self.config.exists() and not self.holds_training():
             return []
-        old = read_json(self.config).get("config", {}) if self.config.exists() else {}
         fresh = "choose a new --output_dir, or move this one away"
+        old = self.run_config(fresh) if self.config.exists() else {}
         if config.get("eval_only"):
             if self.holds_training() or not old.get("eval_only"):
                 raise UserError("output", f"{self.path} holds a training run; an evaluation writes to its own "
@@ -232,6 +252,18 @@ class RunFolder:
                                       "to accept the change")
         return [f"{key}: {a!r} -> {b!r}" for key, (a, b) in sorted(changed.items())]
 
+    def run_config(self, fresh):
+        """The Config of the run in this folder. A config.json of another kind (a model's
+        `save_pretrained` folder) is refused: resuming would overwrite it with this run's."""
+        try:
+            written = read_json(self.config)
+        except (OSError, ValueError):
+            written = None
+        if not isinstance(written, dict) or not isinstance(written.get("config"), dict):
+            raise UserError("output", f"{self.path} holds a config.json that is not a grail run's (a model "
+                                      f"folder?), and a run would overwrite it: {fresh}")
+        return written["config"]
+
     # --- writing (rank 0) ---
 
     def write_config(self, config, environment, resumed_from):
@@ -242,8 +274,8 @@ class RunFolder:
     def forget_steps_after(self, step):
         """Drop the logged steps after `step` (a resumed run redoes them), so no step appears twice."""
         for path in (self.metrics, self.completions):
-            rows = read_jsonl(path)
-            if any(row.get("step", 0) > step for row in rows):
+            rows, torn = parse_jsonl(path)
+            if torn or any(row.get("step", 0) > step for row in rows):  # torn: the next append would join it
                 write_text(path, jsonl_text(row for row in rows if row.get("step", 0) <= step))
 
     def write_cloning(self, steps):

@@ -2,17 +2,20 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import checkpoint
 import distributed
 import grpo
 import train_grail as tg
+from errors import UserError
 from outputs import RunFolder
 from test_distributed import ROOT, run
 
@@ -89,3 +92,11 @@ def test_no_remote_code_and_safe_loads_everywhere():
         for line in text.splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{name}: {line.strip()}"
+
+
+def test_a_corrupt_trainer_state_given_to_eval_only_is_named(tiny_model_dir, tmp_path):
+    shutil.copytree(tiny_model_dir, tmp_path / "checkpoint-000002")
+    state = tmp_path / "checkpoint-000002" / "trainer_state.json"
+    state.write_text('{"step": 2, "config": {"prompt_mode": "ans')
+    with pytest.raises(UserError, match=rf"^\[checkpoint\] {state} is unreadable \("):
+        tg.parse_config([f"--eval_only={state.parent}"], {})

@@ -4,6 +4,7 @@ would trust, and a resume that continues bitwise like an uninterrupted run."""
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -218,3 +219,42 @@ def test_the_refusal_names_a_holder_that_writes_itself_in_a_moment_late(tmp_path
         late.start()  # the holder took the lock and writes its name 0.2 s later (a slow machine)
         assert lock_holder(reader) == "pid 7 on node"
         late.join()
+
+
+# --- folders that are not (whole) runs ---
+
+
+def test_a_model_folder_is_refused_as_output_dir_and_its_config_kept(tiny_model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    before = (folder / "config.json").read_bytes()
+    with pytest.raises(UserError) as refused:
+        tg.train(small_cfg(tiny_model_dir, folder, max_steps=1, save_steps=1, eval_on_start=False), CPU)
+    assert str(refused.value).startswith(f"[output] {folder} holds a config.json that is not a grail run's ")
+    assert "\n" not in str(refused.value) and (folder / "config.json").read_bytes() == before
+    assert not (folder / "metrics.jsonl").exists() and not list(folder.glob("checkpoint-*"))
+
+
+def test_a_torn_last_line_is_dropped_and_rewritten_and_a_bad_middle_line_is_named(tmp_path, capsys):
+    run = RunFolder(tmp_path)
+    outputs.append_jsonl(run.metrics, [{"step": 1, "x": "caf\u00e9 \u2028 \x85"}, {"step": 2}])
+    whole = run.metrics.read_bytes()
+    with open(run.metrics, "ab") as f:
+        f.write('{"step": 3, "x": "caf\u00e9'.encode()[:-1])  # cut inside a UTF-8 character
+    assert outputs.read_jsonl(run.metrics) == [{"step": 1, "x": "caf\u00e9 \u2028 \x85"}, {"step": 2}]
+    assert capsys.readouterr().out == f"[output] {run.metrics}: dropped its torn last line 3 (a write cut short)\n"
+    run.forget_steps_after(2)  # a resume: the next append must not join the torn line
+    assert run.metrics.read_bytes() == whole
+    run.metrics.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
+    with pytest.raises(UserError, match=rf"^\[output\] {run.metrics} line 2 is not JSON "):
+        outputs.read_jsonl(run.metrics)
+
+
+def test_a_restart_after_a_torn_metrics_line_resumes(tiny_model_dir, tmp_path):
+    cfg = dict(eval_on_start=False, eval_on_end=False, save_steps=1)
+    tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=1, **cfg), CPU)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "loss": 0.')  # the node died mid-append of step 2
+    tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=2, **cfg), CPU)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]

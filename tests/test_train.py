@@ -428,3 +428,26 @@ def test_resume_settings_that_would_mislabel_a_run(tiny_model_dir, tmp_path, cap
         tg.train(small_cfg(tiny_model_dir, tmp_path, max_steps=1, save_steps=0, eval_max_rows=4), CPU)
     assert str(exit_.value.code).startswith("[config] max_steps=1 is behind ") and "checkpoint-000002" in \
         str(exit_.value.code)
+
+
+@pytest.mark.parametrize("kind", ["llama attention_dropout", "gpt2 nn.Dropout"])
+def test_the_trained_policy_has_no_dropout(tiny_model_dir, tmp_path, kind):
+    """Sampling and the old log-probs run in eval mode, the update in train mode: the two must agree,
+    or the ratio is not 1 at the sampled policy."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+
+    import checkpoint
+
+    if kind.startswith("llama"):
+        model = LlamaForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.5)
+    else:
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                           resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5))
+    model.save_pretrained(tmp_path)
+    model = checkpoint.load_model(str(tmp_path), CPU.device, trainable=True)
+    ids = torch.randint(3, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained = model.train()(ids).logits
+        sampled = model.eval()(ids).logits
+    assert torch.equal(trained, sampled)
