@@ -14,6 +14,7 @@ the click (how the rows were built), a cue no viewer chooses by.
 One discriminator across ranks: rank 0's initial weights are broadcast and every update all-reduces
 the gradients (mean), so every rank holds identical weights after every step.
 """
+import math
 import random
 import statistics
 from contextlib import nullcontext
@@ -161,17 +162,26 @@ def reward_values(logits, form, alpha, clip):
     return (alpha * REWARD_FORMS[form](logits)).clamp(-clip, clip)
 
 
+def reward_floor(form, alpha, clip):
+    """The least reward a valid choice can get, an unparseable answer's: each f is monotone in the
+    logit, so it is at D -> 0 or D -> 1 (0 for prob and neglog, -clip for logit). More would pay
+    answering nothing over a choice D scores low: the logit form's 0 beats every D < 1/2."""
+    ends = reward_values(torch.tensor([-math.inf, math.inf]), form, alpha, clip)
+    return ends.nan_to_num(0.0).min().item()  # alpha = 0: 0 x inf is every reward's 0
+
+
 def choice_rewards(disc, rows, choices, num_generations, form, alpha, clip):
     """Reward of each completion: rows are the B prompts as shown, choices the B x G parsed options
-    (1..n_options, or None when unparseable: reward 0, and no D). Returns (rewards, D of each valid
-    choice, the probability table D [B, N_max] with 0 at padding options)."""
+    (1..n_options, or None when unparseable: `reward_floor`, and no D). Returns (rewards, D of each
+    valid choice, the probability table D [B, N_max] with 0 at padding options)."""
     with torch.no_grad():
         table = disc(rows)  # [B, N_max], one state pass for the G samples of a prompt
     prompt = torch.arange(len(choices), device=table.device) // num_generations
     valid = torch.tensor([c is not None for c in choices], device=table.device)
     option = torch.tensor([0 if c is None else c - 1 for c in choices], device=table.device)
     logits = table[prompt, option]
-    rewards = torch.where(valid, reward_values(logits, form, alpha, clip), torch.zeros_like(logits))
+    rewards = torch.where(valid, reward_values(logits, form, alpha, clip),
+                          torch.full_like(logits, reward_floor(form, alpha, clip)))
     return rewards.tolist(), torch.sigmoid(logits[valid]).tolist(), torch.sigmoid(table)
 
 

@@ -99,6 +99,18 @@ def test_unparseable_and_out_of_slate_choices_get_no_disc_reward(tiny, rows):
     assert d_table[0, :2].tolist() == pytest.approx([out[0], out[3]])
 
 
+@pytest.mark.parametrize("form", sorted(disc.REWARD_FORMS))
+@pytest.mark.parametrize("alpha", [1.0, 2.0])
+def test_an_unparseable_answer_never_out_earns_a_parseable_one(form, alpha):
+    """Whatever D thinks of the valid choices (logits from far below to far above 0), an
+    unparseable answer earns no more than the worst of them: with the logit form a 0 would beat
+    every choice D scores below 1/2, the policy's usual case while D is ahead."""
+    logits = torch.tensor([[-30.0, -0.85, 0.0, 2.0, 30.0]])
+    out, _, _ = disc.choice_rewards(lambda rows: logits, [{}], [1, 2, 3, 4, 5, None], 6, form, alpha, 5.0)
+    assert out[5] <= min(out[:5])
+    assert out[5] == pytest.approx(-5.0 if form == "logit" else 0.0)
+
+
 def test_diagnostics_by_position_and_on_heldout_humans():
     """The per-position counts (humans' clicks, the policy's choices, D of every shown option) and
     the held-out accuracy, summed over ranks, on hand-made numbers."""
