@@ -227,9 +227,9 @@ class DiscriminatorTrainer:
     of the policy's recent choices; and the policy's reward from the current discriminator."""
 
     def __init__(self, model, rows, cfg, rank, heldout_rows=()):
-        """model: a Discriminator; rows: the training rows (human pairs index them); cfg: the gail_*
-        settings and the seed; heldout_rows: validation participants' rows, never trained on, whose
-        clicks measure D on humans it has not seen (a seeded sample of HELDOUT_PAIRS)."""
+        """model: a Discriminator; rows: the training rows (human pairs index them); cfg: the gail_*,
+        shuffle_slates and seed settings; heldout_rows: validation participants' rows, never trained
+        on, whose clicks measure D on humans it has not seen (a seeded sample of HELDOUT_PAIRS)."""
         self.model, self.rows = model, rows
         heldout = list(heldout_rows) if rank == 0 else []  # the same numbers on every rank: rank 0 scores them
         self.heldout = random.Random(f"{cfg.seed}:disc-heldout").sample(heldout, min(HELDOUT_PAIRS, len(heldout)))
@@ -237,7 +237,7 @@ class DiscriminatorTrainer:
         self.buffer, self.buffer_size = [], cfg.gail_buffer_size
         self.human_fraction, self.batch_size = cfg.gail_human_fraction, cfg.gail_disc_batch
         self.label_smoothing, self.gradient_penalty = cfg.gail_label_smoothing, cfg.gail_gradient_penalty
-        self.negatives = cfg.gail_negatives
+        self.negatives, self.shuffle_slates = cfg.gail_negatives, cfg.shuffle_slates
         self.reward_form, self.alpha, self.clip = cfg.gail_reward, cfg.gail_alpha, cfg.gail_reward_clip
         self.rng = random.Random(f"{cfg.seed}:disc:{rank}")
 
@@ -280,10 +280,20 @@ class DiscriminatorTrainer:
 
     def sample(self):
         n_human = round(self.batch_size * self.human_fraction) if self.buffer else self.batch_size
-        humans = [Pair(i, self.rows[i]["gold_index"]) for i in
-                  (self.rng.randrange(len(self.rows)) for _ in range(n_human))]
+        humans = [self.human_pair(self.rng.randrange(len(self.rows))) for _ in range(n_human)]
         policy = [self.rng.choice(self.buffer) for _ in range(self.batch_size - n_human)] if self.buffer else []
         return humans, policy
+
+    def human_pair(self, i):
+        """Row i's click, shown as the policy is shown its slates: with shuffle_slates under a random
+        permutation (this trainer's seeded RNG), else D could tell people from the policy by the slot
+        alone, humans clicking the original order's positions and the policy shuffled ones."""
+        gold = self.rows[i]["gold_index"]
+        if not self.shuffle_slates:
+            return Pair(i, gold)
+        order = list(range(len(self.rows[i]["slate_items_json"])))
+        self.rng.shuffle(order)
+        return Pair(i, order.index(gold - 1) + 1, None if order == sorted(order) else order)
 
     def step(self):
         """One update on a mixed batch; returns its statistics."""

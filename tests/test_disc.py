@@ -72,6 +72,34 @@ def test_policy_pairs_remember_the_slate_as_shown(tiny, rows):
     assert trainer.buffer[1].shown(trainer.rows)["slate_items_json"] == shown["slate_items_json"]
 
 
+def test_with_shuffled_slates_the_humans_clicks_are_shown_shuffled_too():
+    """With shuffle_slates the policy's pairs sit in shuffled slots; the humans' must too, or D
+    separates them by the slot alone. Every human here clicks the first original option: shown
+    shuffled, each slot holds about a quarter of their clicks, each the clicked item."""
+    rows = planted_rows(50, random.Random(0))
+    rows = [{**row, "gold_index": 1} for row in rows]
+
+    def humans(shuffle):
+        cfg = tg.Config(gail_disc_batch=400, shuffle_slates=shuffle, seed=0)
+        return disc.DiscriminatorTrainer(TabularStub(), rows, cfg, rank=0).sample()[0]
+
+    pairs = humans(True)
+    for p in pairs:
+        assert p.shown(rows)["slate_items_json"][p.option - 1] == rows[p.row]["slate_items_json"][0]
+    shares = [sum(p.option == k for p in pairs) / len(pairs) for k in range(1, 5)]
+    assert all(0.17 < share < 0.33 for share in shares), shares
+    assert pairs == humans(True)  # seeded: a rerun (and a resumed one, through the checkpointed RNG) agrees
+    assert all(p.option == 1 and p.order is None for p in humans(False))
+
+
+class TabularStub(torch.nn.Module):
+    """A discriminator with one parameter, for tests of the trainer's sampling alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+
 def test_reward_forms_by_hand():
     logits = torch.tensor([0.0, 2.0, -1.0])
     d = torch.sigmoid(logits)
