@@ -5,6 +5,7 @@
 Every process builds the same global batch from a seed and trains on its rank's share; each rank
 saves its final weights to OUT_PREFIX.rank{r}.pt (under FSDP2 rank 0 saves the gathered weights).
 """
+import math
 import sys
 
 import torch
@@ -16,6 +17,7 @@ import grpo
 import train_grail as tg
 
 N_PROMPTS, G, PROMPT_LEN, COMPLETION_LEN = 4, 3, 9, 6
+LEARNING_RATE = 1e-3  # plain SGD: the weights move by about 1e-2, far above the 1e-5 the test allows
 
 
 def global_batch(step, vocab):
@@ -44,14 +46,16 @@ def rank_rows(batch, world):
 
 def train(model_dir, loss_type, accumulation, shared_prefix, fsdp, world):
     """The final weights: each rank's own replica under DDP (to check that they agree), the gathered
-    unsharded weights under FSDP2 (on rank 0)."""
+    unsharded weights under FSDP2 (on rank 0). Plain SGD without clipping: AdamW and the gradient-norm
+    clip are blind to a uniform gradient scale (a lost or extra x world size), an SGD step is not."""
     cfg = tg.Config(loss_type=loss_type, num_generations=G, max_completion_length=COMPLETION_LEN, beta=0.04,
-                    num_iterations=2, learning_rate=1e-3, max_steps=2, warmup_ratio=0.0,
+                    num_iterations=2, max_steps=2, max_grad_norm=math.inf,
                     gradient_accumulation_steps=accumulation, epsilon_high=0.28, shared_prefix=shared_prefix,
                     fsdp=fsdp)
     model = checkpoint.load_model(model_dir, world.device, trainable=True)
     policy = distributed.wrap(grpo.Policy(model, cfg.shared_prefix), model, cfg.fsdp, world)
-    optimizer, scheduler = grpo.make_optimizer(model, cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     for step in range(cfg.max_steps):
         grpo.update(policy, optimizer, scheduler, rank_rows(global_batch(step, model.config.vocab_size), world),
                     cfg, world)

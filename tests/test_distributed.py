@@ -1,4 +1,5 @@
-"""Two gloo processes on the CPU must train exactly like one process on the same global batch."""
+"""Two gloo processes on the CPU must train exactly like one process on the same global batch: with
+plain SGD (ddp_worker.py), so that a gradient scaled wrong by the world size shows in the weights."""
 import os
 import subprocess
 import sys
