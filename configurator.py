@@ -1,7 +1,7 @@
 """Overrides of a config dataclass's defaults, later sources winning: `--config=FILE` (YAML or JSON;
 also `--config FILE`), the GAIL_*/GRAIL_* environment variables named after its fields (any other
-such variable is a typo and stops the run), then `--key=value` (or `--key value`) arguments; a list is `a,b` or `[a,b]`. Unknown keys and malformed
-values stop the run with a one-line message.
+such variable is a typo and stops the run), then `--key=value` (or `--key value`) arguments; a list
+is `a,b` or `[a,b]`. Unknown keys and malformed values stop the run with a one-line message.
 """
 import dataclasses
 import json

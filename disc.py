@@ -215,6 +215,11 @@ class Pair:
     option: int
     order: list = None
 
+    @classmethod
+    def displayed(cls, row, option, order):
+        """Row `row`'s `option` on its slate shown in `order` (the original order is stored as None)."""
+        return cls(row, option, None if order == sorted(order) else order)
+
     def shown(self, rows):
         row = rows[self.row]
         if self.order is None:
@@ -232,7 +237,10 @@ class DiscriminatorTrainer:
         on, whose clicks measure D on humans it has not seen (a seeded sample of HELDOUT_PAIRS)."""
         self.model, self.rows = model, rows
         heldout = list(heldout_rows) if rank == 0 else []  # the same numbers on every rank: rank 0 scores them
-        self.heldout = random.Random(f"{cfg.seed}:disc-heldout").sample(heldout, min(HELDOUT_PAIRS, len(heldout)))
+        pick = random.Random(f"{cfg.seed}:disc-heldout")
+        self.heldout = pick.sample(heldout, min(HELDOUT_PAIRS, len(heldout)))
+        if cfg.shuffle_slates:  # shown as D's human pairs are, so the diagnostic measures what D learns
+            self.heldout = [data.shuffle_slate(row, pick) for row in self.heldout]
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.gail_lr)
         self.buffer, self.buffer_size = [], cfg.gail_buffer_size
         self.human_fraction, self.batch_size = cfg.gail_human_fraction, cfg.gail_disc_batch
@@ -257,7 +265,7 @@ class DiscriminatorTrainer:
                 index, shown = row_indices[i // num_generations], shown_rows[i // num_generations]
                 original = self.rows[index]["slate_items_json"]
                 order = [original.index(item) for item in shown["slate_items_json"]]
-                pairs.append(Pair(index, choice, None if order == sorted(order) else order))
+                pairs.append(Pair.displayed(index, choice, order))
         self.add_policy_pairs(pairs)
         return rewards, diagnostics
 
@@ -293,7 +301,7 @@ class DiscriminatorTrainer:
             return Pair(i, gold)
         order = list(range(len(self.rows[i]["slate_items_json"])))
         self.rng.shuffle(order)
-        return Pair(i, order.index(gold - 1) + 1, None if order == sorted(order) else order)
+        return Pair.displayed(i, order.index(gold - 1) + 1, order)
 
     def step(self):
         """One update on a mixed batch; returns its statistics."""

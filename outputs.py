@@ -79,15 +79,16 @@ def read_jsonl(path):
 
 
 def parse_jsonl(path):
-    """The objects of a JSONL file and whether its last line was torn. A node that dies mid-append (or
-    an NFS client that loses its tail) leaves a partial last line: it is dropped, said so, and a
-    resume rewrites the file without it. A bad line anywhere else is damage, not a crash: one line."""
+    """The objects of a JSONL file and whether its last line is unfinished (torn, or whole without its
+    newline). A node that dies mid-append (or an NFS client that loses its tail) leaves a partial last
+    line: it is dropped, said so, and a resume rewrites the file without it. A bad line anywhere else is damage, not a crash: one line."""
     path = Path(path)
     if not path.exists():
         return [], False
     # Bytes: a cut can split a UTF-8 character, and str.splitlines would also split at U+2028 or U+0085,
     # which json.dumps(ensure_ascii=False) leaves raw inside strings.
-    lines = [(n, line) for n, line in enumerate(path.read_bytes().splitlines(), 1) if line.strip()]
+    data = path.read_bytes()
+    lines = [(n, line) for n, line in enumerate(data.splitlines(), 1) if line.strip()]
     rows = []
     for n, line in lines:
         try:
@@ -98,7 +99,8 @@ def parse_jsonl(path):
                                           "line") from None
             print(f"[output] {path}: dropped its torn last line {n} (a write cut short)", flush=True)
             return rows, True
-    return rows, False
+    # Cut just before its newline, the last object is whole, but an append would join it: rewrite too.
+    return rows, bool(data.strip()) and not data.endswith(b"\n")
 
 
 def append_jsonl(path, objects):
@@ -257,7 +259,9 @@ class RunFolder:
         `save_pretrained` folder) is refused: resuming would overwrite it with this run's."""
         try:
             written = read_json(self.config)
-        except (OSError, ValueError):
+        except OSError as err:
+            raise UserError("output", f"cannot read {self.config}: {err.strerror or err}") from None
+        except ValueError:  # not JSON: this trainer writes its config.json whole (write_json)
             written = None
         if not isinstance(written, dict) or not isinstance(written.get("config"), dict):
             raise UserError("output", f"{self.path} holds a config.json that is not a grail run's (a model "

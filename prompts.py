@@ -3,6 +3,8 @@ structured fields) and for the discriminator (the viewer's state, options by tit
 prompt of each `prompt_mode`."""
 from dataclasses import dataclass
 
+from errors import UserError
+
 # The upstream GRAIL training prompt (recipes/Qwen2.5-1.5B-Instruct/grpo/config_grail_*.yaml):
 # think, then the option number, then the opinion direction.
 SYSTEM_PROMPT = """You are choosing EXACTLY ONE item from the list of OPTIONS for a specific VIEWER.
@@ -206,7 +208,8 @@ class PromptFormat:
 
 
 def fitting_rows(rows, tokenizer, prompt, positions, room, name, log=print):
-    """The rows whose prompt plus `room` answer tokens fit in the model's `positions` (None: no limit).
+    """The rows whose prompt plus `room` answer tokens fit in the model's `positions` (None: no limit;
+    none left of some rows is an error).
     Past its positions a rotary model still runs, on positions it never saw: its answers there are
     silently wrong, so such rows are skipped and counted on one log line."""
     if not positions:
@@ -221,4 +224,7 @@ def fitting_rows(rows, tokenizer, prompt, positions, room, name, log=print):
     if len(kept) < len(rows):
         log(f"[data] {name}: {len(rows) - len(kept)} of {len(rows)} rows skipped (prompt_too_long: more than the "
             f"model's {positions} positions with {room} answer tokens; history is capped by grail_max_history)")
+    if rows and not kept:
+        raise UserError("data", f"{name}: every prompt is longer than the model's {positions} positions "
+                                "(a smaller GRAIL_MAX_HISTORY shortens them)")
     return kept

@@ -33,6 +33,9 @@ ANSWER_FORMAT = re.compile(
 REWARD_ALIASES = {"pure_accuracy_reward": "accuracy", "accuracy_reward": "accuracy",
                   "format_reward": "format", "formating": "format"}
 REWARD_NAMES = ("accuracy", "calibration", "format")
+# Below this many prompts a step, the batch std's tilt of the calibration reward toward the mode is
+# measurable (calibration_rewards); the trainer says so.
+BATCH_STD_MIN_PROMPTS = 16
 
 
 def canonical_reward_names(names):
@@ -139,7 +142,7 @@ def calibration_rewards(choices, golds, num_generations):
     reward and its group's too, so it tilts E[A_i | a_i = k] toward the mode by about 1/B for B prompts
     a step: at p = q and G = 8, B = 2, the mode's expected advantage is 0.11 std above the rarest
     option's; at B = 8 and 32 the gap is inside Monte-Carlo noise (tests/test_bandit.py). The trainer
-    says so below 16 prompts a step.
+    says so below BATCH_STD_MIN_PROMPTS prompts a step.
     """
     G = num_generations
     out = []

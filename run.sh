@@ -91,13 +91,15 @@ if [ "${1:-}" = "ablation" ]; then
   FROM=()
   if [ "$START" = cloned ]; then
     # One warm start for every arm, trained once: the default job (the recipe's cloning and its two
-    # calibration steps) with the command line's arguments; each arm runs its GRPO from that checkpoint.
+    # calibration steps, batch-scaled as measured) with the command line's arguments; each arm runs its
+    # GRPO from that checkpoint.
     # The arms' GRPO settings on the command line (steps, learning rate) do not reach the start: it is
     # the default job whatever the arms do.
     STEPS=2
     RECIPE_LR=$("$PY" -c 'import train_grail; print(train_grail.parse_config(["--config=recipes/cpu_default.yaml"], {})[0].learning_rate)')
-    GAIL_USE=0 "$PY" train_grail.py --config=recipes/cpu_default.yaml "${EXTRA[@]}" --output_dir="out/$NAME/start" \
-      --max_steps=$STEPS --save_steps=$STEPS --learning_rate="$RECIPE_LR" --eval_on_start=false
+    GAIL_USE=0 "$PY" train_grail.py --config=recipes/cpu_default.yaml --scale_rewards=batch "${EXTRA[@]}" \
+      --output_dir="out/$NAME/start" --max_steps=$STEPS --save_steps=$STEPS --learning_rate="$RECIPE_LR" \
+      --eval_on_start=false
     FROM=(--model_name_or_path="out/$NAME/start/$(printf 'checkpoint-%06d' $STEPS)" --bc_steps=0 --eval_on_start=false)
   fi
   ACCURACY=(--reward_funcs=accuracy,format --reward_weights=1.0,0.2 --scale_rewards=group)

@@ -205,19 +205,25 @@ def check_config(cfg, world_size=1):
                          "(eval.json's headline scores are its)")
     if not cfg.output_dir:
         raise SystemExit("[config] output_dir is empty: name the run's folder")
-    if not (cfg.adam_beta1 < 1 and cfg.adam_beta2 < 1):
+    if not (cfg.adam_beta1 < 1 and cfg.adam_beta2 < 1):  # RANGES' upper bounds are inclusive
         raise SystemExit(f"[config] adam_beta1={cfg.adam_beta1}, adam_beta2={cfg.adam_beta2}: each must be < 1")
-    if not cfg.reward_funcs and not cfg.gail_use and not cfg.eval_only:
-        raise SystemExit("[config] reward_funcs is empty and GAIL is off: every reward would be 0")
-    if cfg.beta and cfg.bc_steps and not cfg.eval_only:
-        raise SystemExit("[config] beta > 0 with bc_steps: the KL's reference would be the model before cloning; "
-                         "clone in a run of its own and start GRPO from its checkpoint (run.sh ablation does)")
     if len(cfg.reward_funcs) != len(cfg.reward_weights):
         raise SystemExit(f"[config] reward_funcs {cfg.reward_funcs} and reward_weights {cfg.reward_weights} "
                          "must have the same length")
-    if cfg.bc_steps > 0 and cfg.prompt_mode != "answer" and not cfg.eval_only:
+    if not cfg.eval_only:
+        check_training(cfg)
+
+
+def check_training(cfg):
+    """What only a training run needs (--eval_only ignores a recipe's training keys)."""
+    if not cfg.reward_funcs and not cfg.gail_use:
+        raise SystemExit("[config] reward_funcs is empty and GAIL is off: every reward would be 0")
+    if cfg.beta and cfg.bc_steps:
+        raise SystemExit("[config] beta > 0 with bc_steps: the KL's reference would be the model before cloning; "
+                         "clone in a run of its own and start GRPO from its checkpoint (run.sh ablation does)")
+    if cfg.bc_steps > 0 and cfg.prompt_mode != "answer":
         raise SystemExit("[config] bc_steps needs prompt_mode=answer: the human answer is the whole completion there")
-    if "calibration" in cfg.reward_funcs and not cfg.eval_only:
+    if "calibration" in cfg.reward_funcs:
         if cfg.num_generations < 3:
             raise SystemExit("[config] the calibration reward compares each sample with the others of its group: "
                              "num_generations must be >= 3")
@@ -246,7 +252,8 @@ def train(cfg, world, ignored_keys=()):
         world.print(f"[config] ignored recipe keys with no meaning here: {', '.join(sorted(ignored_keys))}")
     if changed:
         world.print(f"[config] changed since the run began: {'; '.join(changed)}")
-    if "calibration" in cfg.reward_funcs and cfg.scale_rewards == "batch" and cfg.prompts_per_step < 16:
+    if ("calibration" in cfg.reward_funcs and cfg.scale_rewards == "batch" and not cfg.eval_only
+            and cfg.prompts_per_step < rewards.BATCH_STD_MIN_PROMPTS):
         world.print(f"[config] scale_rewards=batch at {cfg.prompts_per_step} prompts a step tilts the calibration "
                     "reward toward the mode (about 1/prompts; rewards.calibration_rewards): none is exact")
     train_rows, val_rows = data.load_examples(cfg.dataset, cfg.val_fraction, cfg.split_seed, world.print)
@@ -257,8 +264,6 @@ def train(cfg, world, ignored_keys=()):
         raise data.DataError("no training rows: the source holds only a held-out split (files named test, "
                              "validation, ... are one) or every participant is in the validation split; "
                              "name the training file train.jsonl, or score a model with --eval_only")
-    if cfg.max_steps <= 0:
-        cfg.max_steps = math.ceil(cfg.num_train_epochs * len(train_rows) / cfg.prompts_per_step)
     prompt = prompts.PromptFormat.of(cfg)
     # The untrained model's scores stand beside every later evaluation (kept from step 0's).
     resumed_eval = run.eval_at(0).exists() and not cfg.eval_only
@@ -296,7 +301,8 @@ def train(cfg, world, ignored_keys=()):
         path = checkpoint.resolve_model(cfg.eval_only, world)
         model, tokenizer = checkpoint.load_model(path, world.device, trainable=False,
                                                   fp32_head=cfg.cast_lm_head_to_fp32), checkpoint.load_tokenizer(path)
-        eval_rows = rows_that_fit(eval_rows, cfg.eval_split, model, tokenizer, prompt, cfg, world)
+        eval_rows = prompts.fitting_rows(eval_rows, tokenizer, prompt, model_positions(model),
+                                         cfg.max_completion_length, cfg.eval_split, world.print)
         environment = checkpoint.environment(world)  # every rank: it all-gathers the device names
         try:
             metrics = evaluate_and_save(model, tokenizer, 0, path)
@@ -316,8 +322,11 @@ def train(cfg, world, ignored_keys=()):
                                   fp32_head=cfg.cast_lm_head_to_fp32)
     ref_model = checkpoint.load_model(model_path, world.device, trainable=False,
                                       fp32_head=cfg.cast_lm_head_to_fp32) if cfg.beta else None
-    train_rows = rows_that_fit(train_rows, "train", model, tokenizer, prompt, cfg, world)
-    eval_rows = rows_that_fit(eval_rows, cfg.eval_split, model, tokenizer, prompt, cfg, world) if evaluates else eval_rows
+    train_rows, eval_rows = (prompts.fitting_rows(rows, tokenizer, prompt, model_positions(model),
+                                                  cfg.max_completion_length, name, world.print)
+                             for rows, name in ((train_rows, "train"), (eval_rows, cfg.eval_split)))
+    if cfg.max_steps <= 0:
+        cfg.max_steps = math.ceil(cfg.num_train_epochs * len(train_rows) / cfg.prompts_per_step)
     disc_trainer = None
     if cfg.gail_use:
         discriminator = disc.build(cfg.gail_disc_model, model, tokenizer, world.device, cfg.seed)
@@ -408,14 +417,9 @@ def train(cfg, world, ignored_keys=()):
     return final
 
 
-def rows_that_fit(rows, name, model, tokenizer, prompt, cfg, world):
-    """`rows` less those too long for the model's positions (counted on a log line); none left is an error."""
-    kept = prompts.fitting_rows(rows, tokenizer, prompt, getattr(model.config, "max_position_embeddings", None),
-                                cfg.max_completion_length, name, world.print)
-    if rows and not kept:
-        raise data.DataError(f"{name}: every prompt is longer than the model's positions "
-                             "(a smaller GRAIL_MAX_HISTORY shortens them)")
-    return kept
+def model_positions(model):
+    """How many positions the model was trained on (None where its config does not say)."""
+    return getattr(model.config, "max_position_embeddings", None)
 
 
 def collect_rollouts(model, tokenizer, train_rows, step, cfg, world, disc_trainer=None, prompt_seed=None):

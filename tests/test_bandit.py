@@ -112,7 +112,7 @@ def expected_advantage_at_q(scale, prompts, G=8, draws=4000, seed=0):
     return sums / counts / (squares / (draws * prompts * G)) ** 0.5
 
 
-@pytest.mark.parametrize("scale, prompts", [("none", 2), ("batch", 32)])
+@pytest.mark.parametrize("scale, prompts", [("none", 2), ("batch", 8), ("batch", 32)])
 def test_calibration_advantage_is_flat_at_the_human_distribution(scale, prompts):
     mean = expected_advantage_at_q(scale, prompts)
     assert (mean.max() - mean.min()).item() < 0.05  # Monte-Carlo noise here is about 0.015

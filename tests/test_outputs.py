@@ -245,6 +245,9 @@ def test_a_torn_last_line_is_dropped_and_rewritten_and_a_bad_middle_line_is_name
     assert capsys.readouterr().out == f"[output] {run.metrics}: dropped its torn last line 3 (a write cut short)\n"
     run.forget_steps_after(2)  # a resume: the next append must not join the torn line
     assert run.metrics.read_bytes() == whole
+    run.metrics.write_bytes(whole[:-1])  # cut just before the last newline: the object is whole, kept
+    run.forget_steps_after(2)
+    assert run.metrics.read_bytes() == whole and outputs.read_jsonl(run.metrics)[-1] == {"step": 2}
     run.metrics.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
     with pytest.raises(UserError, match=rf"^\[output\] {run.metrics} line 2 is not JSON "):
         outputs.read_jsonl(run.metrics)
