@@ -346,6 +346,17 @@ def untrained_scores(metrics):
                                     "by_issue": models(opinion["by_issue"])}}
 
 
+def set_beside(metrics, untrained, log=print):
+    """Step 0's untrained scores beside `metrics`, when they were computed on the same rows (a resumed
+    run may change eval_split or eval_max_rows); otherwise say why they are missing."""
+    rows = [metrics.get("split"), metrics.get("n_total")]
+    if untrained.get("rows", rows) == rows:
+        metrics["untrained"] = untrained
+    else:
+        log(f"[eval] the untrained model was scored on other rows ({untrained['rows']}, now {rows}): "
+            "its scores are not set beside these")
+
+
 def headline_keys(choice):
     """The simulator's scores at the top level of eval.json (original view)."""
     model = choice["model"]

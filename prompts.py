@@ -207,11 +207,12 @@ class PromptFormat:
         return text + (ANSWER_PREFIX if self.answer_only else "")
 
 
-def fitting_rows(rows, tokenizer, prompt, positions, room, name, log=print):
-    """The rows whose prompt plus `room` answer tokens fit in the model's `positions` (None: no limit;
-    none left of some rows is an error).
+def fitting_rows(rows, tokenizer, prompt, model_config, room, name, log=print):
+    """The rows whose prompt plus `room` answer tokens fit in the model's positions (its config's
+    `max_position_embeddings`; none: no limit); none left of some rows is an error.
     Past its positions a rotary model still runs, on positions it never saw: its answers there are
     silently wrong, so such rows are skipped and counted on one log line."""
+    positions = getattr(model_config, "max_position_embeddings", None)
     if not positions:
         return rows
     kept = []

@@ -38,6 +38,10 @@ REWARD_NAMES = ("accuracy", "calibration", "format")
 BATCH_STD_MIN_PROMPTS = 16
 
 
+def tilts_calibration(reward_funcs, scale_rewards, prompts_per_step):
+    return "calibration" in reward_funcs and scale_rewards == "batch" and prompts_per_step < BATCH_STD_MIN_PROMPTS
+
+
 def canonical_reward_names(names):
     out = [REWARD_ALIASES.get(name, name) for name in names]
     unknown = [name for name in out if name not in REWARD_NAMES]

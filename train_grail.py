@@ -252,8 +252,7 @@ def train(cfg, world, ignored_keys=()):
         world.print(f"[config] ignored recipe keys with no meaning here: {', '.join(sorted(ignored_keys))}")
     if changed:
         world.print(f"[config] changed since the run began: {'; '.join(changed)}")
-    if ("calibration" in cfg.reward_funcs and cfg.scale_rewards == "batch" and not cfg.eval_only
-            and cfg.prompts_per_step < rewards.BATCH_STD_MIN_PROMPTS):
+    if not cfg.eval_only and rewards.tilts_calibration(cfg.reward_funcs, cfg.scale_rewards, cfg.prompts_per_step):
         world.print(f"[config] scale_rewards=batch at {cfg.prompts_per_step} prompts a step tilts the calibration "
                     "reward toward the mode (about 1/prompts; rewards.calibration_rewards): none is exact")
     train_rows, val_rows = data.load_examples(cfg.dataset, cfg.val_fraction, cfg.split_seed, world.print)
@@ -282,14 +281,10 @@ def train(cfg, world, ignored_keys=()):
                                                  lambda: distributed.stop_requested(world, cfg.grail_stop_file), cache)
         metrics.update(step=step, seconds=round(time.time() - t0, 1), model=cfg.eval_only or cfg.model_name_or_path,
                        dataset=cfg.dataset or "bundled data/", split=cfg.eval_split)
-        rows = [cfg.eval_split, metrics["n_total"]]  # eval_split and eval_max_rows may change on resume
         if step == 0 and not cfg.eval_only:
             untrained = evaluate.untrained_scores(metrics)
-        elif untrained and untrained.get("rows", rows) != rows:
-            world.print(f"[eval] the untrained model was scored on other rows ({untrained['rows']}, now {rows}): "
-                        "its scores are not set beside these")
         elif untrained:
-            metrics["untrained"] = untrained
+            evaluate.set_beside(metrics, untrained, world.print)
         if world.is_main:
             run.write_eval(metrics, predictions)
             tracker.log({f"eval/{k}": v for k, v in metrics.items() if k.startswith(("choice_", "opinion_"))}, step)
@@ -301,8 +296,8 @@ def train(cfg, world, ignored_keys=()):
         path = checkpoint.resolve_model(cfg.eval_only, world)
         model, tokenizer = checkpoint.load_model(path, world.device, trainable=False,
                                                   fp32_head=cfg.cast_lm_head_to_fp32), checkpoint.load_tokenizer(path)
-        eval_rows = prompts.fitting_rows(eval_rows, tokenizer, prompt, model_positions(model),
-                                         cfg.max_completion_length, cfg.eval_split, world.print)
+        eval_rows = prompts.fitting_rows(eval_rows, tokenizer, prompt, model.config, cfg.max_completion_length,
+                                         cfg.eval_split, world.print)
         environment = checkpoint.environment(world)  # every rank: it all-gathers the device names
         try:
             metrics = evaluate_and_save(model, tokenizer, 0, path)
@@ -322,9 +317,9 @@ def train(cfg, world, ignored_keys=()):
                                   fp32_head=cfg.cast_lm_head_to_fp32)
     ref_model = checkpoint.load_model(model_path, world.device, trainable=False,
                                       fp32_head=cfg.cast_lm_head_to_fp32) if cfg.beta else None
-    train_rows, eval_rows = (prompts.fitting_rows(rows, tokenizer, prompt, model_positions(model),
-                                                  cfg.max_completion_length, name, world.print)
-                             for rows, name in ((train_rows, "train"), (eval_rows, cfg.eval_split)))
+    train_rows, eval_rows = (prompts.fitting_rows(rows, tokenizer, prompt, model.config, cfg.max_completion_length,
+                                                  name, world.print) for rows, name in ((train_rows, "train"),
+                                                                                        (eval_rows, cfg.eval_split)))
     if cfg.max_steps <= 0:
         cfg.max_steps = math.ceil(cfg.num_train_epochs * len(train_rows) / cfg.prompts_per_step)
     disc_trainer = None
@@ -415,11 +410,6 @@ def train(cfg, world, ignored_keys=()):
     tracker.close()
     world.print(f"[done] outputs in {run.path}/ (the files: outputs.py)")
     return final
-
-
-def model_positions(model):
-    """How many positions the model was trained on (None where its config does not say)."""
-    return getattr(model.config, "max_position_embeddings", None)
 
 
 def collect_rollouts(model, tokenizer, train_rows, step, cfg, world, disc_trainer=None, prompt_seed=None):

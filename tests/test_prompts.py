@@ -1,10 +1,13 @@
 """prompts.py: the upstream user prompt rebuilt byte for byte, history truncation, fallbacks, and
 the chat prompt of each prompt mode, and the rows too long for the model."""
 import json
+from types import SimpleNamespace
 
+import pytest
 
 import data
 import prompts
+from errors import UserError
 
 
 def test_render_matches_state_text_byte_for_byte_on_every_bundled_row(bundled):
@@ -63,6 +66,10 @@ def test_prompt_format_of_each_mode(tiny_model_dir):
     assert "Be brief." in custom and prompts.ANSWER_SYSTEM_PROMPT not in custom
 
 
+def positions(n):
+    return SimpleNamespace(max_position_embeddings=n)  # a model config's only field read here
+
+
 def test_rows_too_long_for_the_model_are_skipped_and_counted(tiny_model_dir, bundled):
     """Past its positions a rotary model runs on silently: a row whose prompt plus the answer's room
     exceeds them is skipped, exactly those rows (tokenized one by one), with one count on the log."""
@@ -74,12 +81,15 @@ def test_rows_too_long_for_the_model_are_skipped_and_counted(tiny_model_dir, bun
     lengths = [len(tokenizer.encode(prompt.text(tokenizer, r), add_special_tokens=False)) for r in rows]
     limit = sorted(lengths)[len(lengths) // 2] + 16  # about half the rows fit with 16 tokens of room
     logged = []
-    kept = prompts.fitting_rows(rows, tokenizer, prompt, limit, 16, "train", logged.append)
+    kept = prompts.fitting_rows(rows, tokenizer, prompt, positions(limit), 16, "train", logged.append)
     assert kept == [r for r, n in zip(rows, lengths) if n + 16 <= limit] and 0 < len(kept) < len(rows)
     assert logged == [f"[data] train: {len(rows) - len(kept)} of {len(rows)} rows skipped (prompt_too_long: more "
                       f"than the model's {limit} positions with 16 answer tokens; history is capped by "
                       "grail_max_history)"]
     logged.clear()
-    assert prompts.fitting_rows(rows, tokenizer, prompt, None, 16, "train", logged.append) == rows and not logged
-    assert prompts.fitting_rows(rows, tokenizer, prompt, max(lengths) + 16, 16, "train", logged.append) == rows
-    assert not logged
+    assert prompts.fitting_rows(rows, tokenizer, prompt, SimpleNamespace(), 16, "train", logged.append) == rows
+    assert not logged  # a config without max_position_embeddings sets no limit
+    fitting = prompts.fitting_rows(rows, tokenizer, prompt, positions(max(lengths) + 16), 16, "train", logged.append)
+    assert fitting == rows and not logged
+    with pytest.raises(UserError, match=r"^\[data\] train: every prompt is longer than the model's 20 positions"):
+        prompts.fitting_rows(rows, tokenizer, prompt, positions(20), 16, "train", logged.append)
