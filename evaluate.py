@@ -323,7 +323,8 @@ def sampled_view(model, tokenizer, rows, train_rows, prompt, cfg, world, view, s
                          "samples_per_row": cfg.eval_samples}
         # Sampled after the model's own click, not the human's: the marginal over its clicks.
         opinion = opinions.opinion_metrics(rows, [opinions.sampled_distribution([p.opinion for p in ps])
-                                                  for ps in parsed], train_rows, "sampled")
+                                                  for ps in parsed], train_rows, "sampled",
+                                           [sum(p.opinion is not None for p in ps) / len(ps) for ps in parsed])
         out["opinion"] = opinion and {**opinion, "samples_per_row": cfg.eval_samples}
     return out, [{"id": row.get("id"), "gold": row["gold_index"], "prediction": answer, "completion": texts[0]}
                  for row, answer, (texts, _) in zip(rows, answers, outputs)]

@@ -148,10 +148,11 @@ def row_spread(distributions):
     return _mean([statistics.pstdev(column) for column in zip(*map(choices.renormalised, distributions))])
 
 
-def opinion_metrics(rows, distributions, train_rows, method):
+def opinion_metrics(rows, distributions, train_rows, method, valid_mass=None):
     """The model's opinion scores beside uniform, the direction prior, the pre-study-index logistic
     and the initial viewpoint's table, and the accuracy of "no change", overall and per issue and
-    study, on the labelled rows; with the calibration table. None when no row is labelled."""
+    study, on the labelled rows; with the calibration table. None when no row is labelled.
+    `valid_mass`: each row's where it is not the distribution's sum (as choices.choice_metrics)."""
     labelled = [i for i, row in enumerate(rows) if row.get("opinion_direction")]
     if not labelled:
         return None
@@ -160,7 +161,10 @@ def opinion_metrics(rows, distributions, train_rows, method):
 
     def scored(subset):
         rows_, dists = [rows[i] for i in subset], [distributions[i] for i in subset]
-        return {"model": opinion_scores(rows_, dists),
+        model = opinion_scores(rows_, dists)
+        if valid_mass is not None:
+            model["valid_mass"] = _mean([valid_mass[i] for i in subset])
+        return {"model": model,
                 **{key: opinion_scores(rows_, [predict(r) for r in rows_]) for key, predict in fitted.items()},
                 "uniform": opinion_scores(rows_, [uniform] * len(rows_)),
                 "no_change_accuracy": _mean([r["opinion_direction"] == "no_change" for r in rows_])}

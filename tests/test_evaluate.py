@@ -103,7 +103,8 @@ def test_sampled_valid_mass_is_the_share_of_samples_that_parse(monkeypatch):
     on options when no sample parses; the valid mass reported is what the samples did."""
     import train_grail as tg
 
-    rows = [row(11, 12), row(2, 12)]
+    rows = [dict(row(11, 12), opinion_direction="increase", participant_key=f"p{k}") for k in (1, 2)]
+    rows[1]["gold_index"] = 2
     texts = {True: ["<think>x</think><answer>11</answer>"],
              False: ["<answer>11</answer><opinion>increase</opinion>", "no answer", "<answer>99</answer>"]}
 
@@ -117,3 +118,5 @@ def test_sampled_valid_mass_is_the_share_of_samples_that_parse(monkeypatch):
     assert out["choice"]["model"]["valid_mass"] == pytest.approx((1 / 3 + 0) / 2)
     assert [g["model"]["valid_mass"] for g in out["choice"]["by_group"].values()] == [pytest.approx(1 / 6)]
     assert sum(choices.sampled_distribution([None] * 3, 12)) == pytest.approx(0.63, abs=0.01)
+    assert out["opinion"]["model"]["valid_mass"] == pytest.approx((1 / 3 + 0) / 2)  # the opinion's alike
+    assert [g["model"]["valid_mass"] for g in out["opinion"]["by_issue"].values()] == [pytest.approx(1 / 6)]
