@@ -2,7 +2,9 @@
 
 In answer mode the prompt ends with `<answer>`, so the model's next tokens are its choice. For each
 option k, p(k) = P(the tokens of "k") × P(the tag closes after them), where closing is either a stop
-token (the turn ends; the parser closes the tag) or the tokens of "</answer>". A prompt and all its
+token (the turn ends; the parser closes the tag) or the tokens of "</answer>", the last of them read
+as any token whose text starts with it (">", but also "><", ">\n", …: the text closes the tag either
+way, and a model not taught the tag's own tokens writes those often). A prompt and all its
 options run as one sequence under the tree mask of the shared-prefix forward (grpo.tree_attention_mask):
 one forward per row, exact for any number of options (option 1 excludes "10", "11", … because "0"
 and "1" do not close the tag). Mass on anything else (other spellings, other text, numbers outside
@@ -18,6 +20,7 @@ Scores, each beside uniform and the position prior of the training split:
 - valid mass, and a calibration table (predicted q of every (row, option) pair, binned, against how
   often that option was the click).
 """
+import functools
 import math
 from collections import Counter
 
@@ -80,18 +83,30 @@ def answer_logprobs(model, tokenizer, prompt_text, n_options, stop_ids, gold=Non
         scored = _tree_logprobs(model, prompt, tokens, [(start, end) for _, start, end in branches])
     stops = torch.tensor(stop_ids, device=device)
     out = []
-    for (_, start, end), (token_logp, after_label) in zip(branches, scored):
-        # The tag closes after the label: the turn ends, or the closing tag follows.
-        close_logp = torch.logaddexp(torch.logsumexp(after_label[stops], 0), token_logp[end - start:].sum())
+    for (ids, start, end), (token_logp, after_label, before_last) in zip(branches, scored):
+        # The tag closes after the label: the turn ends, or the closing tag follows (its last token as
+        # any token that starts with that token's text).
+        closers = torch.tensor(closing_ids(tokenizer, ids[-1]), device=device)
+        tag = token_logp[end - start:-1].sum() + torch.logsumexp(before_last[closers], 0)
+        close_logp = torch.logaddexp(torch.logsumexp(after_label[stops], 0), tag)
         out.append(token_logp[:end - start].sum() + close_logp)
     out = torch.stack(out)
     return out[:n_options], (out[n_options:] if gold is not None else None)
 
 
+@functools.lru_cache(maxsize=8)
+def closing_ids(tokenizer, last_id):
+    """The ids of every token whose text starts with token `last_id`'s: each ends a closing tag as
+    the text reads it (">" and "><" alike)."""
+    text = tokenizer.decode([last_id])
+    return [i for i in range(len(tokenizer)) if tokenizer.decode([i]).startswith(text)]
+
+
 def _tree_logprobs(model, prompt, branches, spans):
     """Per branch: (log-prob of each of its tokens from its label's start, the next-token
-    log-distribution after its label). The prompt and every branch run as one sequence: each branch
-    sees the prompt and its own tokens; logits are computed only where a branch is scored."""
+    log-distribution after its label, the one before its last token). The prompt and every branch
+    run as one sequence: each branch sees the prompt and its own tokens; logits are computed only
+    where a branch is scored."""
     P, device = len(prompt), prompt.device
     lengths = torch.tensor([len(b) for b in branches], device=device)
     tokens = torch.cat([prompt] + branches)
@@ -110,7 +125,8 @@ def _tree_logprobs(model, prompt, branches, spans):
     token_logp = logp.gather(-1, tokens[P + scored][:, None]).squeeze(-1)
     sizes = [len(branch) - s for branch, (s, _) in zip(branches, spans)]  # each branch's scored tokens
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [(token_logp[o:o + n], logp[o + e - s]) for o, n, (s, e) in zip(offsets, sizes, spans)]
+    return [(token_logp[o:o + n], logp[o + e - s], logp[o + n - 1])
+            for o, n, (s, e) in zip(offsets, sizes, spans)]
 
 
 def _branch_logprobs(model, prompt, branch, start, end):
@@ -118,7 +134,7 @@ def _branch_logprobs(model, prompt, branch, start, end):
     tokens = torch.cat([prompt, branch])[None]
     logits = model(input_ids=tokens, use_cache=False, logits_to_keep=len(branch) - start + 1).logits[0, :-1]
     logp = torch.log_softmax(logits.float(), dim=-1)  # row i predicts branch[start + i]
-    return logp.gather(-1, branch[start:, None]).squeeze(-1), logp[end - start]
+    return logp.gather(-1, branch[start:, None]).squeeze(-1), logp[end - start], logp[len(branch) - start - 1]
 
 
 # ---------------------------------------------------------------------------------------------

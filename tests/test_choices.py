@@ -21,20 +21,23 @@ def row_with(n, gold=1):
     return data.clean_row({"slate_items_json": slate, "gold_index": gold, "viewer_profile_sentence": "a viewer"})
 
 
-def brute_force_closed(model, prefix, label, close, stop_ids):
-    """log P(label's tokens | prefix) x (P(a stop token next) + P(the closing tag next)), from one
-    plain forward over the whole sequence."""
+def brute_force_closed(model, tokenizer, prefix, label, close, stop_ids):
+    """log P(label's tokens | prefix) x (P(a stop token next) + P(the closing tag next, its last token
+    any token whose text starts with that token's)), from one plain forward over the whole sequence."""
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([prefix + label + close])).logits[0].double(), -1)
     follow = [logp[len(prefix) - 1 + i, token].item() for i, token in enumerate(label + close)]
     after = logp[len(prefix) - 1 + len(label)]
-    p_close = sum(after[s].exp().item() for s in stop_ids) + math.exp(sum(follow[len(label):]))
+    last = tokenizer.decode([close[-1]])
+    closers = [i for i in range(len(tokenizer)) if tokenizer.decode([i]).startswith(last)]
+    p_last = sum(logp[len(prefix) + len(label) + len(close) - 2, i].exp().item() for i in closers)
+    p_close = sum(after[s].exp().item() for s in stop_ids) + math.exp(sum(follow[len(label):-1])) * p_last
     return sum(follow[:len(label)]) + math.log(p_close)
 
 
 def brute_force_logprob(model, tokenizer, prompt_text, k, stop_ids):
     """log p(k): the digits of k, closed by a stop token or "</answer>"."""
-    return brute_force_closed(model, tokenizer(prompt_text, add_special_tokens=False).input_ids,
+    return brute_force_closed(model, tokenizer, tokenizer(prompt_text, add_special_tokens=False).input_ids,
                               tokenizer.encode(str(k), add_special_tokens=False),
                               tokenizer.encode("</answer>", add_special_tokens=False), stop_ids)
 
@@ -109,14 +112,50 @@ def test_exact_distribution_agrees_with_sampled_answers(tiny_model_dir):
         assert abs(answers[k] / K - p) < 4 * math.sqrt(p * (1 - p) / K) + 0.01, (k, answers, exact)
 
 
+def test_a_tag_closed_by_a_merged_token_counts(tiny_model_dir, tmp_path):
+    """The text closes the tag whatever token carries its ">": a model that writes "1</answer" and
+    then "><" (one token, as SmolLM2's; the untrained model's usual spelling of the prompt's example)
+    answers 1 for the parser, and the exact p(1) counts it: against the brute force, and against
+    sampled answers."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = checkpoint.load_tokenizer(str(tiny_model_dir))
+    tokenizer.add_tokens(["><"])
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = checkpoint.load_model(str(tmp_path), CPU, trainable=True)
+    stop_ids = rollout.stop_token_ids(model, tokenizer)
+    row = row_with(3)
+    text = prompts.PromptFormat("answer").text(tokenizer, row)
+    ids = lambda piece: tokenizer.encode(piece, add_special_tokens=False)
+    merged, eos = tokenizer.convert_tokens_to_ids("><"), tokenizer.eos_token_id
+    teach_tokens(model, ids(text), {tuple(ids("1") + ids("</answer") + [merged] + ids("opinion>") + [eos]): 0.6,
+                                    tuple(ids("2</answer>") + [eos]): 0.4})
+    exact = choices.answer_logprobs(model, tokenizer, text, 3, stop_ids)[0]
+    assert exact.tolist() == pytest.approx([brute_force_logprob(model, tokenizer, text, k, stop_ids)
+                                            for k in (1, 2, 3)], abs=1e-4)
+    exact = exact.exp()
+    assert exact[0] > 0.2  # counted through "><": the tag's own ">" is rare after "1</answer"
+    K = 400
+    torch.manual_seed(0)
+    out = rollout.generate(model, tokenizer, [text], K, 14, temperature=1.0)
+    answers = Counter(rewards.parse(t, c, row, answer_only=True).choice
+                      for t, c in zip(out.texts, out.truncated.tolist()))
+    for k in (1, 2):
+        p = exact[k - 1].item()
+        assert abs(answers[k] / K - p) < 4 * math.sqrt(p * (1 - p) / K) + 0.01, (k, answers, exact)
+
+
 def brute_force_opinion(model, tokenizer, prompt_text, gold, stop_ids):
     """log p(d | gold) per direction, each its own sequence after prompt + "gold</answer><opinion>",
     closed by a stop token or "</opinion>"."""
     prefix = tokenizer(prompt_text, add_special_tokens=False).input_ids + [
         t for piece in (str(gold), "</answer>", "<opinion>") for t in tokenizer.encode(piece, add_special_tokens=False)]
     close = tokenizer.encode("</opinion>", add_special_tokens=False)
-    return [brute_force_closed(model, prefix, tokenizer.encode(label, add_special_tokens=False), close, stop_ids)
-            for label in data.OPINION_LABELS]
+    return [brute_force_closed(model, tokenizer, prefix, tokenizer.encode(label, add_special_tokens=False), close,
+                               stop_ids) for label in data.OPINION_LABELS]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
