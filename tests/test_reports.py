@@ -85,3 +85,13 @@ def test_a_run_without_evaluation_still_has_a_report(tiny_model_dir, tmp_path):
     assert not (out / "eval.json").exists()
     text = reports.write_report([out], out=tmp_path / "report").read_text()
     assert "(none: this run evaluated nothing" in text and "## Configuration" in text and "curves.png" in text
+
+
+def test_an_eval_only_report_names_the_checkpoint_it_scored(run_dirs, tiny_model_dir, tmp_path):
+    checkpoint_dir = run_dirs[0] / "checkpoint-000002"
+    tg.train(tg.Config(eval_only=str(checkpoint_dir), output_dir=str(tmp_path / "eval"), prompt_mode="answer",
+                       max_completion_length=6, eval_max_rows=4, eval_views=["original"], eval_samples=0), CPU)
+    text = reports.write_report([tmp_path / "eval"], out=tmp_path / "report").read_text()
+    assert f"| `eval_only` | `{checkpoint_dir}` |" in text
+    training = reports.write_report([run_dirs[0]], out=tmp_path / "training").read_text()
+    assert "`eval_only`" not in training  # a training run's report has no such row
