@@ -179,6 +179,18 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_model_dir, tmp_
         assert [m["disc/loss"] for m in steps_a] == [m["disc/loss"] for m in steps_b]
 
 
+def test_a_raised_max_steps_resumes_on_the_new_schedule(tiny_model_dir, tmp_path):
+    """A finished 2-step run resumed to 4 steps: steps 3 and 4 take the rates of a 4-step schedule
+    (the restored optimizer held the old one's, 0 at its end)."""
+    extra = dict(warmup_ratio=0.0, eval_on_start=False, eval_on_end=False)
+    tg.train(small_cfg(tiny_model_dir, tmp_path / "four", max_steps=4, save_steps=2, **extra), CPU)
+    tg.train(small_cfg(tiny_model_dir, tmp_path / "raised", max_steps=2, save_steps=2, **extra), CPU)
+    tg.train(small_cfg(tiny_model_dir, tmp_path / "raised", max_steps=4, save_steps=2, **extra), CPU)
+    rates = {name: [json.loads(line)["lr"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+             for name in ("four", "raised")}
+    assert rates["raised"][2:] == rates["four"][2:] and rates["four"][2] > 0
+
+
 def test_eval_only_on_a_checkpoint_folder(tiny_model_dir, tmp_path):
     tg.train(small_cfg(tiny_model_dir, tmp_path / "run", max_steps=1, save_steps=1), CPU)
     out = tmp_path / "eval"
