@@ -349,12 +349,13 @@ def disc_section(run, last=10):
     tail = metrics[-last:]
     positions = sorted({int(k.split("/")[1][3:]) for m in tail for k in m if k.startswith("disc/pos")})
 
-    def mean(key):
-        values = [m[key] for m in tail if m.get(key) is not None]
+    def mean(key, absent=None):  # a share is 0 in a step whose slates had no such position; D is not
+        values = [m.get(key, absent) for m in tail]
+        values = [v for v in values if v is not None]
         return num(sum(values) / len(values)) if values else ""
 
-    rows = [[k, mean(f"disc/pos{k}/human_share"), mean(f"disc/pos{k}/policy_share"), mean(f"disc/pos{k}/mean_d")]
-            for k in positions]
+    rows = [[k, mean(f"disc/pos{k}/human_share", 0.0), mean(f"disc/pos{k}/policy_share", 0.0),
+             mean(f"disc/pos{k}/mean_d")] for k in positions]
     parts.append(f"By displayed position, mean over the last {len(tail)} steps (human share: the clicks of the "
                  "step's prompts; policy share: its valid choices; mean D: over every shown option there):\n\n"
                  + table(["position", "human share", "policy share", "mean D"], rows))

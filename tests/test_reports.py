@@ -95,3 +95,23 @@ def test_an_eval_only_report_names_the_checkpoint_it_scored(run_dirs, tiny_model
     assert f"| `eval_only` | `{checkpoint_dir}` |" in text
     training = reports.write_report([run_dirs[0]], out=tmp_path / "training").read_text()
     assert "`eval_only`" not in training  # a training run's report has no such row
+
+
+def test_disc_position_shares_count_a_missing_position_as_none_clicked():
+    """A step whose slates are shorter has no pos3 keys: its shares there are 0, not left out, so each
+    column of shares sums to 1; mean D averages only the steps that showed the position."""
+    def step(shares, mean_d):
+        out = {"disc/loss": 0.7}
+        for k, ((human, policy), d) in enumerate(zip(shares, mean_d), 1):
+            out.update({f"disc/pos{k}/human_share": human, f"disc/pos{k}/policy_share": policy,
+                        f"disc/pos{k}/mean_d": d})
+        return out
+
+    metrics = [step([(0.5, 0.25), (0.25, 0.25), (0.25, 0.5)], [0.5, 0.5, 0.25]),
+               step([(0.5, 0.5), (0.5, 0.5)], [0.5, 0.5])]
+    text = reports.disc_section({"name": "r", "metrics": metrics})
+    cells = {row[0]: row[1:] for row in ([c.strip() for c in line.strip("|").split("|")]
+                                         for line in text.splitlines()) if row[0] in ("1", "2", "3")}
+    assert cells["3"] == [reports.num(0.125), reports.num(0.25), reports.num(0.25)]
+    assert sum(float(cells[k][0]) for k in "123") == pytest.approx(1.0)
+    assert sum(float(cells[k][1]) for k in "123") == pytest.approx(1.0)
