@@ -131,7 +131,7 @@ def opinion_scores(rows, distributions):
     predicted, human = scores.pop("position_mass"), scores.pop("human_positions")
     scores["shares"] = {label: predicted[str(k)] for k, label in enumerate(OPINION_LABELS, 1)}
     scores["human_shares"] = {label: human[str(k)] for k, label in enumerate(OPINION_LABELS, 1)}
-    scores["accuracy"] = _mean([choices.mode(p) == g["gold_index"] for p, g in zip(distributions, pseudo)])
+    scores["accuracy"] = _mean([mode_credit(p, g["gold_index"]) for p, g in zip(distributions, pseudo)])
     per_person = {}
     for row, p, g in zip(rows, distributions, pseudo):
         per_person.setdefault(row["participant_key"], []).append(-math.log(max(p[g["gold_index"] - 1], 1e-300)))
@@ -139,6 +139,15 @@ def opinion_scores(rows, distributions):
     scores["participants"] = len(per_person)
     scores["spread"] = row_spread(distributions)
     return scores
+
+
+def mode_credit(distribution, gold):
+    """1 when `gold` is the most likely outcome, 1/m when it ties with m - 1 others: a random
+    tie-break's expected accuracy (a sampled estimate where no sample parsed is uniform, and favours
+    no direction; it used to credit the first)."""
+    top = max(distribution)
+    tied = [k for k, p in enumerate(distribution, 1) if p == top]
+    return (gold in tied) / len(tied)
 
 
 def row_spread(distributions):

@@ -36,6 +36,15 @@ def test_scores_by_hand_per_row_and_per_participant():
     assert opinions.row_spread([[1, 0, 0], [0, 1, 0]]) == pytest.approx((0.5 + 0.5 + 0) / 3)
 
 
+def test_a_tied_mode_earns_a_random_tie_breaks_credit():
+    """Think mode with no sample parsed: the estimate is uniform, favours no direction, and earns a
+    third, not the full credit of the first direction."""
+    rows = [person("a", "increase"), person("b", "decrease")]
+    uniform = opinions.sampled_distribution([None] * 4)
+    assert opinions.opinion_scores(rows, [uniform, uniform])["accuracy"] == pytest.approx(1 / 3)
+    assert opinions.opinion_scores(rows, [[0.4, 0.4, 0.1], [0.4, 0.4, 0.1]])["accuracy"] == pytest.approx(0.5)
+
+
 def test_direction_prior_counts_each_training_participant_once_per_issue():
     train = [person("a", "increase")] * 5 + [person("b", "decrease"), person("c", "no_change", "minimum_wage")]
     prior = opinions.direction_prior(train)
