@@ -344,6 +344,13 @@ def eval_settings(path):
     return {key: config[key] for key in keys if config.get(key) is not None}
 
 
+def saved_step(path):
+    """The step one of this trainer's checkpoints was saved at (what --eval_only labels its scores
+    with); 0 for any other model."""
+    state = Path(path).expanduser() / "trainer_state.json"
+    return json.loads(state.read_text()).get("step", 0) if state.exists() else 0
+
+
 def restore(path, model, optimizer, scheduler, disc_trainer, world):
     """Optimizer, scheduler, discriminator and this rank's RNG from `path` (the policy weights load
     with the model). Returns the checkpoint's step."""

@@ -300,7 +300,7 @@ def train(cfg, world, ignored_keys=()):
                                          cfg.eval_split, world.print)
         environment = checkpoint.environment(world)  # every rank: it all-gathers the device names
         try:
-            metrics = evaluate_and_save(model, tokenizer, 0, path)
+            metrics = evaluate_and_save(model, tokenizer, checkpoint.saved_step(path), path)
         except evaluate.Stopped:
             raise distributed.preempted(0, "[stop] evaluation stopped on request: nothing written",
                                         cfg.grail_stop_file, world) from None
@@ -347,8 +347,9 @@ def train(cfg, world, ignored_keys=()):
                 evaluate_and_save(model, tokenizer, 0, model_path)
             if cfg.bc_steps:
                 behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world, run)
+            # D learns the starting policy before its reward joins (no bar without GAIL).
             for k in tqdm(range(cfg.gail_warmup_steps if disc_trainer else 0), desc="gail warm-up",
-                          disable=not world.is_main):  # D learns the starting policy before its reward joins
+                          disable=not (world.is_main and disc_trainer)):
                 if distributed.stop_requested(world, cfg.grail_stop_file):
                     raise evaluate.Stopped
                 collect_rollouts(model, tokenizer, train_rows, k, cfg, world, disc_trainer, f"{cfg.seed}:gail")

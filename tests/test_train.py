@@ -198,7 +198,7 @@ def test_eval_only_on_a_checkpoint_folder(tiny_model_dir, tmp_path):
     saved = json.loads((out / "eval.json").read_text())
     assert saved["accuracy_overall"] == metrics["accuracy_overall"]
     assert saved["model"] == str(tmp_path / "run" / "checkpoint-000001")
-    assert saved["split"] == "validation"
+    assert saved["split"] == "validation" and saved["step"] == 1  # the checkpoint's step, not the untrained's 0
     assert saved["baselines_in_sample_rows"] == 0  # held-out participants: the baselines never saw them
     assert not (out / "metrics.jsonl").exists()
 
