@@ -140,6 +140,9 @@ def accuracy_summary(ev):
     rows += [["answered"] + [pct(ev["views"][v]["parsed_rate"]) for v in views],
              ["most common answer"] + [f"{ev['views'][v]['most_common_answer']} on "
                                        f"{pct(ev['views'][v]['most_common_answer_share'])}" for v in views]]
+    if any("opinion_accuracy" in ev["views"][v] for v in views):  # think mode: the greedy answer's opinion
+        rows.append(["opinion of that answer"] + [with_ci(ev["views"][v]["opinion_accuracy"])
+                                                  if "opinion_accuracy" in ev["views"][v] else "" for v in views])
     exact = "choice" in ev["views"].get(views[0], {}) and ev["views"][views[0]]["choice"]["method"] == "exact"
     answer = "the mode of the exact distribution" if exact else "greedy decoding"
     return (f"Accuracy [95% CI] of the model's answer ({answer}) by view, beside baselines on the same rows:\n\n"

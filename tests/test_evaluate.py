@@ -11,6 +11,7 @@ import data
 import distributed
 import evaluate
 import prompts
+import reports
 
 
 def row(gold, n, missing_duration=(), study="study1", refs=None):
@@ -120,3 +121,6 @@ def test_sampled_valid_mass_is_the_share_of_samples_that_parse(monkeypatch):
     assert sum(choices.sampled_distribution([None] * 3, 12)) == pytest.approx(0.63, abs=0.01)
     assert out["opinion"]["model"]["valid_mass"] == pytest.approx((1 / 3 + 0) / 2)  # the opinion's alike
     assert [g["model"]["valid_mass"] for g in out["opinion"]["by_issue"].values()] == [pytest.approx(1 / 6)]
+    # the greedy answer's opinion accuracy (none of the greedy texts holds an opinion) is in the report
+    assert out["opinion_accuracy"]["accuracy"] == 0.0
+    assert "| opinion of that answer | 0.0% [" in reports.accuracy_summary({"views": {"original": out}})
