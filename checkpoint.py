@@ -360,8 +360,8 @@ def restore(path, model, optimizer, scheduler, disc_trainer, world):
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full_state_options())
     scheduler.load_state_dict(state["scheduler"])
     # The rate is a function of (step, max_steps): recompute this step's, since a resume may raise
-    # max_steps (the optimizer kept the old schedule's: 0 where that run had ended). Set, not stepped:
-    # a step would count in the scheduler's state, which must stay an uninterrupted run's.
+    # max_steps. Set, not stepped: a step would count in the scheduler's state, which must stay an
+    # uninterrupted run's (learning_rate is a float, so assigning it is what LambdaLR does).
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports

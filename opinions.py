@@ -144,7 +144,7 @@ def opinion_scores(rows, distributions):
 def mode_credit(distribution, gold):
     """1 when `gold` is the most likely outcome, 1/m when it ties with m - 1 others: a random
     tie-break's expected accuracy (a sampled estimate where no sample parsed is uniform, and favours
-    no direction; it used to credit the first)."""
+    no direction)."""
     top = max(distribution)
     tied = [k for k, p in enumerate(distribution, 1) if p == top]
     return (gold in tied) / len(tied)

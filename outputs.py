@@ -290,8 +290,12 @@ class RunFolder:
         if completions:
             append_jsonl(self.completions, completions)
 
-    def write_eval(self, metrics, predictions):
+    def write_eval(self, metrics, predictions, alone=False):
+        """`alone`: an --eval_only folder holds one evaluation, so an earlier one (another checkpoint's
+        step) is not shown as this one's "before"."""
         self.evals.mkdir(parents=True, exist_ok=True)
+        for old in self.evals.glob("step_*.json") if alone else ():
+            old.unlink()
         write_json(self.eval_at(metrics["step"]), metrics)
         write_json(self.eval, metrics)
         write_text(self.predictions, jsonl_text(predictions))

@@ -352,8 +352,10 @@ def disc_section(run, last=10):
     tail = metrics[-last:]
     positions = sorted({int(k.split("/")[1][3:]) for m in tail for k in m if k.startswith("disc/pos")})
 
+    shown = [m for m in tail if any(k.startswith("disc/pos") for k in m)]
+
     def mean(key, absent=None):  # a share is 0 in a step whose slates had no such position; D is not
-        values = [m.get(key, absent) for m in tail]
+        values = [m.get(key, absent) for m in shown]
         values = [v for v in values if v is not None]
         return num(sum(values) / len(values)) if values else ""
 

@@ -286,7 +286,7 @@ def train(cfg, world, ignored_keys=()):
         elif untrained:
             evaluate.set_beside(metrics, untrained, world.print)
         if world.is_main:
-            run.write_eval(metrics, predictions)
+            run.write_eval(metrics, predictions, alone=bool(cfg.eval_only))
             tracker.log({f"eval/{k}": v for k, v in metrics.items() if k.startswith(("choice_", "opinion_"))}, step)
             print(f"[eval step {step}, {len(eval_rows)} {cfg.eval_split} rows, {metrics['seconds']}s]\n"
                   f"{reports.eval_summary(metrics)}", flush=True)

@@ -108,7 +108,7 @@ def test_disc_position_shares_count_a_missing_position_as_none_clicked():
         return out
 
     metrics = [step([(0.5, 0.25), (0.25, 0.25), (0.25, 0.5)], [0.5, 0.5, 0.25]),
-               step([(0.5, 0.5), (0.5, 0.5)], [0.5, 0.5])]
+               step([(0.5, 0.5), (0.5, 0.5)], [0.5, 0.5]), {"disc/loss": 0.7}]  # a step without positions
     text = reports.disc_section({"name": "r", "metrics": metrics})
     cells = {row[0]: row[1:] for row in ([c.strip() for c in line.strip("|").split("|")]
                                          for line in text.splitlines()) if row[0] in ("1", "2", "3")}

@@ -192,9 +192,12 @@ def test_a_raised_max_steps_resumes_on_the_new_schedule(tiny_model_dir, tmp_path
 
 
 def test_eval_only_on_a_checkpoint_folder(tiny_model_dir, tmp_path):
-    tg.train(small_cfg(tiny_model_dir, tmp_path / "run", max_steps=1, save_steps=1), CPU)
+    tg.train(small_cfg(tiny_model_dir, tmp_path / "run", max_steps=2, save_steps=1, save_total_limit=2), CPU)
     out = tmp_path / "eval"
+    tg.train(small_cfg(tiny_model_dir, out, eval_only=str(tmp_path / "run" / "checkpoint-000002")), CPU)
     metrics = tg.train(small_cfg(tiny_model_dir, out, eval_only=str(tmp_path / "run" / "checkpoint-000001")), CPU)
+    # one evaluation a folder: the other checkpoint's is not kept as this one's "before"
+    assert [p.name for p in (out / "evals").iterdir()] == ["step_000001.json"]
     saved = json.loads((out / "eval.json").read_text())
     assert saved["accuracy_overall"] == metrics["accuracy_overall"]
     assert saved["model"] == str(tmp_path / "run" / "checkpoint-000001")
