@@ -326,29 +326,27 @@ def newest_complete(checkpoints, log):
     return None
 
 
-def eval_settings(path):
-    """What a checkpoint was trained with that decides how `--eval_only` scores it (from its
-    trainer_state.json): its prompt, so that it is scored as it was trained, and its participant split,
-    so that "validation" is participants it never trained on; {} for a model that is not one of this
-    trainer's checkpoints."""
+def trainer_state(path):
+    """A checkpoint's trainer_state.json ({"step", "world_size", "config"}), {} for a model that is
+    not one of this trainer's checkpoints; a damaged one is a one-line error."""
     state = Path(path).expanduser() / "trainer_state.json"
     if not state.exists():
         return {}
     try:
-        config = json.loads(state.read_text()).get("config", {})
+        return json.loads(state.read_text())
     except (OSError, ValueError) as err:  # written last and whole (a rename): the folder was damaged later
         raise UserError("checkpoint", f"{state} is unreadable ({first_line(err)}): score another checkpoint, "
                                       "or move the file away to score the weights with the default prompt") from None
+
+
+def eval_settings(path):
+    """What a checkpoint was trained with that decides how `--eval_only` scores it: its prompt, so
+    that it is scored as it was trained, and its participant split, so that "validation" is
+    participants it never trained on; {} for a model that is not one of this trainer's checkpoints."""
+    config = trainer_state(path).get("config", {})
     config.setdefault("split_seed", config.get("seed"))  # written before split_seed existed: the seed drew it
     keys = ("prompt_mode", "system_prompt", "grail_max_history", "max_completion_length", "split_seed", "val_fraction")
     return {key: config[key] for key in keys if config.get(key) is not None}
-
-
-def saved_step(path):
-    """The step one of this trainer's checkpoints was saved at (what --eval_only labels its scores
-    with); 0 for any other model."""
-    state = Path(path).expanduser() / "trainer_state.json"
-    return json.loads(state.read_text()).get("step", 0) if state.exists() else 0
 
 
 def restore(path, model, optimizer, scheduler, disc_trainer, world):
@@ -377,7 +375,7 @@ def restore(path, model, optimizer, scheduler, disc_trainer, world):
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and world.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], world.device)
-    return json.loads((path / "trainer_state.json").read_text())["step"]
+    return trainer_state(path)["step"]
 
 
 def environment(world):

@@ -391,14 +391,21 @@ def split_by_participant(rows, val_fraction, seed):
 
 
 
+def shuffled_order(row, rng):
+    """A random display order of `row`'s slate (the original indices, as shown) and the displayed
+    position (1-based) its click lands on."""
+    order = list(range(len(row["slate_items_json"])))
+    rng.shuffle(order)
+    return order, order.index(row["gold_index"] - 1) + 1
+
+
 def shuffle_slate(row, rng):
     """A copy of `row` with its options permuted by `rng` and `gold_index` remapped to follow the
     clicked item, so a policy cannot score by answering a fixed position."""
-    order = list(range(len(row["slate_items_json"])))
-    rng.shuffle(order)
+    order, gold = shuffled_order(row, rng)
     out = dict(row)
     out["slate_items_json"] = [row["slate_items_json"][i] for i in order]
-    out["gold_index"] = order.index(row["gold_index"] - 1) + 1
+    out["gold_index"] = gold
     out.pop("state_text", None)  # the original prompt no longer describes this slate
     return out
 

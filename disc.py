@@ -296,12 +296,10 @@ class DiscriminatorTrainer:
         """Row i's click, shown as the policy is shown its slates: with shuffle_slates under a random
         permutation (this trainer's seeded RNG), else D could tell people from the policy by the slot
         alone, humans clicking the original order's positions and the policy shuffled ones."""
-        gold = self.rows[i]["gold_index"]
         if not self.shuffle_slates:
-            return Pair(i, gold)
-        order = list(range(len(self.rows[i]["slate_items_json"])))
-        self.rng.shuffle(order)
-        return Pair.displayed(i, order.index(gold - 1) + 1, order)
+            return Pair(i, self.rows[i]["gold_index"])
+        order, gold = data.shuffled_order(self.rows[i], self.rng)
+        return Pair.displayed(i, gold, order)
 
     def step(self):
         """One update on a mixed batch; returns its statistics."""

@@ -318,13 +318,14 @@ def sampled_view(model, tokenizer, rows, train_rows, prompt, cfg, world, view, s
                          for ps, row in zip(parsed, rows)]
         # The valid mass is the share of samples that parse: the smoothed estimate's own is mostly its
         # smoothing where K is small and the slate large (12 options, 3 unparseable samples: 0.63).
-        parsing = [sum(p.choice is not None for p in ps) / len(ps) for ps in parsed]
-        out["choice"] = {**choices.choice_metrics(rows, distributions, train_rows, parsing), "method": "sampled",
-                         "samples_per_row": cfg.eval_samples}
+        def parsing(field):
+            return [sum(getattr(p, field) is not None for p in ps) / len(ps) for ps in parsed]
+
+        out["choice"] = {**choices.choice_metrics(rows, distributions, train_rows, parsing("choice")),
+                         "method": "sampled", "samples_per_row": cfg.eval_samples}
         # Sampled after the model's own click, not the human's: the marginal over its clicks.
         opinion = opinions.opinion_metrics(rows, [opinions.sampled_distribution([p.opinion for p in ps])
-                                                  for ps in parsed], train_rows, "sampled",
-                                           [sum(p.opinion is not None for p in ps) / len(ps) for ps in parsed])
+                                                  for ps in parsed], train_rows, "sampled", parsing("opinion"))
         out["opinion"] = opinion and {**opinion, "samples_per_row": cfg.eval_samples}
     return out, [{"id": row.get("id"), "gold": row["gold_index"], "prediction": answer, "completion": texts[0]}
                  for row, answer, (texts, _) in zip(rows, answers, outputs)]

@@ -81,7 +81,8 @@ def read_jsonl(path):
 def parse_jsonl(path):
     """The objects of a JSONL file and whether its last line is unfinished (torn, or whole without its
     newline). A node that dies mid-append (or an NFS client that loses its tail) leaves a partial last
-    line: it is dropped, said so, and a resume rewrites the file without it. A bad line anywhere else is damage, not a crash: one line."""
+    line: it is dropped, said so, and a resume rewrites the file without it. A bad line anywhere else
+    is damage, not a crash: one line."""
     path = Path(path)
     if not path.exists():
         return [], False
@@ -309,7 +310,8 @@ class RunFolder:
         config = read_json(self.config) if self.config.exists() else {}
         return {"name": self.name, "dir": self.path, "config": config.get("config", {}),
                 "environment": config.get("environment", {}), "metrics": read_jsonl(self.metrics),
-                "eval": read_json(self.eval) if self.eval.exists() else {}, "evals": [read_json(p) for p in sorted(self.evals.glob("step_*.json"))],
+                "eval": read_json(self.eval) if self.eval.exists() else {},
+                "evals": [read_json(p) for p in sorted(self.evals.glob("step_*.json"))],
                 "completions": read_jsonl(self.completions)}
 
 

@@ -273,14 +273,13 @@ def save(fig, path):
 # The report
 
 
-CONFIG_KEYS = ("eval_only", "model_name_or_path", "dataset", "prompt_mode", "max_steps", "prompts_per_step", "num_generations",
-               "max_completion_length", "learning_rate", "beta", "loss_type", "scale_rewards", "reward_funcs",
+CONFIG_KEYS = ("eval_only", "model_name_or_path", "dataset", "prompt_mode", "max_steps", "prompts_per_step",
+               "num_generations", "max_completion_length", "learning_rate", "beta", "loss_type", "scale_rewards", "reward_funcs",
                "reward_weights", "gail_use", "shuffle_slates", "grail_max_history", "seed", "split_seed")
 
 
 def config_section(runs):
-    keys = [k for k in CONFIG_KEYS if any(k in run["config"] for run in runs)
-            and (k != "eval_only" or any(run["config"][k] for run in runs if k in run["config"]))]  # the model scored
+    keys = [k for k in CONFIG_KEYS if any(run["config"].get(k) not in (None, "") for run in runs)]  # set somewhere
     rows = [[f"`{k}`"] + [f"`{run['config'].get(k, '')}`" for run in runs] for k in keys]
     rows.append(["world size / devices"] + [f"{run['environment'].get('world_size', '?')} / "
                                             f"{', '.join(sorted(set(run['environment'].get('devices', []))))}"

@@ -300,7 +300,8 @@ def train(cfg, world, ignored_keys=()):
                                          cfg.eval_split, world.print)
         environment = checkpoint.environment(world)  # every rank: it all-gathers the device names
         try:
-            metrics = evaluate_and_save(model, tokenizer, checkpoint.saved_step(path), path)
+            step = checkpoint.trainer_state(path).get("step", 0)  # the checkpoint's; 0 for another model
+            metrics = evaluate_and_save(model, tokenizer, step, path)
         except evaluate.Stopped:
             raise distributed.preempted(0, "[stop] evaluation stopped on request: nothing written",
                                         cfg.grail_stop_file, world) from None

@@ -14,8 +14,8 @@ import disc
 import grpo
 import rewards
 import train_grail as tg
+from bench.scale_rewards import Q, expected_advantage_at_q  # the humans' click shares
 
-Q = (0.5, 0.3, 0.15, 0.05)
 
 
 class TabularDiscriminator(torch.nn.Module):
@@ -93,23 +93,6 @@ def test_group_std_scaling_biases_calibration_toward_the_mode():
     """Why check_config refuses calibration with scale_rewards=group."""
     p = train_bandit("calibration", "group")
     assert tvd(p) > 0.1 and p[0] > 0.6
-
-
-def expected_advantage_at_q(scale, prompts, G=8, draws=4000, seed=0):
-    """E[A_i | a_i = k] / std(A) for each option k, by Monte Carlo, when the policy already samples
-    the humans' q: the project's calibration reward and group advantages. A proper setup leaves every
-    option's expected advantage equal there (no update moves p off q)."""
-    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    sums, counts, squares = torch.zeros(len(Q)), torch.zeros(len(Q)), 0.0
-    for _ in range(draws):
-        choices = torch.multinomial(torch.tensor(Q), prompts * G, replacement=True, generator=gen) + 1
-        golds = [gold for gold in rng.choices(range(1, len(Q) + 1), weights=Q, k=prompts) for _ in range(G)]
-        values = torch.tensor(rewards.calibration_rewards(choices.tolist(), golds, G)).view(prompts, G)
-        advantages = grpo.group_advantages(values, scale, 1e-4).view(-1).float()
-        sums.index_add_(0, choices - 1, advantages)
-        counts.index_add_(0, choices - 1, torch.ones(prompts * G))
-        squares += float((advantages ** 2).sum())
-    return sums / counts / (squares / (draws * prompts * G)) ** 0.5
 
 
 @pytest.mark.parametrize("scale, prompts", [("none", 2), ("batch", 8), ("batch", 32)])
