@@ -232,7 +232,6 @@ def behaviour_cloning(policy, model, tokenizer, batches, cfg, world):
     bc_cfg = dataclasses.replace(cfg, learning_rate=cfg.bc_learning_rate, max_steps=cfg.bc_steps,
                                  warmup_ratio=cfg.bc_warmup_ratio,
                                  num_iterations=1, beta=0.0, temperature=1.0, loss_type="dapo")
-    frozen, detach = frozen_bottom(model, cfg.bc_frozen_layers)
     optimizer, scheduler = make_optimizer(model, bc_cfg)
     end = rollout.stop_token_ids(model, tokenizer)[0]
     steps = []
@@ -245,28 +244,7 @@ def behaviour_cloning(policy, model, tokenizer, batches, cfg, world):
                                                          device=world.device, dtype=torch.float64))
         steps.append({"bc_step": len(steps) + 1, "loss": -(totals[0] / totals[1]).item(), "lr": lr,
                       "grad_norm": stats.get("grad_norm")})
-    for parameter in frozen:
-        parameter.requires_grad_(True)
-    if detach is not None:
-        detach.remove()
     return steps
-
-
-def frozen_bottom(model, n_layers):
-    """Fix the lowest `n_layers` decoder layers and cut the gradient at the input embeddings' output
-    (the embedding matrix, tied to the output head in SmolLM2, still learns through the head): no
-    activation below the lowest trainable layer needs a gradient, so the backward stops there.
-    Returns the parameters it froze, to thaw after, and the hook to remove."""
-    if not n_layers:
-        return [], None
-    layers = model.get_decoder().layers
-    if n_layers >= len(layers):
-        raise ValueError(f"bc_frozen_layers={n_layers}: the model has {len(layers)} decoder layers")
-    frozen = [p for layer in layers[:n_layers] for p in layer.parameters() if p.requires_grad]
-    for parameter in frozen:
-        parameter.requires_grad_(False)
-    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.detach())
-    return frozen, hook
 
 
 def update(policy, optimizer, scheduler, batch, cfg, world):
