@@ -153,7 +153,7 @@ def position_prior(train_rows):
     return prior
 
 
-def cloning_targets(tokenizer, row, prior, smoothing, opinion_prior, opinion_smoothing, end_id, opinion_weight=1.0):
+def cloning_targets(tokenizer, row, prior, smoothing, opinion_prior, opinion_smoothing, end_id):
     """The behaviour-cloning targets of a row, [(token ids, weight, index of the first scored token)].
 
     The click: every option's "k</answer>" with weight (1 - `smoothing`) 1[k = click] + `smoothing`
@@ -165,18 +165,15 @@ def cloning_targets(tokenizer, row, prior, smoothing, opinion_prior, opinion_smo
     turn, with weight (1 - `opinion_smoothing`) 1[d = label] + `opinion_smoothing` x
     `opinion_prior(row)` (the issue's direction prior, or the pre-study-index logistic: row ->
     P(direction), opinions.py), scored from "<opinion>" on: the click's tokens are the click target's, and
-    the tag, its tokens the same in every direction, is learnt with the weights' sum, so that
-    samples write it in the tokens the evaluation reads. The opinion's weights are scaled by `opinion_weight`: the
-    loss is then the click's cross-entropy + `opinion_weight` x the opinion's, a sum of two proper
-    scoring rules whose optimum is still each distribution; the weight sets how far each moves in
-    the few steps a CPU affords."""
+    the tag, its tokens the same in every direction, is learnt with weight 1, so that samples write
+    it in the tokens the evaluation reads."""
     targets = [(ids, weight, 0) for (ids, _, _), weight in
                zip(answer_branches(tokenizer, row["n_options"]), smoothed(prior(row["n_options"]), row["gold_index"], smoothing))
                if weight > 0]
-    return targets + opinion_targets(tokenizer, row, opinion_prior, opinion_smoothing, end_id, opinion_weight)
+    return targets + opinion_targets(tokenizer, row, opinion_prior, opinion_smoothing, end_id)
 
 
-def opinion_targets(tokenizer, row, opinion_prior, opinion_smoothing, end_id, weight=1.0):
+def opinion_targets(tokenizer, row, opinion_prior, opinion_smoothing, end_id):
     """The opinion's share of cloning_targets (none where the row has no label): scored from
     "<opinion>" on, after the human's click."""
     label = row.get("opinion_direction")
@@ -184,8 +181,8 @@ def opinion_targets(tokenizer, row, opinion_prior, opinion_smoothing, end_id, we
         return []
     answered, opened, words, close = opinion_branches(tokenizer, row["gold_index"])
     weights = smoothed(opinion_prior(row), OPINION_LABELS.index(label) + 1, opinion_smoothing)
-    return [(answered + opened + ids + close + [end_id], weight * w, len(answered))
-            for ids, w in zip(words, weights) if w > 0]
+    return [(answered + opened + ids + close + [end_id], weight, len(answered))
+            for ids, weight in zip(words, weights) if weight > 0]
 
 
 def smoothed(prior, gold, smoothing):

@@ -5,8 +5,7 @@ The trainer writes through `RunFolder` and reports.py reads through it, so the s
                              "resumed_from": checkpoint or null}
     metrics.jsonl           one object per optimizer step (grpo.step_metrics, disc.step_metrics)
     cloning.jsonl           one object per step of the cloning warm start: bc_step, loss (cross-entropy per
-                            row, nats: the click's + bc_opinion_weight x the opinion's), lr, grad_norm
-                            (grpo.behaviour_cloning); rewritten by a restart
+                            row, nats), lr, grad_norm (grpo.behaviour_cloning); rewritten by a restart
     completions.jsonl       sample completions with their rewards, every `log_completions_steps`
     eval.json               the latest evaluation (evaluate.evaluate's dict plus step, seconds, model, ...)
     evals/step_NNNNNN.json  every evaluation, by step

@@ -93,7 +93,6 @@ class Config:
     bc_warmup_ratio: float = 0.0  # linear warm-up share of the cloning steps, before the cosine
     bc_label_smoothing: float = 0.0  # target (1-eps) x the click + eps x the train split's position prior
     bc_opinion_smoothing: float = 0.0  # the opinion's: (1-eps) x the label + eps x its baseline:
-    bc_opinion_weight: float = 1.0  # the loss: the click's cross-entropy + this x the opinion's
     bc_opinion_prior: str = "issue"  # issue (direction prior) | index (pre-study-index logistic) | viewpoint (the initial viewpoint table)
     # --- optimisation ---
     gradient_accumulation_steps: int = 1  # micro-batches per rank per optimizer step (one normaliser for the step)
@@ -179,8 +178,7 @@ RANGES = {
     "gail_human_fraction": (0, 1, True), "gail_buffer_size": (1, None, True), "gail_warmup_steps": (0, None, True),
     "gail_gradient_penalty": (0, None, True), "gail_label_smoothing": (0, 0.5, True), "bc_steps": (0, None, True),
     "bc_learning_rate": (0, None, False), "bc_warmup_ratio": (0, 1, True), "bc_label_smoothing": (0, 1, True),
-    "bc_opinion_smoothing": (0, 1, True), "bc_opinion_weight": (0, None, True),
-    "gradient_accumulation_steps": (1, None, True), "warmup_ratio": (0, 1, True),
+    "bc_opinion_smoothing": (0, 1, True), "gradient_accumulation_steps": (1, None, True), "warmup_ratio": (0, 1, True),
     "weight_decay": (0, None, True), "adam_beta1": (0, 1, True), "adam_beta2": (0, 1, True),
     "adam_epsilon": (0, None, False), "max_grad_norm": (0, None, False), "eval_steps": (0, None, True),
     "eval_max_rows": (0, None, True), "eval_samples": (0, None, True), "eval_batch_size": (1, None, True),
@@ -479,14 +477,13 @@ def behaviour_cloning(policy, model, tokenizer, train_rows, cfg, world, run):
                                                                    f"{cfg.seed}:bc", world)]
             yield [prompt.text(tokenizer, r) for r in rows], [
                 choices.cloning_targets(tokenizer, r, prior, cfg.bc_label_smoothing, opinion_prior,
-                                        cfg.bc_opinion_smoothing, end, cfg.bc_opinion_weight) for r in rows]
+                                        cfg.bc_opinion_smoothing, end) for r in rows]
 
     steps = grpo.behaviour_cloning(policy, model, tokenizer, batches(), cfg, world)
     if world.is_main:
         run.write_cloning(steps)
     losses = [s["loss"] for s in steps]
-    weighted = f" (the click's + {cfg.bc_opinion_weight:g} x the opinion's)" if cfg.bc_opinion_weight != 1 else ""
-    world.print(f"[bc] {cfg.bc_steps} steps of behaviour cloning on the human answers: cross-entropy per row{weighted} "
+    world.print(f"[bc] {cfg.bc_steps} steps of behaviour cloning on the human answers: cross-entropy per row "
                 f"{statistics.fmean(losses[:5]):.3f} (first 5) -> {statistics.fmean(losses[-5:]):.3f} (last 5)")
 
 

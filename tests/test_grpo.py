@@ -165,10 +165,6 @@ def test_cloning_targets_mix_the_click_and_the_opinion_with_their_priors(bundled
     for d, (_, w, _) in zip(data.OPINION_LABELS, views):
         assert w == pytest.approx(0.6 * (d == "decrease") + 0.4 * direction_prior(row)[data.OPINION_LABELS.index(d)])
     assert sum(w for _, w, _ in clicks) == pytest.approx(1.0) and sum(w for _, w, _ in views) == pytest.approx(1.0)
-    weighted = decoded(choices.cloning_targets(tokenizer, row, prior, 0.3, direction_prior, 0.4, end, opinion_weight=3))
-    assert weighted[:row["n_options"]] == clicks  # the click's targets do not move
-    assert [(text, scored) for text, _, scored in weighted[row["n_options"]:]] == [(t, sc) for t, _, sc in views]
-    assert [w for _, w, _ in weighted[row["n_options"]:]] == pytest.approx([3 * w for _, w, _ in views])
     unlabelled = dict(row, opinion_direction=None)
     assert len(choices.cloning_targets(tokenizer, unlabelled, prior, 0.3, direction_prior, 0.4, end)) == row["n_options"]
 

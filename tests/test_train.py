@@ -402,30 +402,30 @@ def test_cpu_bf16_autocasts_training_and_the_evaluation(tiny_model_dir, tmp_path
 def test_opinion_cloning_is_smoothed_toward_the_chosen_baseline(tiny_model_dir, tmp_path, monkeypatch, baseline):
     """bc_opinion_prior picks what every cloned row's opinion target mixes in: the issue's direction
     prior, the pre-study-index logistic or the initial viewpoint's table, each fit on the training
-    split alone; bc_opinion_weight reaches the targets."""
+    split alone."""
     import choices
     import data
     import opinions
 
     seen = []
 
-    def recording(tokenizer, row, prior, smoothing, opinion_prior, opinion_smoothing, end_id, opinion_weight):
-        seen.append((row, opinion_prior(row), opinion_weight))
-        return real(tokenizer, row, prior, smoothing, opinion_prior, opinion_smoothing, end_id, opinion_weight)
+    def recording(tokenizer, row, prior, smoothing, opinion_prior, opinion_smoothing, end_id):
+        seen.append((row, opinion_prior(row)))
+        return real(tokenizer, row, prior, smoothing, opinion_prior, opinion_smoothing, end_id)
 
     real = choices.cloning_targets
     monkeypatch.setattr(choices, "cloning_targets", recording)
     cfg = small_cfg(tiny_model_dir, tmp_path, max_steps=1, save_steps=0, bc_steps=2, bc_opinion_smoothing=0.8,
-                    bc_opinion_prior=baseline, bc_opinion_weight=2.5, eval_on_start=False, eval_on_end=False)
+                    bc_opinion_prior=baseline, eval_on_start=False, eval_on_end=False)
     tg.train(cfg, CPU)
     train_rows, _ = data.load_examples(cfg.dataset, cfg.val_fraction, cfg.seed, lambda *_: None)
     expected = {"issue": opinions.direction_prior, "index": opinions.index_baseline,
                 "viewpoint": opinions.viewpoint_baseline}[baseline](train_rows)
     other = (opinions.index_baseline if baseline == "issue" else opinions.direction_prior)(train_rows)
     assert len(seen) == 2 * cfg.prompts_per_step
-    for row, got, weight in seen:
-        assert got == pytest.approx(expected(row)) and weight == 2.5
-    assert any(got != pytest.approx(other(row)) for row, got, _ in seen)  # the two baselines differ on these rows
+    for row, got in seen:
+        assert got == pytest.approx(expected(row))
+    assert any(got != pytest.approx(other(row)) for row, got in seen)  # the two baselines differ on these rows
 
 
 def test_resume_settings_that_would_mislabel_a_run(tiny_model_dir, tmp_path, capsys):
