@@ -108,11 +108,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 def resolve_model(name, world):
     """A loadable path or hub id: the embedded default is converted on first use (one converter per node)."""
     if name != EMBEDDED_MODEL:
-        path = Path(name).expanduser()
-        if path.exists() and not (path / "config.json").exists():
-            raise UserError("model", f"{name} is not a model folder (no config.json)")
-        if not path.exists() and not HUB_ID.match(name):
-            raise UserError("model", f"{name}: no such folder, and not a hub id (org/name)")
+        check_model_name(name)
         return name
     target = embedded_model_dir()
     if world.local_rank == 0 and not (target / "config.json").exists():
@@ -120,6 +116,18 @@ def resolve_model(name, world):
         convert_embedded_model(target)
     distributed.barrier()
     return str(target)
+
+
+def check_model_name(name):
+    """A model folder, a hub id or the embedded default, or one line saying which it is not (before
+    a run folder is made or any data loads)."""
+    if name == EMBEDDED_MODEL:
+        return
+    path = Path(name).expanduser()
+    if path.exists() and not (path / "config.json").exists():
+        raise UserError("model", f"{name} is not a model folder (no config.json)")
+    if not path.exists() and not HUB_ID.match(name):
+        raise UserError("model", f"{name}: no such folder, and not a hub id (org/name)")
 
 
 def load_model(path, device, trainable, checkpointing=False, fp32_head=True):
@@ -341,11 +349,12 @@ def trainer_state(path):
 
 def eval_settings(path):
     """What a checkpoint was trained with that decides how `--eval_only` scores it: its prompt, so
-    that it is scored as it was trained, and its participant split, so that "validation" is
+    that it is scored as it was trained, and its data and participant split, so that "validation" is
     participants it never trained on; {} for a model that is not one of this trainer's checkpoints."""
     config = trainer_state(path).get("config", {})
     config.setdefault("split_seed", config.get("seed"))  # written before split_seed existed: the seed drew it
-    keys = ("prompt_mode", "system_prompt", "grail_max_history", "max_completion_length", "split_seed", "val_fraction")
+    keys = ("prompt_mode", "system_prompt", "grail_max_history", "max_completion_length", "dataset", "split_seed",
+            "val_fraction")
     return {key: config[key] for key in keys if config.get(key) is not None}
 
 

@@ -153,6 +153,7 @@ def parse_config(argv, environ):
     """The effective Config and the ignored recipe keys. `--eval_only` scores a checkpoint with the
     prompt it was trained with, into a folder of its own, unless told otherwise."""
     cfg, ignored = configurator.apply_overrides(Config, argv, environ)
+    checkpoint.check_model_name(cfg.eval_only or cfg.model_name_or_path)
     if cfg.eval_only:  # its prompt and split outrank a recipe file and an exported GRAIL_MAX_HISTORY
         pinned = {**checkpoint.eval_settings(cfg.eval_only), "output_dir": outputs.eval_folder(cfg.eval_only)}
         cfg, ignored = configurator.apply_overrides(Config, argv, environ, pinned)

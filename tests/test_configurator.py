@@ -115,6 +115,7 @@ def test_eval_only_takes_the_checkpoints_prompt_over_a_recipe_and_the_environmen
     output folder outrank that file and an exported GRAIL_MAX_HISTORY; the command line outranks all."""
     ckpt = tmp_path / "run" / "checkpoint-000004"
     ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")  # a model folder, as far as the name check goes
     (ckpt / "trainer_state.json").write_text(json.dumps({"config": {
         "prompt_mode": "think", "grail_max_history": 12, "max_completion_length": 128, "seed": 7}}))
     argv = ["--config=recipes/cpu_default.yaml", f"--eval_only={ckpt}"]

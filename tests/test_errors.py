@@ -91,6 +91,14 @@ def test_eval_only_on_something_that_is_not_a_model(target, message, run_trainer
     code, _, err = run_trainer([f"--eval_only={target.format(tmp=tmp_path)}"])
     assert code == 1
     assert one_line(err).startswith(message.format(tmp=tmp_path))
+    if "cannot load" not in message:  # told before any folder is made or data loads (a hub id needs the hub)
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_model_name_that_is_no_model_stops_before_the_run_folder(run_trainer, tmp_path):
+    code, _, err = run_trainer([f"--model_name_or_path={tmp_path / 'typo'}"])
+    assert code == 1 and one_line(err) == f"[model] {tmp_path / 'typo'}: no such folder, and not a hub id (org/name)"
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_dataset_too_small_for_its_split(run_trainer, tmp_path, bundled):
@@ -201,6 +209,18 @@ def test_a_checkpoint_from_before_split_seed_is_scored_on_the_split_its_seed_dre
 
     (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2, "config": {"seed": 7, "prompt_mode": "answer"}}))
     assert checkpoint.eval_settings(tmp_path) == {"prompt_mode": "answer", "split_seed": 7}
+
+
+def test_eval_only_scores_the_data_the_checkpoint_trained_on(run_trainer, tmp_path, bundled, monkeypatch):
+    """Its held-out participants are those of its own data: the bundled data's split of the same
+    seed would hold other people (and rows it trained on)."""
+    rows = tmp_path / "rows.jsonl"
+    append_jsonl(rows, bundled[:60])
+    assert run_trainer([f"--dataset={rows}"])[0] == 0
+    monkeypatch.chdir(tmp_path)
+    checkpoint_dir = tmp_path / "run" / "checkpoint-000001"
+    assert tg.parse_config([f"--eval_only={checkpoint_dir}"], {})[0].dataset == str(rows)
+    assert tg.parse_config([f"--eval_only={checkpoint_dir}", "--dataset="], {})[0].dataset == ""
 
 
 def test_training_on_a_source_with_only_a_held_out_split_says_what_to_do(run_trainer, tmp_path, bundled):
