@@ -368,10 +368,10 @@ def restore(path, model, optimizer, scheduler, disc_trainer, world):
     scheduler.load_state_dict(state["scheduler"])
     # The rate is a function of (step, max_steps): recompute this step's, since a resume may raise
     # max_steps. Set, not stepped: a step would count in the scheduler's state, which must stay an
-    # uninterrupted run's (learning_rate is a float, so assigning it is what LambdaLR does).
+    # uninterrupted run's (learning_rate is a float, so assigning it is what LambdaLR does; the loop
+    # reads the rate from the groups, not from the scheduler's get_last_lr()).
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
     if disc_trainer is not None:
         if not (path / "disc.pt").exists():
             raise UserError("checkpoint", f"{path} holds no discriminator: it was saved with GAIL_USE=0")

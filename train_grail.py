@@ -367,7 +367,7 @@ def train(cfg, world, ignored_keys=()):
         t0 = time.time()
         batch, record, samples = collect_rollouts(model, tokenizer, train_rows, step, cfg, world, disc_trainer)
         add_logprobs(model, ref_model, batch, cfg, world)
-        lr = scheduler.get_last_lr()[0]
+        lr = optimizer.param_groups[0]["lr"]  # this step's rate, as the update uses it
         model.train()
         record.update = grpo.update(policy, optimizer, scheduler, batch, cfg, world)
         # After scoring: this step's reward came from the discriminator as it was before this update.
