@@ -10,7 +10,9 @@ one forward per row, exact for any number of options (option 1 excludes "10", "1
 and "1" do not close the tag). Mass on anything else (other spellings, other text, numbers outside
 the slate) is the invalid mass. The opinion after the human's click rides in the same forward: three
 more branches, "gold</answer><opinion>d</opinion>" for each direction d, each scored from d on, give
-p(d | prompt, click) the same way (opinions.py scores it). The click's branches do not see them.
+p(d | prompt, click) the same way (opinions.py scores it), closed by "</opinion>" alone: the model
+opened that tag itself, and the reward's parser reads a turn that ends inside it as no opinion. The
+click's branches do not see them.
 
 Scores, each beside uniform and the position prior of the training split:
 - log-loss of the human choice: raw (-log p(gold), invalid mass counts as loss) and renormalised
@@ -83,12 +85,14 @@ def answer_logprobs(model, tokenizer, prompt_text, n_options, stop_ids, gold=Non
         scored = _tree_logprobs(model, prompt, tokens, [(start, end) for _, start, end in branches])
     stops = torch.tensor(stop_ids, device=device)
     out = []
-    for (ids, start, end), (token_logp, after_label, before_last) in zip(branches, scored):
-        # The tag closes after the label: the turn ends, or the closing tag follows (its last token as
-        # any token that starts with that token's text).
+    for i, ((ids, start, end), (token_logp, after_label, before_last)) in enumerate(zip(branches, scored)):
+        # The tag closes after the label: the closing tag follows (its last token as any token that
+        # starts with that token's text), or, for the click, whose tag the prompt opened, the turn
+        # ends (the reward's parser closes it: rewards.full_text).
         closers = torch.tensor(closing_ids(tokenizer, ids[-1]), device=device)
-        tag = token_logp[end - start:-1].sum() + torch.logsumexp(before_last[closers], 0)
-        close_logp = torch.logaddexp(torch.logsumexp(after_label[stops], 0), tag)
+        close_logp = token_logp[end - start:-1].sum() + torch.logsumexp(before_last[closers], 0)
+        if i < n_options:
+            close_logp = torch.logaddexp(torch.logsumexp(after_label[stops], 0), close_logp)
         out.append(token_logp[:end - start].sum() + close_logp)
     out = torch.stack(out)
     return out[:n_options], (out[n_options:] if gold is not None else None)

@@ -150,12 +150,12 @@ def test_a_tag_closed_by_a_merged_token_counts(tiny_model_dir, tmp_path):
 
 def brute_force_opinion(model, tokenizer, prompt_text, gold, stop_ids):
     """log p(d | gold) per direction, each its own sequence after prompt + "gold</answer><opinion>",
-    closed by a stop token or "</opinion>"."""
+    closed by "</opinion>" (a turn that ends inside the tag is no opinion to the reward's parser)."""
     prefix = tokenizer(prompt_text, add_special_tokens=False).input_ids + [
         t for piece in (str(gold), "</answer>", "<opinion>") for t in tokenizer.encode(piece, add_special_tokens=False)]
     close = tokenizer.encode("</opinion>", add_special_tokens=False)
     return [brute_force_closed(model, tokenizer, prefix, tokenizer.encode(label, add_special_tokens=False), close,
-                               stop_ids) for label in data.OPINION_LABELS]
+                               []) for label in data.OPINION_LABELS]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -190,19 +190,21 @@ def test_exact_opinion_distribution_agrees_with_sampled_opinions(tiny_model_dir)
     prompt = tokenizer(text, add_special_tokens=False).input_ids
     answered, opened, words, close = choices.opinion_branches(tokenizer, 2)
     prefix, eos = prompt + answered + opened, tokenizer.eos_token_id
-    teach_tokens(model, prefix, {tuple(words[0] + close + [eos]): 0.5, tuple(words[1] + close + [eos]): 0.3,
-                                 tuple(words[2] + [eos]): 0.2})  # no_change ends the turn without the tag
+    answered_text = tokenizer.decode(answered + opened)  # the turn after the prompt's "<answer>"
+    teach_tokens(model, prefix, {tuple(words[0] + close + [eos]): 0.4, tuple(words[1] + close + [eos]): 0.25,
+                                 tuple(words[2] + close + [eos]): 0.2,
+                                 tuple(words[1] + [eos]): 0.15})  # ends the turn inside the tag: no opinion
     stop_ids = rollout.stop_token_ids(model, tokenizer)
     exact = choices.answer_logprobs(model, tokenizer, text, 3, stop_ids, gold=2)[1].exp()
-    assert 0.8 < exact.sum() <= 1.0 and (exact > 0.05).all()  # the test compares real masses
+    assert (exact > 0.05).all() and exact.sum() < 0.95  # real masses, and the unclosed turn's left out
     K = 600
     torch.manual_seed(0)
     ids = torch.tensor([prefix])
-    completions = rollout.sample(model, ids, torch.ones_like(ids), K, 12, stop_ids, eos, 1.0, 1.0, False, True)
+    completions = rollout.sample(model, ids, torch.ones_like(ids), K, 24, stop_ids, eos, 1.0, 1.0, False, True)
     mask, truncated = rollout.completion_mask(completions, stop_ids)
     texts = tokenizer.batch_decode(completions.masked_fill(mask == 0, eos), skip_special_tokens=True)
-    seen = Counter(rewards.parse_opinion("<opinion>" + t + ("" if cut else "</opinion>"))
-                   for t, cut in zip(texts, truncated.tolist()))
+    seen = Counter(rewards.parse(answered_text + t, cut, row, answer_only=True).opinion
+                   for t, cut in zip(texts, truncated.tolist()))  # as the reward reads the whole turn
     for label, p in zip(data.OPINION_LABELS, exact.tolist()):
         assert abs(seen[label] / K - p) < 4 * math.sqrt(p * (1 - p) / K) + 0.01, (label, seen, exact)
 
