@@ -148,7 +148,7 @@ def test_a_tag_closed_by_a_merged_token_counts(tiny_model_dir, tmp_path):
         assert abs(answers[k] / K - p) < 4 * math.sqrt(p * (1 - p) / K) + 0.01, (k, answers, exact)
 
 
-def brute_force_opinion(model, tokenizer, prompt_text, gold, stop_ids):
+def brute_force_opinion(model, tokenizer, prompt_text, gold):
     """log p(d | gold) per direction, each its own sequence after prompt + "gold</answer><opinion>",
     closed by "</opinion>" (a turn that ends inside the tag is no opinion to the reward's parser)."""
     prefix = tokenizer(prompt_text, add_special_tokens=False).input_ids + [
@@ -163,7 +163,7 @@ def test_opinion_distribution_equals_brute_force_and_leaves_the_click_alone(tiny
     model, tokenizer, stop_ids = tiny_with_attention(tiny_model_dir, attention)
     text = prompts.PromptFormat("answer").text(tokenizer, row_with(11))
     click, opinion = choices.answer_logprobs(model, tokenizer, text, 11, stop_ids, gold=10)
-    assert opinion.tolist() == pytest.approx(brute_force_opinion(model, tokenizer, text, 10, stop_ids), abs=1e-4)
+    assert opinion.tolist() == pytest.approx(brute_force_opinion(model, tokenizer, text, 10), abs=1e-4)
     alone = choices.answer_logprobs(model, tokenizer, text, 11, stop_ids)[0]  # no opinion branches in the tree
     assert click.tolist() == pytest.approx(alone.tolist(), abs=1e-5)
     assert choices.answer_logprobs(model, tokenizer, text, 11, stop_ids)[1] is None
@@ -177,7 +177,7 @@ def test_window_shorter_than_the_prompt_scores_each_opinion_alone(tmp_path):
     stop_ids = rollout.stop_token_ids(model, tokenizer)
     text = prompts.PromptFormat("answer").text(tokenizer, row_with(3))
     _, opinion = choices.answer_logprobs(model, tokenizer, text, 3, stop_ids, gold=2)
-    assert opinion.tolist() == pytest.approx(brute_force_opinion(model, tokenizer, text, 2, stop_ids), abs=1e-4)
+    assert opinion.tolist() == pytest.approx(brute_force_opinion(model, tokenizer, text, 2), abs=1e-4)
 
 
 def test_exact_opinion_distribution_agrees_with_sampled_opinions(tiny_model_dir):
