@@ -265,6 +265,10 @@ def train(cfg, world, ignored_keys=()):
                              "validation, ... are one) or every participant is in the validation split; "
                              "name the training file train.jsonl, or score a model with --eval_only")
     prompt = prompts.PromptFormat.of(cfg)
+
+    def fitting(rows, name, model, tokenizer):  # rows past the model's positions are skipped and counted
+        return prompts.fitting_rows(rows, tokenizer, prompt, model.config, cfg.max_completion_length, name, world.print)
+
     # The untrained model's scores stand beside every later evaluation (kept from step 0's).
     resumed_eval = run.eval_at(0).exists() and not cfg.eval_only
     untrained = evaluate.untrained_scores(outputs.read_json(run.eval_at(0))) if resumed_eval else None
@@ -297,8 +301,7 @@ def train(cfg, world, ignored_keys=()):
         path = checkpoint.resolve_model(cfg.eval_only, world)
         model, tokenizer = checkpoint.load_model(path, world.device, trainable=False,
                                                   fp32_head=cfg.cast_lm_head_to_fp32), checkpoint.load_tokenizer(path)
-        eval_rows = prompts.fitting_rows(eval_rows, tokenizer, prompt, model.config, cfg.max_completion_length,
-                                         cfg.eval_split, world.print)
+        eval_rows = fitting(eval_rows, cfg.eval_split, model, tokenizer)
         environment = checkpoint.environment(world)  # every rank: it all-gathers the device names
         try:
             step = checkpoint.trainer_state(path).get("step", 0)  # the checkpoint's; 0 for another model
@@ -319,9 +322,9 @@ def train(cfg, world, ignored_keys=()):
                                   fp32_head=cfg.cast_lm_head_to_fp32)
     ref_model = checkpoint.load_model(model_path, world.device, trainable=False,
                                       fp32_head=cfg.cast_lm_head_to_fp32) if cfg.beta else None
-    train_rows, eval_rows = (prompts.fitting_rows(rows, tokenizer, prompt, model.config, cfg.max_completion_length,
-                                                  name, world.print) for rows, name in ((train_rows, "train"),
-                                                                                        (eval_rows, cfg.eval_split)))
+    train_rows = fitting(train_rows, "train", model, tokenizer)
+    if evaluates:  # a run that evaluates nothing neither reads nor refuses the held-out prompts
+        eval_rows = fitting(eval_rows, cfg.eval_split, model, tokenizer)
     if cfg.max_steps <= 0:
         cfg.max_steps = math.ceil(cfg.num_train_epochs * len(train_rows) / cfg.prompts_per_step)
     disc_trainer = None

@@ -268,6 +268,10 @@ def test_rows_longer_than_the_models_positions_are_skipped_in_training_and_evalu
     assert 0 < len(fits) < 12 and saved["n_total"] == len(fits)
     assert f"[data] validation: {12 - len(fits)} of 12 rows skipped (prompt_too_long" in log
     assert "[data] train: " in log and "rows skipped (prompt_too_long" in log.split("[data] train: ")[1].split("\n")[0]
+    # A run that evaluates nothing leaves the held-out prompts alone (and so never refuses them).
+    tg.train(small_cfg(short, tmp_path / "quiet", max_steps=1, save_steps=1, eval_on_start=False, eval_on_end=False,
+                       eval_max_rows=12), CPU)
+    assert "[data] validation:" not in capsys.readouterr().out
 
 
 def test_split_seed_fixes_the_held_out_rows_whatever_the_training_seed(tiny_model_dir, tmp_path):
