@@ -144,8 +144,9 @@ def calibration_rewards(choices, golds, num_generations):
     this (a tabular bandit then settles at TVD 0.12-0.18 from q instead of 0.01-0.02; check_config
     refuses it). `none` keeps it exact. The std of the global batch (`batch`) holds each sample's own
     reward and its group's too, so it tilts E[A_i | a_i = k] toward the mode by about 1/B for B prompts
-    a step: at p = q and G = 8, B = 2, the mode's expected advantage is 0.11 std above the rarest
-    option's; at B = 8 and 32 the gap is inside Monte-Carlo noise (tests/test_bandit.py). The trainer
+    a step: at p = q and G = 8, B = 2, the mode's expected advantage is 0.12 std above the rarest
+    option's; at B = 8 and 32 the gap is inside Monte-Carlo noise (`python -m bench.scale_rewards`
+    prints them; tests/test_bandit.py checks them). The trainer
     says so below BATCH_STD_MIN_PROMPTS prompts a step.
     """
     G = num_generations
