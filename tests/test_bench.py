@@ -60,6 +60,15 @@ def test_roofline_bench_runs_on_a_tiny_model(tiny_model_dir):
     assert "| bf16, bf16 head |" in text
 
 
+def test_eval_drift_bench_runs_on_a_tiny_model(tiny_model_dir):
+    from bench import eval_drift
+
+    result = eval_drift.run({"model": str(tiny_model_dir), "threads": 0, "rows": 2, "bc_steps": 1, "runs": 1})
+    assert all(result[k] > 0 for k in ("before", "after", "cloning_rows_per_s"))
+    text = eval_drift.table(result)
+    assert f"| after / before | {result['after'] / result['before']:.2f} |" in text and result["machine"] in text
+
+
 def test_splits_bench_scores_each_split_as_the_evaluation_does():
     """bench.splits' per-issue baselines on a participant split, against each baseline's function
     applied row by row here (the bench reads them from opinions.opinion_metrics)."""
