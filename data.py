@@ -62,26 +62,59 @@ def _decode_list(row, field, required):
         return []
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         raise BadRow(f"wrong_type:{field}")
-    return [{**item, "id": _as_key(item["id"])} if "id" in item else item for item in value]
+    items = [_nan_as_none(item) for item in value]
+    return [{**item, "id": _as_key(item["id"])} if "id" in item else item for item in items]
 
 
-def _check_item(item, field, text_keys, int_keys, needs_label):
+def _nan_as_none(mapping):
+    """NaN is how pandas and parquet write a missing value: read it as None."""
+    return {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in mapping.items()}
+
+
+def _clean_item(item, field, text_keys, number_keys, needs_label, dropped):
+    """A slate or history item with its counts read as numbers. A count that is not one (a word, a
+    boolean, an int too large for a float) is only displayed: it is removed and counted, the row kept."""
     for key in text_keys:
         if item.get(key) is not None and not isinstance(item[key], str):
             raise BadRow(f"wrong_type:{field}.{key}")
-    for key in int_keys:
-        value = item.get(key)
-        # bool is an int subclass in Python; a boolean view count is a broken row.
-        if value is not None and not _is_number(value):
-            raise BadRow(f"wrong_type:{field}.{key}")
     if needs_label and not (item.get("title") or item.get("id")):
         raise BadRow(f"missing_field:{field}.title")  # an option must be nameable
+    out = dict(item)
+    for key in number_keys:
+        value, problem = _read_number(item.get(key))
+        if problem:
+            del out[key]
+            dropped[f"{field}.{key}:{problem}"] += 1
+        elif key in out:
+            out[key] = value
+    return out
+
+
+def _read_number(value):
+    """(a finite number or None, why it was unreadable or None): a numeric string is read ("12", a
+    CSV's), '' is no value."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None, None
+        try:
+            number = float(value)
+        except ValueError:
+            return None, "not_a_number"
+        value = int(number) if number.is_integer() and abs(number) < 2 ** 53 else number
+    if value is None:
+        return None, None
+    return (value, None) if _is_number(value) else (None, "not_a_number")
 
 
 def _is_number(value):
-    """A finite int or float; bool is an int subclass in Python, and a boolean count is a broken row.
-    (An int is finite however large: math.isfinite would overflow on it.)"""
-    return not isinstance(value, bool) and (isinstance(value, int) or isinstance(value, float) and math.isfinite(value))
+    """A finite int or float. bool is an int subclass in Python, and a boolean count is not a count;
+    an int too large for a float is not finite here (math.isfinite raises on it, rendering would)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _as_key(value):
@@ -105,7 +138,7 @@ def _gold_index(row, slate):
         if not 1 <= index <= len(slate):
             raise BadRow("gold_index_out_of_range")
     gold_id = row.get("next_video_id")
-    if gold_id is None:
+    if gold_id is None or gold_id == "":  # '' is "none" here as in every other field
         if index is None:
             raise BadRow("missing_field:next_video_id")
         return index
@@ -126,12 +159,15 @@ MALFORMED_LINE = {"__malformed_json_line__": True}
 
 def clean_row(row, dropped=None):
     """Validated copy of a raw row: lists decoded, `gold_index` set, `participant_key` filled in.
-    An unusable optional opinion field (`opinion_direction`, `opinion_before`) is removed, not the
-    row (its click is still good), and counted in `dropped` by reason."""
+    An unusable optional field (`opinion_direction`, `opinion_before`, an item's count, a published
+    checkpoint's answer) is removed, not the row (its click is still good), and counted in `dropped`
+    by reason. NaN, pandas' missing value, is None."""
     if row is MALFORMED_LINE:
         raise BadRow("malformed_json:line")
     if not isinstance(row, dict):
         raise BadRow("wrong_type:row")
+    dropped = Counter() if dropped is None else dropped
+    row = _nan_as_none(row)
     row = {**row, **{field: _as_key(row[field]) for field in ID_FIELDS if field in row}}
     for field in TEXT_FIELDS:
         if row.get(field) is not None and not isinstance(row[field], str):
@@ -142,22 +178,23 @@ def clean_row(row, dropped=None):
         raise BadRow("empty_slate")
     if len(slate) > MAX_OPTIONS:
         raise BadRow("slate_too_large")
-    for item in slate:
-        _check_item(item, "slate_items_json", ("id", "title", "channel_title"),
-                    ("length_seconds", "view_count", "like_count", "comment_count"), needs_label=True)
-    for item in history:
-        _check_item(item, "watched_detailed_json", ("id", "title", "channel"),
-                    ("watch_seconds", "total_length", "watch_percent"), needs_label=False)
+    slate = [_clean_item(item, "slate_items_json", ("id", "title", "channel_title"),
+                         ("length_seconds", "view_count", "like_count", "comment_count"), True, dropped)
+             for item in slate]
+    history = [_clean_item(item, "watched_detailed_json", ("id", "title", "channel"),
+                           ("watch_seconds", "total_length", "watch_percent"), False, dropped) for item in history]
     gold = _gold_index(row, slate)
     out = dict(row)
     for field, (value, problem) in (("opinion_direction", _opinion_direction(row)),
                                     ("opinion_before", _opinion_before(row))):
         out[field] = value
-        if problem and dropped is not None:
+        if problem:
             dropped[f"{field}:{problem}"] += 1
+    references, unreadable = _reference_predictions(row.get("reference_predictions"))
+    if unreadable:
+        dropped["reference_predictions:unreadable"] += unreadable
     out.update(slate_items_json=slate, watched_detailed_json=history, gold_index=gold,
-               n_options=len(slate), participant_key=participant_key(row),
-               reference_predictions=_reference_predictions(row.get("reference_predictions")))
+               n_options=len(slate), participant_key=participant_key(row), reference_predictions=references)
     return out
 
 
@@ -173,30 +210,39 @@ def _opinion_direction(row):
 
 def _opinion_before(row):
     """(the pre-study index in [0, 1] or None, why it was dropped or None); a numeric string is read."""
-    value = row.get("opinion_before")
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return None, "not_a_number"
+    value, problem = _read_number(row.get("opinion_before"))
     if value is None:
-        return None, None
-    if not _is_number(value):
-        return None, "not_a_number"
+        return None, problem
     return (value, None) if 0 <= value <= 1 else (None, "outside_0_1")
 
 
 def _reference_predictions(value):
-    """The published checkpoints' answers ({name: option or None}); optional, so an unreadable
-    value is dropped rather than the row."""
+    """(the published checkpoints' answers {name: option or None}, how many answers were unreadable).
+    Optional, so what cannot be read is dropped and counted, not the row; an option written as 2.0
+    or "2" (pandas, a CSV) is read as 2."""
+    if value is None or value == "":
+        return {}, 0
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except ValueError:
-            return {}
+            return {}, 1
     if not isinstance(value, dict):
-        return {}
-    return {str(k): v for k, v in value.items() if v is None or (isinstance(v, int) and not isinstance(v, bool))}
+        return {}, 1
+    answers = {str(k): _option_number(v) for k, v in value.items()}
+    kept = {k: v for k, v in answers.items() if v is not False}
+    return kept, len(answers) - len(kept)
+
+
+def _option_number(value):
+    """An answer as an int, None for "no answer", False where it is not one."""
+    if value is None or isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, str) and value.strip().isdecimal() and value.strip().isascii():
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else False
 
 
 def participant_key(row):
@@ -213,17 +259,25 @@ NAMELESS_KEY = participant_key({})  # no participant_key and no viewer fields: e
 def clean_rows(raw_rows, split_name="data", log=print):
     """Validate every row: (good rows, Counter of skip reasons). Logs one summary line, and one
     more where rows kept their click but lost an unusable opinion field."""
-    good, skipped, dropped = [], Counter(), Counter()
+    good, skipped, dropped, seen = [], Counter(), Counter(), set()
     for raw in raw_rows:
         try:
-            good.append(clean_row(raw, dropped))
+            row = clean_row(raw, dropped)
         except BadRow as bad:
             skipped[bad.reason] += 1
+            continue
+        # The same row twice (a file given twice, a concatenation) would train and score it twice.
+        fingerprint = hashlib.sha1(json.dumps(raw, sort_keys=True, default=str).encode("utf-8")).digest()
+        if fingerprint in seen:
+            skipped["duplicate_row"] += 1
+            continue
+        seen.add(fingerprint)
+        good.append(row)
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
     log(f"[data] {split_name}: {len(good)} rows kept, {sum(skipped.values())} skipped ({reasons})")
     if dropped:
         fields = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items()))
-        log(f"[data] {split_name}: opinion fields dropped, the rows kept ({fields})")
+        log(f"[data] {split_name}: unreadable fields dropped, the rows kept ({fields})")
     nameless = sum(row["participant_key"] == NAMELESS_KEY for row in good)
     if nameless:
         log(f"[data] {split_name}: {nameless} rows name no participant (no participant_key, no viewer fields): "
@@ -312,14 +366,17 @@ def _rows_from_files(paths, kind):
         return list(datasets.load_dataset("parquet", data_files=[str(p) for p in paths], split="train"))
     rows = []
     for path in paths:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        # utf-8-sig: a byte-order mark (some editors write one) is not part of the first row.
+        text = path.read_text(encoding="utf-8-sig", errors="replace")
         if path.suffix == ".json" and text.lstrip().startswith("["):
             try:
                 rows.extend(json.loads(text))
             except ValueError as err:  # one broken array loses every row: say which file
                 raise DataError(f"{path}: not a JSON array of rows ({err})") from None
             continue
-        for line in text.splitlines():
+        # Only "\n" ends a JSON line: splitlines() would also split at U+2028, U+0085, ... which
+        # json.dumps(ensure_ascii=False) leaves unescaped inside strings.
+        for line in text.split("\n"):
             if not line.strip():
                 continue
             try:
@@ -361,6 +418,11 @@ def load_examples(source, val_fraction, seed, log=print):
     if val_name is not None:
         train_rows = clean_rows(train, "train", log)[0] if train else []
         val_rows, _ = clean_rows(splits[val_name], val_name, log)
+        shared = {row["participant_key"] for row in train_rows} & {row["participant_key"] for row in val_rows}
+        if shared:
+            log(f"[data] {len(shared)} participants are in both train and {val_name} ("
+                f"{sum(row['participant_key'] in shared for row in val_rows)} {val_name} rows): the shipped split "
+                "is not by participant, so those rows are not held-out people")
         return train_rows, val_rows
     rows, _ = clean_rows(train, "all", log)
     train_rows, val_rows = split_by_participant(rows, val_fraction, seed)
@@ -370,8 +432,9 @@ def load_examples(source, val_fraction, seed, log=print):
 
 
 def split_by_participant(rows, val_fraction, seed):
-    """Hold out about `val_fraction` of the participants of each (issue, study); no participant on
-    both sides. The shuffle depends only on the seed and the participant keys, not on row order."""
+    """Hold out about `val_fraction` of the participants of each (issue, study), at least one of
+    every stratum with two or more (so that no issue or study goes unscored); no participant on both
+    sides. The shuffle depends only on the seed and the participant keys, not on row order."""
     strata = {}
     for row in rows:
         stratum = (row.get("issue") or "", row.get("participant_study") or "")
@@ -380,7 +443,8 @@ def split_by_participant(rows, val_fraction, seed):
     for stratum in sorted(strata):
         keys = sorted(strata[stratum])
         random.Random(f"{seed}:{stratum}").shuffle(keys)
-        held_out.update(keys[: round(len(keys) * val_fraction)])
+        count = round(len(keys) * val_fraction)
+        held_out.update(keys[: max(count, 1) if val_fraction > 0 and len(keys) > 1 else count])
     train = [row for row in rows if row["participant_key"] not in held_out]
     val = [row for row in rows if row["participant_key"] in held_out]
     return train, val

@@ -20,8 +20,7 @@ BAD_ROWS = {
                       "next_video_id": "a", "gold_index": 2},
     "malformed_json:slate_items_json": {"slate_items_json": "[{\"id\": ", "next_video_id": "a"},
     "wrong_type:slate_items_json": {"slate_items_json": {"id": "a"}, "next_video_id": "a"},
-    "wrong_type:slate_items_json.view_count": {"slate_items_json": [{"id": "a", "title": "A", "view_count": "12"}],
-                                               "next_video_id": "a"},
+    "wrong_type:slate_items_json.title": {"slate_items_json": [{"id": "a", "title": ["A"]}], "next_video_id": "a"},
     "wrong_type:viewer_profile_sentence": {"slate_items_json": [{"id": "a", "title": "A"}], "next_video_id": "a",
                                            "viewer_profile_sentence": 42},
     "wrong_type:gold_index": {"slate_items_json": [{"id": "a", "title": "A"}], "gold_index": "first"},
@@ -45,14 +44,15 @@ def test_an_unusable_opinion_field_is_dropped_and_counted_and_the_row_kept(bundl
     """The click of a row is good without its opinion: a label or index that cannot be read costs
     that field (counted), never the row; spelling and numeric strings are read as meant."""
     given = [("Increase", 0.2), (" No  change ", "0.5"), ("no-change", 1), ("", 0.3), ("up", float("nan")),
-             (None, "95%"), ("decrease", 55), ("decrease", -0.1)]
+             (None, "95%"), ("decrease", 55), ("decrease", -0.1), ("increase", True)]
     rows = [dict(bundled[i], opinion_direction=d, opinion_before=b) for i, (d, b) in enumerate(given)]
     good, skipped = data.clean_rows(rows, "mixed")
     assert not skipped and len(good) == len(given)
     assert [r["opinion_direction"] for r in good] == ["increase", "no_change", "no_change", None, None, None,
-                                                     "decrease", "decrease"]
-    assert [r["opinion_before"] for r in good] == [0.2, 0.5, 1, 0.3, None, None, None, None]
-    assert ("opinion fields dropped, the rows kept (opinion_before:not_a_number=2, opinion_before:outside_0_1=2, "
+                                                     "decrease", "decrease", "increase"]
+    assert [r["opinion_before"] for r in good] == [0.2, 0.5, 1, 0.3, None, None, None, None, None]
+    # NaN is pandas' "missing": no value, nothing to count.
+    assert ("unreadable fields dropped, the rows kept (opinion_before:not_a_number=2, opinion_before:outside_0_1=2, "
             "opinion_direction:unknown=1)") in capsys.readouterr().out
 
 
@@ -70,7 +70,74 @@ def test_numbers_where_text_is_expected_are_read_as_text(bundled):
             data.clean_row(dict(row, gold_index=bad, next_video_id=None))
     huge = dict(row, opinion_before=10 ** 400, slate_items_json=[dict(slate[0], view_count=10 ** 400)], gold_index=1,
                 next_video_id=None)
-    assert data.clean_row(huge)["opinion_before"] is None  # an int is finite however large
+    clean = data.clean_row(huge)  # an int too large for a float is not a number: dropped, the row kept
+    assert clean["opinion_before"] is None and "view_count" not in clean["slate_items_json"][0]
+    assert "OPTIONS" in prompts.render_user_prompt(clean)
+
+
+def test_counts_written_as_text_are_read_and_unreadable_ones_dropped_and_counted(bundled, capsys):
+    """A count is only displayed: "14536" (a CSV's) is read as the number, a word or a boolean costs
+    that count (counted), never the row's click."""
+    slate = [dict(item) for item in bundled[0]["slate_items_json"]]
+    slate[0].update(view_count="14536", like_count="many", comment_count=True, length_seconds=" 250.5 ")
+    slate[1]["view_count"] = " "  # blank: no count
+    history = [{"id": "h", "title": "H", "watch_seconds": "403", "total_length": 10 ** 400}]
+    good, skipped = data.clean_rows([dict(bundled[0], slate_items_json=slate, watched_detailed_json=history)], "t")
+    item, seen = good[0]["slate_items_json"][0], good[0]["watched_detailed_json"][0]
+    assert not skipped and (item["view_count"], item["length_seconds"], seen["watch_seconds"]) == (14536, 250.5, 403)
+    assert "like_count" not in item and "comment_count" not in item and "total_length" not in seen
+    assert good[0]["slate_items_json"][1]["view_count"] is None
+    assert "views 14,536" in prompts.render_user_prompt(good[0])
+    assert ("slate_items_json.comment_count:not_a_number=1, slate_items_json.like_count:not_a_number=1, "
+            "watched_detailed_json.total_length:not_a_number=1") in capsys.readouterr().out
+
+
+def test_nan_is_a_missing_value_not_a_broken_row(bundled):
+    """pandas and parquet write a missing value as NaN: an optional id, a count, or a gold index
+    that next_video_id gives are absent, not wrong."""
+    nan = float("nan")
+    slate = [dict(item) for item in bundled[0]["slate_items_json"]]
+    slate[0]["view_count"] = nan
+    row = dict(bundled[0], id=nan, participant_study=nan, gold_index=nan, slate_items_json=slate,
+               reference_predictions={"a": nan, "b": 2.0, "c": "2", "d": "two"})
+    dropped = Counter()
+    clean = data.clean_row(row, dropped)
+    assert clean["gold_index"] == bundled[0]["gold_index"] and clean["id"] is None
+    assert clean["participant_study"] is None and clean["slate_items_json"][0]["view_count"] is None
+    assert clean["reference_predictions"] == {"a": None, "b": 2, "c": 2}
+    assert dropped == Counter({"reference_predictions:unreadable": 1})
+
+
+def test_an_empty_next_video_id_is_no_id(bundled):
+    clean = data.clean_row(dict(bundled[0], next_video_id=""))
+    assert clean["gold_index"] == bundled[0]["gold_index"]
+    with pytest.raises(data.BadRow, match="missing_field:next_video_id"):
+        data.clean_row(dict(bundled[0], next_video_id="", gold_index=None))
+
+
+def test_json_lines_with_unicode_line_separators_and_a_byte_order_mark(tmp_path, bundled):
+    """json.dumps(ensure_ascii=False) leaves U+2028 and U+0085 unescaped inside strings; an editor
+    may start the file with a byte-order mark. Neither splits or breaks a row."""
+    odd = dict(bundled[0], current_video_title="Gun\u2028control \x85 talk\u2029")
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\ufeff" + json.dumps(odd, ensure_ascii=False) + "\n" + json.dumps(bundled[1], ensure_ascii=False)
+                    + "\r\n", encoding="utf-8")
+    good, skipped = data.clean_rows(data.load_raw(str(path))["train"])
+    assert not skipped and [r["id"] for r in good] == [bundled[0]["id"], bundled[1]["id"]]
+    assert good[0]["current_video_title"] == odd["current_video_title"]
+    array = tmp_path / "rows.json"
+    array.write_text("\ufeff" + json.dumps([bundled[0], bundled[1]]), encoding="utf-8")
+    assert len(data.load_raw(str(array))["train"]) == 2
+
+
+def test_a_row_given_twice_is_kept_once_and_counted(tmp_path, bundled, capsys):
+    path = tmp_path / "rows.jsonl"
+    write_rows(path, bundled[:3])
+    good, skipped = data.clean_rows(data.load_raw([str(path), str(path)])["train"])
+    assert [r["id"] for r in good] == [r["id"] for r in bundled[:3]]
+    assert skipped == Counter({"duplicate_row": 3})
+    edited = dict(bundled[0], current_video_title="another title")  # same id, another row: both kept
+    assert len(data.clean_rows([bundled[0], edited])[0]) == 2
 
 
 def write_rows(path, rows):
@@ -160,6 +227,28 @@ def test_participant_split_is_disjoint_stratified_and_seeded(bundled):
     assert sorted(r["id"] for r in again) == sorted(r["id"] for r in train)
     other, _ = data.split_by_participant(rows, 0.2, seed=4)
     assert sorted(r["id"] for r in other) != sorted(r["id"] for r in train)
+
+
+def test_every_issue_with_two_participants_is_scored(bundled):
+    """round(4 x 0.1) is 0: a small issue would never be held out, and never scored."""
+    rows, _ = data.clean_rows(bundled)
+    small = [dict(row, issue="climate", participant_key=f"c{i}", id=f"c{i}") for i, row in enumerate(bundled[:4])]
+    alone = [dict(bundled[4], issue="ai", participant_key="a0", id="a0")]
+    train, val = data.split_by_participant(rows + small + alone, 0.1, seed=42)
+    assert sum(r["issue"] == "climate" for r in val) == 1 and sum(r["issue"] == "climate" for r in train) == 3
+    assert [r["id"] for r in train if r["issue"] == "ai"] == ["a0"]  # one participant: nothing to hold out
+    _, before = data.split_by_participant(rows, 0.1, seed=42)
+    assert [r["id"] for r in val if r["issue"] != "climate"] == [r["id"] for r in before]  # the rest as it was
+
+
+def test_a_shipped_split_that_shares_participants_says_so(tmp_path, bundled, capsys):
+    write_rows(tmp_path / "train.jsonl", bundled[:40])
+    write_rows(tmp_path / "validation.jsonl", bundled[30:50])
+    data.load_examples(str(tmp_path), 0.1, 0)
+    shared = {r["participant_key"] for r in bundled[:40]} & {r["participant_key"] for r in bundled[30:50]}
+    rows = sum(r["participant_key"] in shared for r in bundled[30:50])
+    assert shared and f"{len(shared)} participants are in both train and validation ({rows} validation rows)" \
+        in capsys.readouterr().out
 
 
 def test_participant_key_falls_back_to_viewer_hash(bundled):
