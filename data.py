@@ -374,6 +374,12 @@ def _rows_from_files(paths, kind):
             except ValueError as err:  # one broken array loses every row: say which file
                 raise DataError(f"{path}: not a JSON array of rows ({err})") from None
             continue
+        if path.suffix == ".json" and text.lstrip().startswith("{") and "\n" in text.strip():
+            try:  # one row written over several lines (pretty-printed), not JSON lines
+                rows.append(json.loads(text))
+                continue
+            except ValueError:
+                pass  # JSON lines after all: each line is read (and counted) below
         # Only "\n" ends a JSON line: splitlines() would also split at U+2028, U+0085, ... which
         # json.dumps(ensure_ascii=False) leaves unescaped inside strings.
         for line in text.split("\n"):

@@ -128,6 +128,12 @@ def test_json_lines_with_unicode_line_separators_and_a_byte_order_mark(tmp_path,
     array = tmp_path / "rows.json"
     array.write_text("\ufeff" + json.dumps([bundled[0], bundled[1]]), encoding="utf-8")
     assert len(data.load_raw(str(array))["train"]) == 2
+    pretty = tmp_path / "row.json"  # one row, pretty-printed: one row, not one bad row per line
+    pretty.write_text(json.dumps(bundled[0], indent=2), encoding="utf-8")
+    assert [r["id"] for r in data.clean_rows(data.load_raw(str(pretty))["train"])[0]] == [bundled[0]["id"]]
+    lines = tmp_path / "lines.json"  # JSON lines in a .json file, as `datasets` reads them too
+    write_rows(lines, bundled[:2])
+    assert len(data.clean_rows(data.load_raw(str(lines))["train"])[0]) == 2
 
 
 def test_a_row_given_twice_is_kept_once_and_counted(tmp_path, bundled, capsys):
