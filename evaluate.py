@@ -178,6 +178,11 @@ class DistributionCache:
     click. Only for a model as its files are: never one that trained in memory. Rank 0 hashes the
     files (gigabytes on a cluster model) and every rank reads its key from there: a collective."""
 
+    # The code an exact distribution runs (tested by tracing it) and data.py (the order of its opinion
+    # labels): a change to any of it is another cache.
+    CACHE_SOURCES = ("checkpoint.py", "choices.py", "data.py", "distributed.py", "evaluate.py", "grpo.py", "prompts.py",
+                     "rollout.py")
+
     def __init__(self, model_dir, model, precision, folder, world):
         key = self._key(model_dir, model, precision) if world.is_main else None
         self.path = Path(folder) / f"{distributed.all_gather_list([key])[0]}.json"
@@ -191,7 +196,7 @@ class DistributionCache:
             with open(path, "rb") as f:
                 while chunk := f.read(1 << 24):
                     digest.update(chunk)
-        for source in ("choices.py", "grpo.py", "prompts.py"):
+        for source in DistributionCache.CACHE_SOURCES:
             digest.update((Path(__file__).parent / source).read_bytes())
         device = next(model.parameters()).device.type
         digest.update(f"{torch.__version__} {transformers.__version__} {model.config._attn_implementation} "

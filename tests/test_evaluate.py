@@ -99,6 +99,35 @@ def test_distribution_cache_reuses_only_what_the_same_files_code_and_prompt_give
     assert json.loads(cache_file.read_text())
 
 
+def test_the_cache_key_covers_every_project_file_an_exact_distribution_runs(tiny_model_dir, tmp_path):
+    """A stale cache would silently score old code: every project module whose code runs while a
+    distribution is computed (traced) is in the key."""
+    import sys
+    from pathlib import Path
+
+    root = Path(evaluate.__file__).parent
+    world = distributed.single_process("cpu")
+    model, tokenizer = checkpoint.load_model(str(tiny_model_dir), world.device, trainable=False), \
+        checkpoint.load_tokenizer(str(tiny_model_dir))
+    rows = data.load_examples("", 0.1, 0, log=lambda msg: None)[1][:2]
+    ran = set()
+
+    def trace(frame, event, arg):
+        path = Path(frame.f_code.co_filename)
+        if event == "call" and path.parent == root:
+            ran.add(path.name)
+
+    sys.setprofile(trace)
+    try:
+        with distributed.autocast(world.device, False, True):
+            evaluate.exact_distributions(model, tokenizer, rows, prompts.PromptFormat("answer"), world, 2,
+                                         evaluate.never)
+    finally:
+        sys.setprofile(None)
+    assert {"choices.py", "grpo.py", "evaluate.py"} <= ran  # the trace sees the project's code
+    assert ran <= set(evaluate.DistributionCache.CACHE_SOURCES)
+
+
 def test_sampled_valid_mass_is_the_share_of_samples_that_parse(monkeypatch):
     """Think mode: 3 samples a row on a 12-option slate. The smoothed estimate keeps 0.63 of its mass
     on options when no sample parses; the valid mass reported is what the samples did."""
