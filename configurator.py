@@ -31,10 +31,10 @@ FOREIGN_KEYS = {
 def parse_value(kind, text):
     """A command-line/environment string or a YAML/JSON value as the field's type."""
     if isinstance(text, str):
-        if kind is bool:
-            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+        if kind is bool:  # YAML 1.1's spellings, as a recipe file reads them
+            if text.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                 raise ValueError(f"not a boolean: {text!r}")
-            return text.lower() in ("1", "true", "yes")
+            return text.strip().lower() in ("1", "true", "yes", "on")
         if kind is list:  # a,b or [a,b] (the YAML spelling), items optionally quoted
             inner = text.strip()
             inner = inner[1:-1] if inner.startswith("[") and inner.endswith("]") else inner

@@ -302,8 +302,10 @@ def load_raw(source):
 
     if not source:
         source = [str(DATA_DIR / name) for name in BUNDLED_FILES]
-    if isinstance(source, str):
-        source = [part for part in source.split(",") if part]
+    if isinstance(source, str):  # "a.jsonl,b.jsonl", "a.jsonl, b.jsonl" or "[a.jsonl, b.jsonl]"
+        inner = source.strip()
+        inner = inner[1:-1] if inner.startswith("[") and inner.endswith("]") else inner
+        source = [part.strip().strip("'\"") for part in inner.split(",") if part.strip().strip("'\"")]
     paths = [Path(p) for p in source]
     if len(paths) == 1 and paths[0].is_dir():
         folder = paths[0]

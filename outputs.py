@@ -315,15 +315,20 @@ class RunFolder:
                 "completions": read_jsonl(self.completions)}
 
 
+def check_reporters(kinds):
+    """report_to's packages are optional: one that is missing is refused before a run folder is made."""
+    missing = [kind for kind in kinds if importlib.util.find_spec(kind) is None]
+    if missing:
+        raise UserError("config", f"report_to={kinds} needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+
+
 class Tracker:
     """The scalars of metrics.jsonl (and the evaluations' choice_* scores), also sent to TensorBoard
     (`output_dir/tensorboard/`) and/or Weights & Biases (offline unless WANDB_MODE says otherwise),
     as TRL's `report_to`. Neither package is a requirement: asking for a missing one fails up front."""
 
     def __init__(self, kinds, run, config):
-        missing = [kind for kind in kinds if importlib.util.find_spec(kind) is None]
-        if missing:
-            raise UserError("config", f"report_to={kinds} needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+        check_reporters(kinds)
         self.writers = {}
         if "tensorboard" in kinds:
             from torch.utils.tensorboard import SummaryWriter

@@ -148,7 +148,8 @@ else
 fi
 # Check the config once before the ranks start: a mistake is one line here, not one per rank plus
 # torchrun's own traceback.
-WORLD_SIZE=$((NGPU * NNODES)) "$PY" -c 'import os, sys, train_grail; train_grail.parse_config(sys.argv[1:], os.environ)' "$@"
+WORLD_SIZE=$((NGPU * NNODES)) "$PY" -c 'import os, sys, errors, train_grail
+errors.run(train_grail.parse_config, sys.argv[1:], os.environ)' "$@"
 # A requeued job may start while its predecessor still writes its last checkpoint: wait for the run
 # folder's lock (outputs.RunFolder.lock) instead of refusing at once. The command line can override.
 WAIT=()

@@ -159,12 +159,27 @@ def parse_config(argv, environ):
         cfg, ignored = configurator.apply_overrides(Config, argv, environ, pinned)
     try:
         cfg.reward_funcs = rewards.canonical_reward_names(cfg.reward_funcs)
-        cfg.reward_weights = [float(w) for w in cfg.reward_weights]
-        cfg.report_to = [name for name in cfg.report_to if name != "none"]
     except ValueError as err:
         raise SystemExit(f"[config] {err}") from None
+    cfg.reward_weights = reward_weights(cfg.reward_weights)
+    cfg.report_to = [name for name in cfg.report_to if name != "none"]
     check_config(cfg, int(environ.get("WORLD_SIZE", 1)))
+    if cfg.gail_use and cfg.gail_disc_model:  # a missing encoder fails now, not after the policy has loaded
+        checkpoint.check_model_name(cfg.gail_disc_model)
     return cfg, ignored
+
+
+def reward_weights(values):
+    weights = []
+    for value in values:
+        try:
+            weight = float(value)
+        except ValueError:
+            raise SystemExit(f"[config] reward_weights={values}: {value!r} is not a number") from None
+        if not math.isfinite(weight):  # a NaN weight makes every reward NaN and every update a skipped one
+            raise SystemExit(f"[config] reward_weights={values}: {value!r} is not finite")
+        weights.append(weight)
+    return weights
 
 
 # The valid range of every numeric key: (low, high, whether low itself is allowed). Checked before
@@ -177,7 +192,7 @@ RANGES = {
     "std_floor": (0, None, False), "gail_weight": (0, None, True), "gail_reward_clip": (0, None, False),
     "gail_lr": (0, None, False), "gail_disc_steps": (0, None, True), "gail_disc_batch": (1, None, True),
     "gail_human_fraction": (0, 1, True), "gail_buffer_size": (1, None, True), "gail_warmup_steps": (0, None, True),
-    "gail_gradient_penalty": (0, None, True), "gail_label_smoothing": (0, 0.5, True), "bc_steps": (0, None, True),
+    "gail_gradient_penalty": (0, None, True), "gail_alpha": (0, None, True), "gail_label_smoothing": (0, 0.5, True), "bc_steps": (0, None, True),
     "bc_learning_rate": (0, None, False), "bc_warmup_ratio": (0, 1, True), "bc_label_smoothing": (0, 1, True),
     "bc_opinion_smoothing": (0, 1, True), "gradient_accumulation_steps": (1, None, True), "warmup_ratio": (0, 1, True),
     "weight_decay": (0, None, True), "adam_beta1": (0, 1, True), "adam_beta2": (0, 1, True),
@@ -217,8 +232,9 @@ def check_config(cfg, world_size=1):
 
 def check_training(cfg):
     """What only a training run needs (--eval_only ignores a recipe's training keys)."""
-    if not cfg.reward_funcs and not cfg.gail_use:
-        raise SystemExit("[config] reward_funcs is empty and GAIL is off: every reward would be 0")
+    if not any(cfg.reward_weights) and not cfg.gail_use:
+        raise SystemExit(f"[config] reward_funcs {cfg.reward_funcs} with weights {cfg.reward_weights} and GAIL off: "
+                         "every reward would be 0")
     if cfg.beta and cfg.bc_steps:
         raise SystemExit("[config] beta > 0 with bc_steps: the KL's reference would be the model before cloning; "
                          "clone in a run of its own and start GRPO from its checkpoint (run.sh ablation does)")
@@ -243,8 +259,18 @@ def train(cfg, world, ignored_keys=()):
     raises distributed.Preempted after checkpointing when a stop is requested."""
     if cfg.split_seed < 0:
         cfg.split_seed = cfg.seed  # resolved before the config is compared or written: the folder records the split
+    # What can fail without writing comes first: a mistake here must not leave a run folder behind.
+    outputs.check_reporters(cfg.report_to if world.is_main else [])
+    train_rows, val_rows = data.load_examples(cfg.dataset, cfg.val_fraction, cfg.split_seed, world.print)
+    evaluates = bool(cfg.eval_only or cfg.eval_on_start or cfg.eval_on_end or cfg.eval_steps)
+    eval_rows = evaluate.select_rows(train_rows, val_rows, cfg.eval_split, cfg.eval_max_rows, cfg.split_seed,
+                                     evaluates)
+    if not train_rows and not cfg.eval_only:
+        raise data.DataError("no training rows: the source holds only a held-out split (files named test, "
+                             "validation, ... are one) or every participant is in the validation split; "
+                             "name the training file train.jsonl, or score a model with --eval_only")
     run = outputs.RunFolder(cfg.output_dir)
-    distributed.on_main(world, lambda: run.lock(cfg.lock_wait_seconds))  # before anything is written or loaded
+    distributed.on_main(world, lambda: run.lock(cfg.lock_wait_seconds))  # before anything is written
     run.check_writable()
     changed = run.check_reuse(dataclasses.asdict(cfg), cfg.resume, RESUMABLE_KEYS)
     tracker = outputs.Tracker(cfg.report_to if world.is_main else [], run, dataclasses.asdict(cfg))
@@ -256,14 +282,6 @@ def train(cfg, world, ignored_keys=()):
     if not cfg.eval_only and rewards.tilts_calibration(cfg.reward_funcs, cfg.scale_rewards, cfg.prompts_per_step):
         world.print(f"[config] scale_rewards=batch at {cfg.prompts_per_step} prompts a step tilts the calibration "
                     "reward toward the mode (about 1/prompts; rewards.calibration_rewards): none is exact")
-    train_rows, val_rows = data.load_examples(cfg.dataset, cfg.val_fraction, cfg.split_seed, world.print)
-    evaluates = bool(cfg.eval_only or cfg.eval_on_start or cfg.eval_on_end or cfg.eval_steps)
-    eval_rows = evaluate.select_rows(train_rows, val_rows, cfg.eval_split, cfg.eval_max_rows, cfg.split_seed,
-                                     evaluates)
-    if not train_rows and not cfg.eval_only:
-        raise data.DataError("no training rows: the source holds only a held-out split (files named test, "
-                             "validation, ... are one) or every participant is in the validation split; "
-                             "name the training file train.jsonl, or score a model with --eval_only")
     prompt = prompts.PromptFormat.of(cfg)
 
     def fitting(rows, name, model, tokenizer):  # rows past the model's positions are skipped and counted

@@ -67,7 +67,11 @@ def test_json_config_lists_and_bools(tmp_path):
     ([], {"GAIL_ALPHA": "inf"}, "gail_alpha='inf': must be a finite number"),
     (["--adam_beta2=1"], {}, "adam_beta2=1.0: each must be < 1"),
     (["--output_dir="], {}, "output_dir is empty"),
-    (["--reward_funcs=", "--reward_weights="], {}, "GAIL is off: every reward would be 0"),
+    (["--reward_funcs=", "--reward_weights="], {}, "GAIL off: every reward would be 0"),
+    (["--reward_weights=0,0"], {}, "GAIL off: every reward would be 0"),
+    (["--reward_weights=1,nan"], {}, "reward_weights=['1', 'nan']: 'nan' is not finite"),
+    (["--reward_weights=1,abc"], {}, "reward_weights=['1', 'abc']: 'abc' is not a number"),
+    ([], {"GAIL_ALPHA": "-1"}, "gail_alpha=-1.0: must be >= 0"),
     (["--beta=0.04", "--bc_steps=5", "--prompt_mode=answer"], {}, "the KL's reference would be the model before cloning"),
     (["--eval_views=shuffled"], {}, "original among them"),
 ])
@@ -76,6 +80,11 @@ def test_bad_config_stops_with_a_clear_message(argv, env, message):
         tg.parse_config(argv, env)
     line = str(exit_.value.code)
     assert line.startswith("[config] ") and message in line and "\n" not in line, line
+
+
+def test_booleans_spelled_as_yaml_spells_them():
+    for text, value in (("on", True), ("OFF", False), (" true ", True), ("Yes", True), ("0", False)):
+        assert tg.parse_config([], {"GAIL_USE": text})[0].gail_use is value, text
 
 
 def test_prompts_per_step_that_divides_by_the_ranks_passes():

@@ -136,6 +136,13 @@ def test_json_lines_with_unicode_line_separators_and_a_byte_order_mark(tmp_path,
     assert len(data.clean_rows(data.load_raw(str(lines))["train"])[0]) == 2
 
 
+@pytest.mark.parametrize("spelling", ["{a},{b}", "{a}, {b}", "[{a}, {b}]", " {a} ,{b} "])
+def test_a_list_of_files_however_it_is_spelled(spelling, tmp_path, bundled):
+    write_rows(tmp_path / "a.jsonl", bundled[:2])
+    write_rows(tmp_path / "b.jsonl", bundled[2:5])
+    assert len(data.load_raw(spelling.format(a=tmp_path / "a.jsonl", b=tmp_path / "b.jsonl"))["train"]) == 5
+
+
 def test_a_row_given_twice_is_kept_once_and_counted(tmp_path, bundled, capsys):
     path = tmp_path / "rows.jsonl"
     write_rows(path, bundled[:3])

@@ -113,13 +113,29 @@ def test_a_dataset_too_small_for_its_split(run_trainer, tmp_path, bundled):
     assert json.loads((tmp_path / "run2" / "eval.json").read_text())["n_total"] == 1
 
 
-def test_an_empty_dataset_and_a_discriminator_that_is_not_there(run_trainer, tmp_path):
+def test_an_empty_dataset_and_a_discriminator_that_is_not_there(run_trainer, tmp_path, monkeypatch):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     code, _, err = run_trainer([f"--dataset={empty}"])
     assert code == 1 and one_line(err) == "[data] all: no rows at all; nothing to train or evaluate on"
+    code, _, err = run_trainer([f"--dataset={tmp_path / 'missing.jsonl'}"])
+    assert code == 1 and one_line(err).startswith("[data] data files not found")
+    code, _, err = run_trainer(["--val_fraction=1"])
+    assert code == 1 and one_line(err).startswith("[data] no training rows")
     code, _, err = run_trainer(["--gail_use=true", f"--gail_disc_model={tmp_path / 'no_encoder'}"])
-    assert code == 1 and one_line(err).startswith(f"[model] cannot load the discriminator {tmp_path / 'no_encoder'}")
+    assert code == 1 and one_line(err) == f"[model] {tmp_path / 'no_encoder'}: no such folder, and not a hub id (org/name)"
+    import importlib.util
+
+    find_spec = importlib.util.find_spec  # wandb is optional: as on a machine without it
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    code, _, err = run_trainer(["--report_to=wandb"])
+    assert code == 1 and one_line(err).startswith("[config] report_to=['wandb'] needs wandb")
+    assert not (tmp_path / "run").exists()  # none of these mistakes leaves a run folder behind
+    encoder = tmp_path / "encoder"  # a folder that is no encoder still fails where it is loaded, in one line
+    encoder.mkdir()
+    (encoder / "config.json").write_text("{}")
+    code, _, err = run_trainer(["--gail_use=true", f"--gail_disc_model={encoder}"])
+    assert code == 1 and one_line(err).startswith(f"[model] cannot load the discriminator {encoder}")
 
 
 def test_data_cli_on_a_file_of_bad_rows_prints_the_counted_reasons(tmp_path, bundled):
@@ -302,6 +318,17 @@ def test_run_sh_reports_the_run_its_config_file_names(tmp_path, tiny_model_dir):
     config = json.loads((tmp_path / "from_file" / "config.json").read_text())["config"]
     assert config["bc_steps"] == 0 and config["max_completion_length"] == 6  # cpu_default.yaml not merged in
     shutil.rmtree(ROOT / "reports" / "from_file")
+
+
+def test_run_sh_on_gpus_checks_the_config_in_one_line(tmp_path):
+    """The GPU branch checks the config once before torchrun starts the ranks: a mistake is one line,
+    not a traceback (SLURM_GPUS_ON_NODE stands in for the GPUs; the check stops before torchrun)."""
+    env = dict(os.environ, SLURM_GPUS_ON_NODE="2", CUDA_VISIBLE_DEVICES="")
+    env.pop("GAIL_USE", None)
+    result = subprocess.run(["./run.sh", f"--model_name_or_path={tmp_path / 'typo'}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert one_line(result.stderr) == f"[model] {tmp_path / 'typo'}: no such folder, and not a hub id (org/name)"
 
 
 def test_run_sh_ablation_arms(tmp_path, tiny_model_dir):
