@@ -195,6 +195,8 @@ def clean_row(row, dropped=None):
         dropped["reference_predictions:unreadable"] += unreadable
     out.update(slate_items_json=slate, watched_detailed_json=history, gold_index=gold,
                n_options=len(slate), participant_key=participant_key(row), reference_predictions=references)
+    if not out.get("id"):  # optional; without one a prediction could not be matched to its row
+        out["id"] = hashlib.sha1(json.dumps(row, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
     return out
 
 

@@ -57,15 +57,37 @@ def accuracy_ci(correct):
 
 def select_rows(train_rows, val_rows, split, max_rows, seed, needed=True):
     """The rows of `split` (validation | train | all); a seeded sample of `max_rows` of them (0 = all),
-    in their order, which keeps every study in. An empty split that is `needed` is a DataError."""
+    in their order, stratified by (issue, study): each keeps its share, and none is left out while
+    max_rows allows one of each. An empty split that is `needed` is a DataError."""
     rows = {"validation": val_rows, "train": train_rows, "all": train_rows + val_rows}[split]
     if not rows and needed:
         raise data.DataError(f"the {split} split is empty ({len(train_rows)} train, {len(val_rows)} validation "
                              "rows): use eval_split=train or all, a larger val_fraction, or more participants")
     if max_rows and max_rows < len(rows):
-        keep = sorted(random.Random(f"{seed}:eval").sample(range(len(rows)), max_rows))
+        groups = {}
+        for i, row in enumerate(rows):
+            groups.setdefault((str(row.get("issue")), str(row.get("participant_study"))), []).append(i)
+        keep = stratified_sample([groups[key] for key in sorted(groups)], max_rows, random.Random(f"{seed}:eval"))
         rows = [rows[i] for i in keep]
     return rows
+
+
+def stratified_sample(groups, k, rng):
+    """k of the indices in `groups` (lists), sorted: one from each group first (the largest groups'
+    where k is smaller than their number), the rest in proportion to what each group has left
+    (largest remainders)."""
+    sizes = [len(group) for group in groups]
+    quota = [0] * len(groups)
+    for j in sorted(range(len(groups)), key=lambda j: -sizes[j])[:k]:
+        quota[j] = 1
+    left, spare = k - sum(quota), [size - q for size, q in zip(sizes, quota)]
+    if left:
+        exact = [left * s / sum(spare) for s in spare]
+        extra = [int(e) for e in exact]
+        for j in sorted(range(len(groups)), key=lambda j: extra[j] - exact[j])[:left - sum(extra)]:
+            extra[j] += 1  # the largest fractional parts
+        quota = [q + e for q, e in zip(quota, extra)]
+    return sorted(i for group, q in zip(groups, quota) for i in rng.sample(group, q))
 
 
 def view_rows(rows, view, seed):

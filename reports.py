@@ -41,7 +41,8 @@ def with_ci(m):
 
 def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    # A "|" in a cell (a completion, an issue's name) would end it and shift the row's numbers.
+    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -198,6 +199,11 @@ def plot_curves(runs, path):
     return save(fig, path)
 
 
+def all_positions(masses):
+    """Every position any series has, in order: a run on larger slates keeps the mass the first lacks."""
+    return sorted({k for mass in masses for k in mass}, key=int)
+
+
 def plot_positions(runs, path):
     """Mean predicted mass per click position (original view) against the humans' clicks and the prior."""
     scored = [(run["name"], run["eval"]["views"]["original"]["choice"]) for run in runs
@@ -207,7 +213,7 @@ def plot_positions(runs, path):
     human = scored[0][1]["model"]["human_positions"]
     series = [("humans", human), ("position prior", scored[0][1]["prior"]["position_mass"])]
     series += [(name, choice["model"]["position_mass"]) for name, choice in scored]
-    positions = list(human)
+    positions = all_positions(mass for _, mass in series)
     width = 0.8 / len(series)
     fig, ax = pyplot().subplots(figsize=(7, 3))
     for i, (label, mass) in enumerate(series):

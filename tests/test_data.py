@@ -102,10 +102,19 @@ def test_nan_is_a_missing_value_not_a_broken_row(bundled):
                reference_predictions={"a": nan, "b": 2.0, "c": "2", "d": "two"})
     dropped = Counter()
     clean = data.clean_row(row, dropped)
-    assert clean["gold_index"] == bundled[0]["gold_index"] and clean["id"] is None
+    assert clean["gold_index"] == bundled[0]["gold_index"] and len(clean["id"]) == 16  # a missing id: derived
     assert clean["participant_study"] is None and clean["slate_items_json"][0]["view_count"] is None
     assert clean["reference_predictions"] == {"a": None, "b": 2, "c": 2}
     assert dropped == Counter({"reference_predictions:unreadable": 1})
+
+
+def test_a_row_without_an_id_gets_one_from_its_content(bundled):
+    """eval_predictions.jsonl matches a prediction to its row by id: one the data lacks is derived,
+    the same for the same row and different for another."""
+    first, again, other = (data.clean_row({k: v for k, v in r.items() if k != "id"})
+                           for r in (bundled[0], bundled[0], bundled[1]))
+    assert first["id"] == again["id"] != other["id"] and len(first["id"]) == 16
+    assert data.clean_row(bundled[0])["id"] == bundled[0]["id"]  # a given id is kept
 
 
 def test_an_empty_next_video_id_is_no_id(bundled):

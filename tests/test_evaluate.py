@@ -1,7 +1,9 @@
 """Evaluation on hand-made fixtures: intervals, baselines, views, published checkpoints; the cache of
 an unchanged model's exact distributions."""
 import json
+import random
 import shutil
+from collections import Counter
 
 import pytest
 
@@ -126,6 +128,37 @@ def test_the_cache_key_covers_every_project_file_an_exact_distribution_runs(tiny
         sys.setprofile(None)
     assert {"choices.py", "grpo.py", "evaluate.py"} <= ran  # the trace sees the project's code
     assert ran <= set(evaluate.DistributionCache.CACHE_SOURCES)
+
+
+def test_a_row_sample_keeps_every_issue_and_study_in_its_share():
+    """eval_max_rows samples within each (issue, study): a small third issue is not left out."""
+    rows = ([{"issue": "a", "participant_study": "s1", "k": i} for i in range(40)] +
+            [{"issue": "b", "participant_study": "s2", "k": i} for i in range(6)] +
+            [{"issue": "c", "participant_study": "s3", "k": i} for i in range(3)])
+    for seed in range(20):
+        picked = evaluate.select_rows([], rows, "validation", 8, seed)
+        counts = Counter(row["issue"] for row in picked)
+        assert len(picked) == 8 and counts["b"] >= 1 and counts["c"] >= 1 and counts["a"] >= 5, counts
+        assert picked == [row for row in rows if row in picked]  # in their order
+    assert evaluate.select_rows([], rows, "validation", 8, 3) == evaluate.select_rows([], rows, "validation", 8, 3)
+
+
+def test_stratified_sample_takes_k_in_proportion_one_of_each_first():
+    rng = random.Random(0)
+    for _ in range(300):
+        groups, start = [], 0
+        for size in [rng.randint(1, 30) for _ in range(rng.randint(1, 6))]:
+            groups.append(list(range(start, start + size)))
+            start += size
+        k = rng.randint(1, start)
+        picked = evaluate.stratified_sample(groups, k, random.Random(1))
+        assert len(picked) == len(set(picked)) == k and picked == sorted(picked)
+        taken = [len(set(group) & set(picked)) for group in groups]
+        if k >= len(groups):
+            assert min(taken) >= 1
+            left = k - len(groups)
+            for group, n in zip(groups, taken if left else []):  # beyond the first, within one of the proportional share
+                assert abs((n - 1) - left * (len(group) - 1) / (start - len(groups))) < 1 + 1e-9
 
 
 def test_sampled_valid_mass_is_the_share_of_samples_that_parse(monkeypatch):

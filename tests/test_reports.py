@@ -115,3 +115,14 @@ def test_disc_position_shares_count_a_missing_position_as_none_clicked():
     assert cells["3"] == [reports.num(0.125), reports.num(0.25), reports.num(0.25)]
     assert sum(float(cells[k][0]) for k in "123") == pytest.approx(1.0)
     assert sum(float(cells[k][1]) for k in "123") == pytest.approx(1.0)
+
+
+def test_a_pipe_in_a_cell_stays_in_its_cell():
+    """A completion or an issue named with "|" would end its cell and shift the row's numbers."""
+    lines = reports.table(["issue", "log-loss"], [["guns | ammo", 0.5]]).splitlines()
+    assert all(line.replace("\\|", "").count("|") == 3 for line in lines)
+
+
+def test_the_positions_plot_has_every_runs_positions():
+    small, large = {"1": 0.5, "2": 0.5}, {str(k): 1 / 12 for k in range(1, 13)}
+    assert reports.all_positions([small, large]) == [str(k) for k in range(1, 13)]
