@@ -352,9 +352,11 @@ def eval_settings(path):
     that it is scored as it was trained, and its data and participant split, so that "validation" is
     participants it never trained on; {} for a model that is not one of this trainer's checkpoints."""
     config = trainer_state(path).get("config", {})
-    config.setdefault("split_seed", config.get("seed"))  # written before split_seed existed: the seed drew it
-    keys = ("prompt_mode", "system_prompt", "grail_max_history", "max_completion_length", "dataset", "split_seed",
-            "val_fraction")
+    if config:  # one of this trainer's checkpoints, maybe written before a setting existed
+        config.setdefault("split_seed", config.get("seed"))  # the seed drew the split
+        config.setdefault("viewpoint_in_question", False)  # upstream's question
+    keys = ("prompt_mode", "system_prompt", "grail_max_history", "viewpoint_in_question", "max_completion_length",
+            "dataset", "split_seed", "val_fraction")
     return {key: config[key] for key in keys if config.get(key) is not None}
 
 

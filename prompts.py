@@ -150,16 +150,20 @@ def render_state(row, max_history=None):
     return "\n".join(lines)
 
 
-def render_user_prompt(row, max_history=None):
-    """The user turn in the upstream format; equals `state_text` when history is not truncated.
+def render_user_prompt(row, max_history=None, viewpoint_in_question=False):
+    """The user turn in the upstream format; equals `state_text` when history is not truncated and
+    `viewpoint_in_question` is off.
 
     `max_history=k` keeps the k most recent history entries (renumbered from 1); None or 0 keeps all.
-    Missing fields render as upstream renders them.
+    `viewpoint_in_question` repeats the viewer's initial viewpoint in the opinion question, next to
+    the answer that depends on it. Missing fields render as upstream renders them.
     """
     lines = [render_state(row, max_history), "", "OPTIONS"]
     lines += [render_option(i, item) for i, item in enumerate(row["slate_items_json"], 1)]
+    viewpoint = f" (Initial Viewpoint: {row['initial_viewpoint']})" \
+        if viewpoint_in_question and row.get("initial_viewpoint") else ""
     lines += ["", "QUESTIONS", "1. Which option number will the viewer watch next?",
-              f"2. After this recommendation, will the viewer's opinion on {issue_label(row)} "
+              f"2. After this recommendation, will the viewer's opinion on {issue_label(row)}{viewpoint} "
               "increase, decrease, or stay the same?"]
     return "\n".join(lines)
 
@@ -171,24 +175,26 @@ def option_content(item):
     return clean_text(item.get("title"), TITLE_LIMIT) or clean_text(item.get("id"))
 
 
-def build_messages(row, system_prompt, max_history=None):
+def build_messages(row, system_prompt, max_history=None, viewpoint_in_question=False):
     return [{"role": "system", "content": system_prompt},
-            {"role": "user", "content": render_user_prompt(row, max_history)}]
+            {"role": "user", "content": render_user_prompt(row, max_history, viewpoint_in_question)}]
 
 
 @dataclass(frozen=True)
 class PromptFormat:
     """How a row becomes the policy's prompt: `think` (the upstream prompt asking for <think>,
     <answer> and <opinion>) or `answer` (a short prompt; the assistant turn opens with <answer>),
-    an optional system prompt replacing the mode's default, and the history entries kept (0 = all)."""
+    an optional system prompt replacing the mode's default, the history entries kept (0 = all), and
+    whether the opinion question repeats the viewer's initial viewpoint."""
     mode: str = "think"
     system_prompt: str = ""
     max_history: int = 12
+    viewpoint_in_question: bool = False
 
     @classmethod
     def of(cls, cfg):
-        """The prompt of a run's config (prompt_mode, system_prompt, grail_max_history)."""
-        return cls(cfg.prompt_mode, cfg.system_prompt, cfg.grail_max_history)
+        """The prompt of a run's config (prompt_mode, system_prompt, grail_max_history, viewpoint_in_question)."""
+        return cls(cfg.prompt_mode, cfg.system_prompt, cfg.grail_max_history, cfg.viewpoint_in_question)
 
     @property
     def answer_only(self):
@@ -202,7 +208,7 @@ class PromptFormat:
 
     def text(self, tokenizer, row):
         """The chat-templated prompt, ending where the model's answer starts."""
-        messages = build_messages(row, self.system, self.max_history)
+        messages = build_messages(row, self.system, self.max_history, self.viewpoint_in_question)
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return text + (ANSWER_PREFIX if self.answer_only else "")
 

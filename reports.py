@@ -281,7 +281,8 @@ def save(fig, path):
 
 CONFIG_KEYS = ("eval_only", "model_name_or_path", "dataset", "prompt_mode", "max_steps", "prompts_per_step",
                "num_generations", "max_completion_length", "learning_rate", "beta", "loss_type", "scale_rewards",
-               "reward_funcs", "reward_weights", "gail_use", "shuffle_slates", "grail_max_history", "seed", "split_seed")
+               "reward_funcs", "reward_weights", "gail_use", "shuffle_slates", "grail_max_history",
+               "viewpoint_in_question", "seed", "split_seed")
 
 
 def config_section(runs):

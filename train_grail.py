@@ -47,6 +47,7 @@ class Config:
     prompt_mode: str = "think"    # think: upstream <think><answer><opinion> prompt | answer: the turn opens with <answer>
     system_prompt: str = ""       # '' = the default prompt of prompt_mode
     grail_max_history: int = 12   # most recent history entries in the prompt (0 = all); env GRAIL_MAX_HISTORY
+    viewpoint_in_question: bool = False  # the opinion question repeats the initial viewpoint (off: upstream's)
     val_fraction: float = 0.1     # participants held out (per issue and study) when the dataset has no validation split
     shuffle_slates: bool = False  # permute each training slate (gold remapped), for content-only studies: which
     #                               slot people click is most of the behaviour, so a simulator keeps the order

@@ -133,3 +133,13 @@ def test_eval_only_takes_the_checkpoints_prompt_over_a_recipe_and_the_environmen
     assert cfg.output_dir.endswith("eval-run-checkpoint-000004") and cfg.cpu_bf16  # the recipe's speed settings
     cfg, _ = tg.parse_config(argv + ["--grail_max_history=3", "--output_dir=out/x"], {"GRAIL_MAX_HISTORY": "4"})
     assert (cfg.grail_max_history, cfg.output_dir) == (3, "out/x")
+    # The recipe asks for the viewpoint in the question; a checkpoint from before that setting was
+    # trained on upstream's question, and is scored on it.
+    assert cfg.viewpoint_in_question is False
+    (ckpt / "trainer_state.json").write_text(json.dumps({"config": {"prompt_mode": "answer",
+                                                                     "viewpoint_in_question": True}}))
+    assert tg.parse_config([f"--eval_only={ckpt}"], {})[0].viewpoint_in_question is True
+    model = tmp_path / "model"  # a model that is not one of this trainer's checkpoints: the recipe decides
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    assert tg.parse_config(["--config=recipes/cpu_default.yaml", f"--eval_only={model}"], {})[0].viewpoint_in_question

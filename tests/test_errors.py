@@ -123,7 +123,8 @@ def test_an_empty_dataset_and_a_discriminator_that_is_not_there(run_trainer, tmp
     code, _, err = run_trainer(["--val_fraction=1"])
     assert code == 1 and one_line(err).startswith("[data] no training rows")
     code, _, err = run_trainer(["--gail_use=true", f"--gail_disc_model={tmp_path / 'no_encoder'}"])
-    assert code == 1 and one_line(err) == f"[model] {tmp_path / 'no_encoder'}: no such folder, and not a hub id (org/name)"
+    assert code == 1 and one_line(err) == f"[model] {tmp_path / 'no_encoder'}: no such folder, and not a hub id " \
+                                          "(org/name)"
     import importlib.util
 
     find_spec = importlib.util.find_spec  # wandb is optional: as on a machine without it
@@ -224,7 +225,8 @@ def test_a_checkpoint_from_before_split_seed_is_scored_on_the_split_its_seed_dre
     import checkpoint
 
     (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2, "config": {"seed": 7, "prompt_mode": "answer"}}))
-    assert checkpoint.eval_settings(tmp_path) == {"prompt_mode": "answer", "split_seed": 7}
+    assert checkpoint.eval_settings(tmp_path) == {"prompt_mode": "answer", "split_seed": 7,
+                                                  "viewpoint_in_question": False}
 
 
 def test_eval_only_scores_the_data_the_checkpoint_trained_on(run_trainer, tmp_path, bundled, monkeypatch):

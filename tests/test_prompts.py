@@ -93,3 +93,24 @@ def test_rows_too_long_for_the_model_are_skipped_and_counted(tiny_model_dir, bun
     assert fitting == rows and not logged
     with pytest.raises(UserError, match=r"^\[data\] train: every prompt is longer than the model's 20 positions"):
         prompts.fitting_rows(rows, tokenizer, prompt, positions(20), 16, "train", logged.append)
+
+
+def test_the_viewpoint_in_the_opinion_question_changes_that_line_alone(bundled):
+    row = data.clean_row(bundled[0])
+    plain, cued = prompts.render_user_prompt(row), prompts.render_user_prompt(row, viewpoint_in_question=True)
+    assert plain == bundled[0]["state_text"]  # off: upstream's prompt
+    changed = [(a, b) for a, b in zip(plain.splitlines(), cued.splitlines()) if a != b]
+    assert len(plain.splitlines()) == len(cued.splitlines()) and len(changed) == 1
+    assert changed[0][1] == changed[0][0].replace(
+        f"opinion on {prompts.issue_label(row)} ",
+        f"opinion on {prompts.issue_label(row)} (Initial Viewpoint: {row['initial_viewpoint']}) ")
+    no_viewpoint = dict(row, initial_viewpoint=None)
+    assert prompts.render_user_prompt(no_viewpoint, viewpoint_in_question=True) == prompts.render_user_prompt(no_viewpoint)
+
+
+def test_the_prompt_of_a_config_carries_the_viewpoint_setting(bundled):
+    import train_grail as tg
+
+    cfg, _ = tg.parse_config(["--config=recipes/cpu_default.yaml"], {})
+    assert prompts.PromptFormat.of(cfg).viewpoint_in_question is True
+    assert prompts.PromptFormat.of(tg.parse_config([], {})[0]).viewpoint_in_question is False
