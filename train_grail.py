@@ -217,6 +217,8 @@ def check_config(cfg, world_size=1):
     if cfg.prompts_per_step % world_size:
         raise SystemExit(f"[config] prompts_per_step={cfg.prompts_per_step} must divide by the {world_size} ranks")
     unknown_views = set(cfg.eval_views) - set(evaluate.VIEWS)
+    if len(set(cfg.eval_views)) < len(cfg.eval_views):  # each would be scored again, minutes on a CPU
+        raise SystemExit(f"[config] eval_views={cfg.eval_views} names a view twice")
     if unknown_views or "original" not in cfg.eval_views:
         raise SystemExit(f"[config] eval_views={cfg.eval_views}: choose from {evaluate.VIEWS}, original among them "
                          "(eval.json's headline scores are its)")

@@ -74,6 +74,7 @@ def test_json_config_lists_and_bools(tmp_path):
     ([], {"GAIL_ALPHA": "-1"}, "gail_alpha=-1.0: must be >= 0"),
     (["--beta=0.04", "--bc_steps=5", "--prompt_mode=answer"], {}, "the KL's reference would be the model before cloning"),
     (["--eval_views=shuffled"], {}, "original among them"),
+    (["--eval_views=original,shuffled,original"], {}, "names a view twice"),
 ])
 def test_bad_config_stops_with_a_clear_message(argv, env, message):
     with pytest.raises(SystemExit) as exit_:
