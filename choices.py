@@ -29,8 +29,8 @@ from collections import Counter
 import torch
 
 import grpo
-from data import OPINION_LABELS
 from prompts import CLOSE_TAG, OPINION_CLOSE, OPINION_OPEN
+from schema import OPINION_LABELS
 
 SMOOTHING = 0.5  # additive pseudo-count of the position prior
 CALIBRATION_BINS = 10

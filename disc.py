@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 import prompts
+import schema
 from errors import UserError, first_line
 
 MAX_STATE_TOKENS = 384   # the state's first tokens: profile, viewpoint, current video, history, survey
@@ -94,7 +95,7 @@ class Discriminator(torch.nn.Module):
         super().__init__()
         self.encoder = encoder
         self.tokenizer = tokenizer
-        self.position = torch.nn.Embedding(data.MAX_OPTIONS, WIDTH)  # displayed slot 1..MAX_OPTIONS
+        self.position = torch.nn.Embedding(schema.MAX_OPTIONS, WIDTH)  # displayed slot 1..MAX_OPTIONS
         self.head = torch.nn.Sequential(torch.nn.Linear(3 * WIDTH, WIDTH), torch.nn.GELU(),
                                         torch.nn.Linear(WIDTH, 1))
 

@@ -21,7 +21,7 @@ from collections import Counter
 import torch
 
 import choices
-from data import OPINION_LABELS
+from schema import OPINION_LABELS
 
 VIEWPOINT_STRENGTH = 2.0  # the issue prior's weight, in participants, in each viewpoint's direction table
 LOGISTIC_L2 = 1e-4  # keeps the fit finite where a direction is rare (no_change: 2-4% of participants)

@@ -16,8 +16,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from data import OPINION_LABELS
 from prompts import ANSWER_PREFIX
+from schema import OPINION_LABELS
 
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
 OPINION_TAG = re.compile(r"<opinion>(.*?)</opinion>", re.S)

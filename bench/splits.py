@@ -16,6 +16,7 @@ import choices
 import data
 import errors
 import opinions
+import schema
 from bench.steps import parse_options
 
 
@@ -25,7 +26,7 @@ def split_scores(dataset, val_fraction, seed):
     labelled rows, as the evaluation scores its baselines: opinions.opinion_metrics)."""
     train_rows, val_rows = data.load_examples(dataset, val_fraction, seed, log=lambda msg: None)
     prior = choices.position_prior(train_rows)
-    uniform = [1 / len(data.OPINION_LABELS)] * len(data.OPINION_LABELS)  # as the model: the baselines come beside it
+    uniform = [1 / len(schema.OPINION_LABELS)] * len(schema.OPINION_LABELS)  # as the model: the baselines come beside it
     opinion = opinions.opinion_metrics(val_rows, [uniform] * len(val_rows), train_rows, "exact") or {"by_issue": {}}
     out = {}
     for issue in sorted({row.get("issue") for row in val_rows}):

@@ -8,17 +8,17 @@ import torch
 
 import checkpoint
 import choices
-import data
 import prompts
 import rewards
 import rollout
+import schema
 
 CPU = torch.device("cpu")
 
 
 def row_with(n, gold=1):
     slate = [{"id": f"v{k}", "title": f"Video number {k}"} for k in range(1, n + 1)]
-    return data.clean_row({"slate_items_json": slate, "gold_index": gold, "viewer_profile_sentence": "a viewer"})
+    return schema.clean_row({"slate_items_json": slate, "gold_index": gold, "viewer_profile_sentence": "a viewer"})
 
 
 def brute_force_closed(model, tokenizer, prefix, label, close, stop_ids):
@@ -155,7 +155,7 @@ def brute_force_opinion(model, tokenizer, prompt_text, gold):
         t for piece in (str(gold), "</answer>", "<opinion>") for t in tokenizer.encode(piece, add_special_tokens=False)]
     close = tokenizer.encode("</opinion>", add_special_tokens=False)
     return [brute_force_closed(model, tokenizer, prefix, tokenizer.encode(label, add_special_tokens=False), close,
-                               []) for label in data.OPINION_LABELS]
+                               []) for label in schema.OPINION_LABELS]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -205,7 +205,7 @@ def test_exact_opinion_distribution_agrees_with_sampled_opinions(tiny_model_dir)
     texts = tokenizer.batch_decode(completions.masked_fill(mask == 0, eos), skip_special_tokens=True)
     seen = Counter(rewards.parse(answered_text + t, cut, row, answer_only=True).opinion
                    for t, cut in zip(texts, truncated.tolist()))  # as the reward reads the whole turn
-    for label, p in zip(data.OPINION_LABELS, exact.tolist()):
+    for label, p in zip(schema.OPINION_LABELS, exact.tolist()):
         assert abs(seen[label] / K - p) < 4 * math.sqrt(p * (1 - p) / K) + 0.01, (label, seen, exact)
 
 

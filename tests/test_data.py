@@ -9,6 +9,7 @@ import pytest
 
 import data
 import prompts
+import schema
 
 
 BAD_ROWS = {
@@ -60,17 +61,17 @@ def test_numbers_where_text_is_expected_are_read_as_text(bundled):
     slate = [dict(item, id=k) for k, item in enumerate(bundled[0]["slate_items_json"], 100)]
     row = dict(bundled[0], participant_key=1234, participant_study=2.0, gold_index=str(bundled[0]["gold_index"]),
                watched_detailed_json="", slate_items_json=slate, next_video_id=99 + bundled[0]["gold_index"])
-    clean = data.clean_row(row)
+    clean = schema.clean_row(row)
     assert (clean["participant_key"], clean["participant_study"]) == ("1234", "2")
     assert [item["id"] for item in clean["slate_items_json"]] == [str(k) for k in range(100, 100 + len(slate))]
     assert clean["gold_index"] == bundled[0]["gold_index"] and clean["watched_detailed_json"] == []
-    assert data.clean_row(dict(row, watched_detailed_json="null"))["watched_detailed_json"] == []
+    assert schema.clean_row(dict(row, watched_detailed_json="null"))["watched_detailed_json"] == []
     for bad in ("²", "2.5", "-1"):  # not a plain number: the usual counted skip, never a crash
-        with pytest.raises(data.BadRow, match="wrong_type:gold_index"):
-            data.clean_row(dict(row, gold_index=bad, next_video_id=None))
+        with pytest.raises(schema.BadRow, match="wrong_type:gold_index"):
+            schema.clean_row(dict(row, gold_index=bad, next_video_id=None))
     huge = dict(row, opinion_before=10 ** 400, slate_items_json=[dict(slate[0], view_count=10 ** 400)], gold_index=1,
                 next_video_id=None)
-    clean = data.clean_row(huge)  # an int too large for a float is not a number: dropped, the row kept
+    clean = schema.clean_row(huge)  # an int too large for a float is not a number: dropped, the row kept
     assert clean["opinion_before"] is None and "view_count" not in clean["slate_items_json"][0]
     assert "OPTIONS" in prompts.render_user_prompt(clean)
 
@@ -101,7 +102,7 @@ def test_nan_is_a_missing_value_not_a_broken_row(bundled):
     row = dict(bundled[0], id=nan, participant_study=nan, gold_index=nan, slate_items_json=slate,
                reference_predictions={"a": nan, "b": 2.0, "c": "2", "d": "two"})
     dropped = Counter()
-    clean = data.clean_row(row, dropped)
+    clean = schema.clean_row(row, dropped)
     assert clean["gold_index"] == bundled[0]["gold_index"] and len(clean["id"]) == 16  # a missing id: derived
     assert clean["participant_study"] is None and clean["slate_items_json"][0]["view_count"] is None
     assert clean["reference_predictions"] == {"a": None, "b": 2, "c": 2}
@@ -111,17 +112,17 @@ def test_nan_is_a_missing_value_not_a_broken_row(bundled):
 def test_a_row_without_an_id_gets_one_from_its_content(bundled):
     """eval_predictions.jsonl matches a prediction to its row by id: one the data lacks is derived,
     the same for the same row and different for another."""
-    first, again, other = (data.clean_row({k: v for k, v in r.items() if k != "id"})
+    first, again, other = (schema.clean_row({k: v for k, v in r.items() if k != "id"})
                            for r in (bundled[0], bundled[0], bundled[1]))
     assert first["id"] == again["id"] != other["id"] and len(first["id"]) == 16
-    assert data.clean_row(bundled[0])["id"] == bundled[0]["id"]  # a given id is kept
+    assert schema.clean_row(bundled[0])["id"] == bundled[0]["id"]  # a given id is kept
 
 
 def test_an_empty_next_video_id_is_no_id(bundled):
-    clean = data.clean_row(dict(bundled[0], next_video_id=""))
+    clean = schema.clean_row(dict(bundled[0], next_video_id=""))
     assert clean["gold_index"] == bundled[0]["gold_index"]
-    with pytest.raises(data.BadRow, match="missing_field:next_video_id"):
-        data.clean_row(dict(bundled[0], next_video_id="", gold_index=None))
+    with pytest.raises(schema.BadRow, match="missing_field:next_video_id"):
+        schema.clean_row(dict(bundled[0], next_video_id="", gold_index=None))
 
 
 def test_json_lines_with_unicode_line_separators_and_a_byte_order_mark(tmp_path, bundled):
@@ -276,15 +277,15 @@ def test_a_shipped_split_that_shares_participants_says_so(tmp_path, bundled, cap
 def test_participant_key_falls_back_to_viewer_hash(bundled):
     row = dict(bundled[0])
     expected = row.pop("participant_key")
-    assert data.participant_key(row) == expected  # the data README defines the key this way
+    assert schema.participant_key(row) == expected  # the data README defines the key this way
 
 
 def test_rows_that_name_no_participant_are_counted(bundled, capsys):
     """Without participant_key and viewer fields every row hashes to one participant, which the split
     cannot separate: the rows are kept and counted, those with a name are not."""
-    nameless = [{k: v for k, v in r.items() if k not in ("participant_key", *data.VIEWER_FIELDS)} for r in bundled[:3]]
+    nameless = [{k: v for k, v in r.items() if k not in ("participant_key", *schema.VIEWER_FIELDS)} for r in bundled[:3]]
     rows, _ = data.clean_rows(nameless + bundled[3:5], "train")
-    assert len(rows) == 5 and {r["participant_key"] for r in rows[:3]} == {data.NAMELESS_KEY}
+    assert len(rows) == 5 and {r["participant_key"] for r in rows[:3]} == {schema.NAMELESS_KEY}
     assert ("[data] train: 3 rows name no participant (no participant_key, no viewer fields): they count as one "
             "participant, so the participant split keeps them all on one side") in capsys.readouterr().out
     data.clean_rows(bundled[:5], "train")
@@ -292,7 +293,7 @@ def test_rows_that_name_no_participant_are_counted(bundled, capsys):
 
 
 def test_shuffle_slate_remaps_gold_and_is_deterministic(bundled):
-    row = data.clean_row(next(r for r in bundled if r["n_options"] == 5))
+    row = schema.clean_row(next(r for r in bundled if r["n_options"] == 5))
     gold_id = row["slate_items_json"][row["gold_index"] - 1]["id"]
     positions = set()
     for k in range(30):

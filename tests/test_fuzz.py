@@ -7,6 +7,7 @@ import pytest
 
 import data
 import prompts
+import schema
 
 ODD_TEXT = ["", " ", "\u0000", "\ufeffBOM", "e\u0301", "🙂" * 50, "\ud7ff", "a\nb\tc", "x" * 5000, "ｆｕｌｌ"]
 ODD_VALUES = [None, 0, -1, 3.5, float("nan"), float("inf"), True, "12", [], {}, [1, 2], {"a": 1}, "[]", "{broken"]
@@ -67,6 +68,6 @@ def test_every_row_bad_is_one_clear_error():
 def test_integral_float_gold_index_and_string_reference_predictions_are_read():
     row = json.loads((data.DATA_DIR / "gun_control.jsonl").read_text(encoding="utf-8").splitlines()[0])
     row.update(gold_index=float(row["gold_index"]), reference_predictions=json.dumps(row["reference_predictions"]))
-    clean = data.clean_row(row)
+    clean = schema.clean_row(row)
     assert isinstance(clean["gold_index"], int) and isinstance(clean["reference_predictions"], dict)
-    assert data.clean_row({**row, "reference_predictions": "{junk"})["reference_predictions"] == {}
+    assert schema.clean_row({**row, "reference_predictions": "{junk"})["reference_predictions"] == {}

@@ -12,6 +12,7 @@ import grpo
 import opinions
 import prompts
 import rollout
+import schema
 import tiny
 import train_grail as tg
 from tiny import random_batch, real_prompts
@@ -161,9 +162,9 @@ def test_cloning_targets_mix_the_click_and_the_opinion_with_their_priors(bundled
     for k, (_, w, _) in enumerate(clicks, 1):
         assert w == pytest.approx(0.7 * (k == gold) + 0.3 * prior(row["n_options"])[k - 1])
     assert [text for text, _, _ in views] == [f"{gold}</answer><opinion>{d}</opinion>{tokenizer.decode([end])}"
-                                             for d in data.OPINION_LABELS]
-    for d, (_, w, _) in zip(data.OPINION_LABELS, views):
-        assert w == pytest.approx(0.6 * (d == "decrease") + 0.4 * direction_prior(row)[data.OPINION_LABELS.index(d)])
+                                             for d in schema.OPINION_LABELS]
+    for d, (_, w, _) in zip(schema.OPINION_LABELS, views):
+        assert w == pytest.approx(0.6 * (d == "decrease") + 0.4 * direction_prior(row)[schema.OPINION_LABELS.index(d)])
     assert sum(w for _, w, _ in clicks) == pytest.approx(1.0) and sum(w for _, w, _ in views) == pytest.approx(1.0)
     unlabelled = dict(row, opinion_direction=None)
     assert len(choices.cloning_targets(tokenizer, unlabelled, prior, 0.3, direction_prior, 0.4, end)) == row["n_options"]

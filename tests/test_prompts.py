@@ -5,15 +5,15 @@ from types import SimpleNamespace
 
 import pytest
 
-import data
 import prompts
+import schema
 from errors import UserError
 
 
 def test_render_matches_state_text_byte_for_byte_on_every_bundled_row(bundled):
     assert len(bundled) == 1081
     mismatched = [row["id"] for row in bundled
-                  if prompts.render_user_prompt(data.clean_row(row), max_history=None) != row["state_text"]]
+                  if prompts.render_user_prompt(schema.clean_row(row), max_history=None) != row["state_text"]]
     assert mismatched == []
 
 
@@ -21,11 +21,11 @@ def test_render_from_json_string_columns(bundled):
     row = dict(bundled[0])
     row["slate_items_json"] = json.dumps(row["slate_items_json"])
     row["watched_detailed_json"] = json.dumps(row["watched_detailed_json"])
-    assert prompts.render_user_prompt(data.clean_row(row)) == row["state_text"]
+    assert prompts.render_user_prompt(schema.clean_row(row)) == row["state_text"]
 
 
 def test_history_truncation_keeps_most_recent_and_renumbers(bundled):
-    row = data.clean_row(next(r for r in bundled if len(r["watched_detailed_json"]) == 3))
+    row = schema.clean_row(next(r for r in bundled if len(r["watched_detailed_json"]) == 3))
     full = prompts.render_user_prompt(row)
     short = prompts.render_user_prompt(row, max_history=1)
     newest = row["watched_detailed_json"][-1]["title"]
@@ -36,7 +36,7 @@ def test_history_truncation_keeps_most_recent_and_renumbers(bundled):
 
 
 def test_render_fallbacks_for_missing_fields():
-    row = data.clean_row({"slate_items_json": [{"id": "v1"}, {"id": "v2", "title": "T2", "length_seconds": 61.6}],
+    row = schema.clean_row({"slate_items_json": [{"id": "v1"}, {"id": "v2", "title": "T2", "length_seconds": 61.6}],
                           "next_video_id": "v2",
                           "watched_detailed_json": [{"title": "H", "watch_seconds": 30, "total_length": None}]})
     text = prompts.render_user_prompt(row)
@@ -48,7 +48,7 @@ def test_render_fallbacks_for_missing_fields():
 
 def test_title_clipped_like_upstream():
     long_title = "word " * 60
-    row = data.clean_row({"slate_items_json": [{"id": "a", "title": long_title}], "next_video_id": "a"})
+    row = schema.clean_row({"slate_items_json": [{"id": "a", "title": long_title}], "next_video_id": "a"})
     line = prompts.render_user_prompt(row).split("OPTIONS\n")[1].split("\n")[0]
     assert line.endswith("...") and len(line) == len("1. ") + 160
 
@@ -57,7 +57,7 @@ def test_prompt_format_of_each_mode(tiny_model_dir):
     import checkpoint
 
     tokenizer = checkpoint.load_tokenizer(str(tiny_model_dir))
-    row = data.clean_row({"slate_items_json": [{"id": "a", "title": "A"}], "next_video_id": "a"})
+    row = schema.clean_row({"slate_items_json": [{"id": "a", "title": "A"}], "next_video_id": "a"})
     answer = prompts.PromptFormat("answer").text(tokenizer, row)
     think = prompts.PromptFormat("think").text(tokenizer, row)
     assert answer.endswith("<|im_start|>assistant\n<answer>") and prompts.ANSWER_SYSTEM_PROMPT in answer
@@ -96,7 +96,7 @@ def test_rows_too_long_for_the_model_are_skipped_and_counted(tiny_model_dir, bun
 
 
 def test_the_viewpoint_in_the_opinion_question_changes_that_line_alone(bundled):
-    row = data.clean_row(bundled[0])
+    row = schema.clean_row(bundled[0])
     plain, cued = prompts.render_user_prompt(row), prompts.render_user_prompt(row, viewpoint_in_question=True)
     assert plain == bundled[0]["state_text"]  # off: upstream's prompt
     changed = [(a, b) for a, b in zip(plain.splitlines(), cued.splitlines()) if a != b]
