@@ -99,13 +99,19 @@ def _as_key(value):
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+def _as_int(value):
+    """An option number written as 2.0 (parquet and pandas store ints with nulls as floats) or "2"
+    (a CSV) as the int 2; anything else as it is."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdecimal() and value.strip().isascii():
+        return int(value)
+    return value
+
+
 def _gold_index(row, slate):
     """1-based gold position from `gold_index` and/or `next_video_id`; both must agree when present."""
-    index = row.get("gold_index")
-    if isinstance(index, float) and index.is_integer():  # parquet/pandas store ints with nulls as floats
-        index = int(index)
-    if isinstance(index, str) and index.strip().isdecimal() and index.strip().isascii():  # a CSV-born "2"
-        index = int(index)
+    index = _as_int(row.get("gold_index"))
     if index is not None:
         if isinstance(index, bool) or not isinstance(index, int):
             raise BadRow("wrong_type:gold_index")
@@ -214,10 +220,7 @@ def _option_number(value):
     """An answer as an int, None for "no answer", False where it is not one."""
     if value is None or isinstance(value, float) and math.isnan(value):
         return None
-    if isinstance(value, str) and value.strip().isdecimal() and value.strip().isascii():
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+    value = _as_int(value)
     return value if isinstance(value, int) and not isinstance(value, bool) else False
 
 
