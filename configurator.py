@@ -6,6 +6,7 @@ is `a,b` or `[a,b]`. Unknown keys and malformed values stop the run with a one-l
 import dataclasses
 import json
 import math
+import typing
 from pathlib import Path
 
 ENV_PREFIXES = ("GAIL_", "GRAIL_")
@@ -29,7 +30,24 @@ FOREIGN_KEYS = {
 
 
 def parse_value(kind, text):
-    """A command-line/environment string or a YAML/JSON value as the field's type."""
+    """A command-line/environment string or a YAML/JSON value as the field's type; a `list[float]`
+    field's items are read and checked as floats are."""
+    if typing.get_origin(kind) is list:
+        (item_kind,) = typing.get_args(kind)
+        return [parse_value(item_kind, item) for item in parse_value(list, text)]
+    value = _parsed(kind, text)
+    if kind is float and not math.isfinite(value):  # NaN passes every range comparison
+        raise ValueError(f"{text!r} is not finite")
+    return value
+
+
+def kind_name(kind):
+    """`float`, `list`, `list of float`: a field's type as a message names it."""
+    args = typing.get_args(kind)
+    return f"list of {args[0].__name__}" if args else kind.__name__
+
+
+def _parsed(kind, text):
     if isinstance(text, str):
         if kind is bool:  # YAML 1.1's spellings, as a recipe file reads them
             if text.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
@@ -87,9 +105,7 @@ def apply_overrides(config_class, argv, environ, pinned=None):
         try:
             parsed[key] = parse_value(kinds[key], value)
         except (TypeError, ValueError) as err:
-            raise SystemExit(f"[config] {key}={value!r}: expected {kinds[key].__name__} ({err})") from None
-        if kinds[key] is float and not math.isfinite(parsed[key]):  # NaN passes every range comparison
-            raise SystemExit(f"[config] {key}={value!r}: must be a finite number")
+            raise SystemExit(f"[config] {key}={value!r}: expected {kind_name(kinds[key])} ({err})") from None
     return config_class(**parsed), ignored
 
 

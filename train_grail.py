@@ -71,7 +71,7 @@ class Config:
     scale_rewards: str = "group"  # advantage = (r - group mean) / std of the group | of the global batch | none
     std_floor: float = 1e-4       # the std is floored: a zero-spread group gets advantage 0, never a blow-up
     reward_funcs: list = field(default_factory=lambda: ["accuracy", "format"])  # upstream names are accepted
-    reward_weights: list = field(default_factory=lambda: [1.0, 0.2])  # one weight per reward function
+    reward_weights: list[float] = field(default_factory=lambda: [1.0, 0.2])  # one weight per reward function
     # --- GAIL discriminator (disc.py); every gail_* key is also read from its GAIL_* env var ---
     gail_use: bool = False        # mix the discriminator's reward into the GRPO reward (0 = pure GRPO, the baseline)
     gail_weight: float = 0.5      # base and disc rewards weighted (1, gail_weight), normalised to sum 1 (upstream)
@@ -162,25 +162,11 @@ def parse_config(argv, environ):
         cfg.reward_funcs = rewards.canonical_reward_names(cfg.reward_funcs)
     except ValueError as err:
         raise SystemExit(f"[config] {err}") from None
-    cfg.reward_weights = reward_weights(cfg.reward_weights)
     cfg.report_to = [name for name in cfg.report_to if name != "none"]
     check_config(cfg, int(environ.get("WORLD_SIZE", 1)))
     if cfg.gail_use and cfg.gail_disc_model:  # a missing encoder fails now, not after the policy has loaded
         checkpoint.check_model_name(cfg.gail_disc_model)
     return cfg, ignored
-
-
-def reward_weights(values):
-    weights = []
-    for value in values:
-        try:
-            weight = float(value)
-        except ValueError:
-            raise SystemExit(f"[config] reward_weights={values}: {value!r} is not a number") from None
-        if not math.isfinite(weight):  # a NaN weight makes every reward NaN and every update a skipped one
-            raise SystemExit(f"[config] reward_weights={values}: {value!r} is not finite")
-        weights.append(weight)
-    return weights
 
 
 # The valid range of every numeric key: (low, high, whether low itself is allowed). Checked before
