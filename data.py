@@ -67,7 +67,7 @@ def clean_rows(raw_rows, split_name="data", log=print):
 # Loading
 
 
-def load_raw(source):
+def load_raw(source, log=print):
     """Raw rows per split from a hub id, a `save_to_disk` folder, a folder of files, or files.
 
     `source` may be a list or a comma-separated string of files; '' means the bundled data.
@@ -95,7 +95,7 @@ def load_raw(source):
         if len(kinds) > 1:
             raise DataError(f"mixed file types in {source}: use one of .jsonl/.json or .parquet")
         kind = kinds.pop()
-        return {split: _rows_from_files(files, kind) for split, files in _files_by_split(paths).items()}
+        return {split: _rows_from_files(files, kind, log) for split, files in _files_by_split(paths).items()}
     missing = [str(p) for p in paths if not p.exists()]
     if len(paths) > 1 or any(p.suffix in (".jsonl", ".json", ".parquet") for p in paths):
         raise DataError(f"data files not found: {missing}")
@@ -134,7 +134,7 @@ def split_name(name):
     return SPLIT_ALIASES.get(match.group(1)) if match else None
 
 
-def _rows_from_files(paths, kind):
+def _rows_from_files(paths, kind, log=print):
     """Rows from local files. JSON lines are read here (one bad line is a counted bad row, where
     `datasets` would reject the whole file or force one schema on mixed-type columns)."""
     if kind == "parquet":
@@ -143,8 +143,7 @@ def _rows_from_files(paths, kind):
         return list(datasets.load_dataset("parquet", data_files=[str(p) for p in paths], split="train"))
     rows = []
     for path in paths:
-        # utf-8-sig: a byte-order mark (some editors write one) is not part of the first row.
-        text = path.read_text(encoding="utf-8-sig", errors="replace")
+        text = _decoded(path, log)
         if path.suffix == ".json" and text.lstrip().startswith("["):
             try:
                 rows.extend(json.loads(text))
@@ -169,6 +168,20 @@ def _rows_from_files(paths, kind):
     return rows
 
 
+def _decoded(path, log):
+    """A file's text. utf-8-sig: a byte-order mark (some editors write one) is not part of the first
+    row. Bytes that are not UTF-8 become U+FFFD, the rows kept (a garbled title is still a click),
+    and are counted on one line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8-sig", errors="replace")
+        bad = text.count("\ufffd") - raw.decode("utf-8-sig", errors="ignore").count("\ufffd")
+        log(f"[data] {path}: {bad} invalid UTF-8 sequences read as U+FFFD (the rows kept)")
+        return text
+
+
 def _as_splits(loaded):
     import datasets
 
@@ -191,7 +204,7 @@ def load_examples(source, val_fraction, seed, log=print):
     split (a test set beside a validation set) is set aside, never trained on. A source with no train
     rows gives [] for them (enough for --eval_only). Otherwise the rows are split by participant.
     """
-    splits = load_raw(source)
+    splits = load_raw(source, log)
     val_name = next((name for name in VALIDATION_SPLIT_NAMES if name in splits), None)
     train_names = ["train"] if "train" in splits else [n for n in splits if n not in VALIDATION_SPLIT_NAMES]
     for name in sorted(splits.keys() - {val_name, *train_names}):

@@ -146,6 +146,24 @@ def test_json_lines_with_unicode_line_separators_and_a_byte_order_mark(tmp_path,
     assert len(data.clean_rows(data.load_raw(str(lines))["train"])[0]) == 2
 
 
+def test_bytes_that_are_not_utf8_are_replaced_and_counted_not_silent(tmp_path, bundled):
+    """A title with a Latin-1 byte is still a click: the row is kept, the byte read as U+FFFD, and
+    the file's bad sequences counted on one line (a genuine U+FFFD in the text is not counted)."""
+    odd = dict(bundled[0], current_video_title="Caf\ufffd talk")
+    path = tmp_path / "rows.jsonl"
+    latin1 = json.dumps(odd, ensure_ascii=False).encode("utf-8").replace(b"talk", b"t\xe9lk\xff")
+    path.write_bytes(latin1 + b"\n" + json.dumps(bundled[1]).encode("utf-8") + b"\n")
+    lines = []
+    good, skipped = data.clean_rows(data.load_raw(str(path), log=lines.append)["train"])
+    assert not skipped and len(good) == 2
+    assert good[0]["current_video_title"] == "Caf\ufffd t\ufffdlk\ufffd"
+    assert lines == [f"[data] {path}: 2 invalid UTF-8 sequences read as U+FFFD (the rows kept)"]
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text(json.dumps(odd, ensure_ascii=False) + "\n", encoding="utf-8")
+    lines.clear()
+    assert len(data.load_raw(str(clean), log=lines.append)["train"]) == 1 and lines == []
+
+
 @pytest.mark.parametrize("spelling", ["{a},{b}", "{a}, {b}", "[{a}, {b}]", " {a} ,{b} "])
 def test_a_list_of_files_however_it_is_spelled(spelling, tmp_path, bundled):
     write_rows(tmp_path / "a.jsonl", bundled[:2])
