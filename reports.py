@@ -116,13 +116,17 @@ def opinion_summary(ev):
                pct(g["no_change_accuracy"]), num(g["model"].get("spread")), num(g["baseline"].get("spread")),
                num(g.get("viewpoint", {}).get("spread"))]
               for name, g in opinion["by_issue"].items()]
+    pooled = opinion.get("pooled_issues")  # eval.json files written before it lack the key
+    pooled = (f" No training participant holds {', '.join(pooled)}: there every baseline is the direction "
+              "prior of all issues pooled, not the issue's own." if pooled else "")
     shares = [[label, pct(opinion["model"]["human_shares"][label]), pct(opinion["model"]["shares"][label]),
                pct(opinion["prior"]["shares"][label])] for label in opinion["model"]["shares"]]
     return "\n\n".join([
         f"Opinion distribution on {opinion['model']['n']} labelled {which_rows(ev)} rows ({opinion['model']['participants']} "
         f"participants), {how}:\n\n" + table(["", *(label for _, label in OPINION_SCORES)], lines),
         "By issue (log-loss; \"no change\": the accuracy of always answering it, as upstream scores it; spread: "
-        "the row-to-row standard deviation of p(direction), 0 for the prior, which reads no one):\n\n" + table(
+        "the row-to-row standard deviation of p(direction), 0 for the prior, which reads no one)."
+        f"{pooled}\n\n" + table(
             ["issue", "rows", "participants", "model", "untrained", "prior", "index logistic", "viewpoint table",
              "uniform", "no change", "model spread", "logistic spread", "viewpoint spread"], issues),
         "Share of each direction (rows):\n\n" + table(["direction", "humans", "model", "prior"], shares)])

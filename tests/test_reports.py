@@ -58,6 +58,9 @@ def test_report_holds_every_table_and_plot(run_dirs, tmp_path):
     in_sample = dict(ev, split="all")  # --eval_split=all: the headline does not call the rows held out
     assert "on 6 training and held-out rows" in reports.choice_summary(in_sample)
     assert f"on {opinion['model']['n']} labelled training and held-out rows" in reports.opinion_summary(in_sample)
+    assert opinion["pooled_issues"] == [] and "No training participant holds" not in text
+    opinion["pooled_issues"] = ["minimum_wage"]  # an issue the training split lacks: its "per issue" prior is pooled
+    assert "No training participant holds minimum_wage: there every baseline" in reports.opinion_summary(ev)
 
 
 def test_eval_section_shows_what_the_trainer_prints(run_dirs):
