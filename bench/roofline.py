@@ -14,7 +14,9 @@ of the limit is those FLOPs per second over the matmul throughput. Also printed:
 the human click and of the opinion in fp32, in bf16 (the head in fp32, `cast_lm_head_to_fp32`, as the
 trainer and the evaluation run it) and in bf16 with autocast's bf16 head, and how far each bf16
 distribution is from fp32's (`--model=CHECKPOINT --rows=111`: what bf16 does to a trained model's
-held-out score).
+held-out score). Last, where the recipe's bf16 phases spend their time: one more pass of each
+(4 rows; one cloning step after a warm-up) under torch.profiler, the ops' own time split into matmuls (with the GFLOP/s they reach), attention
+and everything else (norms, activations, casts, the optimizer, the profiler's own overhead).
 """
 import platform
 import statistics
@@ -76,17 +78,20 @@ def precision(bf16, device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-def exact_phase(model, tokenizer, texts, rows, stop_ids, bf16, device, opinion=True):
+def exact_phase(model, tokenizer, texts, rows, stop_ids, bf16, device, opinion=True, ops=None):
     """(rows per second, GFLOP per row, the (click, opinion) log-distributions) of the exact evaluation on `rows`:
-    the click's and (`opinion`) the opinion's branches, as the evaluation runs it."""
+    the click's and (`opinion`) the opinion's branches, as the evaluation runs it; `ops` (an OpTimes)
+    records the timed rows."""
     def gold(row):
         return row["gold_index"] if opinion else None
 
+    ops = ops or OpTimes(enabled=False)
     with precision(bf16, device):
         choices.answer_logprobs(model, tokenizer, texts[0], rows[0]["n_options"], stop_ids, gold(rows[0]))
         t0 = time.perf_counter()  # after a warm-up
-        dists = [choices.answer_logprobs(model, tokenizer, text, row["n_options"], stop_ids, gold(row))
-                 for text, row in zip(texts, rows)]
+        with ops:
+            dists = [choices.answer_logprobs(model, tokenizer, text, row["n_options"], stop_ids, gold(row))
+                     for text, row in zip(texts, rows)]
         seconds = time.perf_counter() - t0
     flops = 0
     for text, row in zip(texts, rows):  # every branch of the tree (their mean width)
@@ -98,8 +103,9 @@ def exact_phase(model, tokenizer, texts, rows, stop_ids, bf16, device, opinion=T
     return len(rows) / seconds, flops / len(rows) / 1e9, dists
 
 
-def cloning_phase(model, tokenizer, texts, rows, train_rows, steps, bf16, world):
-    """(rows per second, GFLOP per row) of `steps` cloning steps of 2 rows (forward + backward)."""
+def cloning_phase(model, tokenizer, texts, rows, train_rows, steps, bf16, world, ops=None):
+    """(rows per second, GFLOP per row) of `steps` cloning steps of 2 rows (forward + backward), after
+    one that warms up (and makes the optimizer's state); `ops` (an OpTimes) records the timed steps."""
     cfg = tg.Config(prompt_mode="answer", bc_steps=steps + 1, bc_learning_rate=1e-12, bf16=bf16, cpu_bf16=bf16, prompts_per_step=2,
                     bc_label_smoothing=0.8, bc_opinion_smoothing=0.5)
     prior, direction_prior = choices.position_prior(train_rows), opinions.direction_prior(train_rows)
@@ -108,12 +114,15 @@ def cloning_phase(model, tokenizer, texts, rows, train_rows, steps, bf16, world)
                                                          cfg.bc_opinion_smoothing, end) for r in rows[i:i + 2]])
                for i in range(0, 2 * (steps + 1), 2)]
     policy = grpo.Policy(model, True)
-    times = []
+    times, ops = [], ops or OpTimes(enabled=False)
 
     def timed_batches():
-        for batch in batches:
+        for i, batch in enumerate(batches):
             times.append(time.perf_counter())
+            if i == 1:
+                ops.__enter__()
             yield batch
+        ops.__exit__(None, None, None)
         times.append(time.perf_counter())
 
     grpo.behaviour_cloning(policy, model, tokenizer, timed_batches(), cfg, world)
@@ -126,6 +135,36 @@ def cloning_phase(model, tokenizer, texts, rows, train_rows, steps, bf16, world)
             flops += 3 * forward_flops(model, int(mask.sum()), int(lengths.max()), len(lengths),
                                        logits=int(lengths.sum()))
     return 2 * steps / seconds, flops / (2 * steps) / 1e9
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+
+
+class OpTimes:
+    """The ops' own time over a `with` block, under torch.profiler (nothing when not `enabled`):
+    split() gives {matmul, attention, other: shares; matmul_gflops: what the matmuls reach}."""
+    def __init__(self, enabled=True):
+        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) \
+            if enabled else None
+
+    def __enter__(self):
+        if self.profiler:
+            self.profiler.start()
+
+    def __exit__(self, *exc):
+        if self.profiler:
+            self.profiler.stop()
+
+    def split(self):
+        seconds, matmul_flops = {"matmul": 0.0, "attention": 0.0, "other": 0.0}, 0
+        for event in self.profiler.key_averages():
+            kind = ("matmul" if event.key in MATMUL_OPS else
+                    "attention" if "scaled_dot_product" in event.key or "flash_attention" in event.key else "other")
+            seconds[kind] += event.self_cpu_time_total / 1e6
+            matmul_flops += event.flops if kind == "matmul" else 0
+        total = sum(seconds.values())
+        return {**{kind: t / total for kind, t in seconds.items()},
+                "matmul_gflops": matmul_flops / max(seconds["matmul"], 1e-9) / 1e9}
 
 
 def precision_scores(dists, rows):
@@ -182,8 +221,13 @@ def run(args):
     unlabelled = [dict(row, opinion_direction=None) for row in bc_rows]  # no opinion target
     phases["cloning step, fp32, the click alone"] = cloning_phase(model, tokenizer, bc_texts, unlabelled, train_rows,
                                                                   args["bc_steps"], False, world)
+    model.eval()
+    split = {"exact evaluation, bf16": OpTimes(), "cloning step, bf16": OpTimes()}
+    exact_phase(model, tokenizer, texts[:4], rows[:4], stop_ids, True, world.device, ops=split["exact evaluation, bf16"])
+    cloning_phase(model, tokenizer, bc_texts[:4], bc_rows[:4], train_rows, 1, True, world, ops=split["cloning step, bf16"])
+    split = {name: ops.split() for name, ops in split.items()}
     return {"machine": machine(world.device), "prompt_tokens": tokens, "limits_gflops": limits, "phases": phases,
-            "rows": len(rows), "precision": precision_scores(dists, rows)}
+            "rows": len(rows), "precision": precision_scores(dists, rows), "time_split": split}
 
 
 def machine(device):
@@ -212,6 +256,12 @@ def table(result):
         click, opinion = score["logloss"]
         lines.append(f"| {name} | {click:.4f} | {opinion:.4f} | {score['max_abs_logp_gold_diff']:.4f} | "
                      f"{score['max_abs_prob_diff']:.4f} |")
+    lines += ["", "Where the bf16 phases' time goes (torch.profiler, the ops' own time; its overhead is in "
+              "\"other\"):", "",
+              "| phase | matmuls | their GFLOP/s | of the bf16 limit | attention | other |", "|---|---|---|---|---|---|"]
+    for name, split in result["time_split"].items():
+        lines.append(f"| {name} | {split['matmul']:.2f} | {split['matmul_gflops']:.0f} | "
+                     f"{split['matmul_gflops'] / bf16:.2f} | {split['attention']:.2f} | {split['other']:.2f} |")
     return "\n".join(lines)
 
 

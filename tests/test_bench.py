@@ -58,6 +58,9 @@ def test_roofline_bench_runs_on_a_tiny_model(tiny_model_dir):
     text = roofline.table(result)
     assert "| exact evaluation, fp32 |" in text and "of the bf16 limit" in text and result["machine"] in text
     assert "| bf16, bf16 head |" in text
+    for name, split in result["time_split"].items():  # the shares of the ops' time add up; matmuls did work
+        assert split["matmul"] + split["attention"] + split["other"] == pytest.approx(1)
+        assert split["matmul"] > 0 and split["matmul_gflops"] > 0 and f"| {name} | {split['matmul']:.2f} |" in text
 
 
 def test_eval_drift_bench_runs_on_a_tiny_model(tiny_model_dir):
