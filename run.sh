@@ -81,9 +81,9 @@ if [ "${1:-}" = "ablation" ]; then
   STEPS=(--max_steps=30)
   # From the cloned start: 10 steps of 8 prompts x 8 (in 4 micro-batches, 7-9 GB on CPU). At the
   # recipe's 2 x 8 every arm follows its batch's noise and GRAIL proper's gap to calibration is noise
-  # too (README, "Measured here").
+  # too (MEASURED.md, the ablation bullets).
   [ "$START" = cloned ] && STEPS=(--max_steps=10 --prompts_per_step=8 --gradient_accumulation_steps=4)
-  # The calibration arms keep the batch std the README's ablation tables were measured with (the
+  # The calibration arms keep the batch std MEASURED.md's ablation tables were measured with (the
   # recipe's none is exact; at 2 prompts a step batch tilts toward the mode, and the trainer says so).
   BASE=(--config=recipes/cpu_default.yaml "${STEPS[@]}" --learning_rate=2e-5 --save_steps=30 --bc_steps=0
         --scale_rewards=batch)
