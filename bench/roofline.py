@@ -15,8 +15,9 @@ the human click and of the opinion in fp32, in bf16 (the head in fp32, `cast_lm_
 trainer and the evaluation run it) and in bf16 with autocast's bf16 head, and how far each bf16
 distribution is from fp32's (`--model=CHECKPOINT --rows=111`: what bf16 does to a trained model's
 held-out score). Last, where the recipe's bf16 phases spend their time: one more pass of each
-(4 rows; one cloning step after a warm-up) under torch.profiler, the ops' own time split into matmuls (with the GFLOP/s they reach), attention
-and everything else (norms, activations, casts, the optimizer, the profiler's own overhead).
+(4 rows; one cloning step after a warm-up) under torch.profiler, the ops' own time split into
+matmuls (with the GFLOP/s they reach), attention and everything else (norms, activations, casts,
+the optimizer, the profiler's own overhead).
 """
 import platform
 import statistics
@@ -120,9 +121,9 @@ def cloning_phase(model, tokenizer, texts, rows, train_rows, steps, bf16, world,
         for i, batch in enumerate(batches):
             times.append(time.perf_counter())
             if i == 1:
-                ops.__enter__()
+                ops.start()
             yield batch
-        ops.__exit__(None, None, None)
+        ops.stop()
         times.append(time.perf_counter())
 
     grpo.behaviour_cloning(policy, model, tokenizer, timed_batches(), cfg, world)
@@ -147,13 +148,19 @@ class OpTimes:
         self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) \
             if enabled else None
 
-    def __enter__(self):
+    def start(self):
         if self.profiler:
             self.profiler.start()
 
-    def __exit__(self, *exc):
+    def stop(self):
         if self.profiler:
             self.profiler.stop()
+
+    def __enter__(self):
+        self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
 
     def split(self):
         seconds, matmul_flops = {"matmul": 0.0, "attention": 0.0, "other": 0.0}, 0
@@ -222,10 +229,10 @@ def run(args):
     phases["cloning step, fp32, the click alone"] = cloning_phase(model, tokenizer, bc_texts, unlabelled, train_rows,
                                                                   args["bc_steps"], False, world)
     model.eval()
-    split = {"exact evaluation, bf16": OpTimes(), "cloning step, bf16": OpTimes()}
-    exact_phase(model, tokenizer, texts[:4], rows[:4], stop_ids, True, world.device, ops=split["exact evaluation, bf16"])
-    cloning_phase(model, tokenizer, bc_texts[:4], bc_rows[:4], train_rows, 1, True, world, ops=split["cloning step, bf16"])
-    split = {name: ops.split() for name, ops in split.items()}
+    evaluation, cloning = OpTimes(), OpTimes()
+    exact_phase(model, tokenizer, texts[:4], rows[:4], stop_ids, True, world.device, ops=evaluation)
+    cloning_phase(model, tokenizer, bc_texts[:4], bc_rows[:4], train_rows, 1, True, world, ops=cloning)
+    split = {"exact evaluation, bf16": evaluation.split(), "cloning step, bf16": cloning.split()}
     return {"machine": machine(world.device), "prompt_tokens": tokens, "limits_gflops": limits, "phases": phases,
             "rows": len(rows), "precision": precision_scores(dists, rows), "time_split": split}
 
@@ -258,7 +265,8 @@ def table(result):
                      f"{score['max_abs_prob_diff']:.4f} |")
     lines += ["", "Where the bf16 phases' time goes (torch.profiler, the ops' own time; its overhead is in "
               "\"other\"):", "",
-              "| phase | matmuls | their GFLOP/s | of the bf16 limit | attention | other |", "|---|---|---|---|---|---|"]
+              "| phase | matmuls | their GFLOP/s | of the bf16 limit | attention | other |",
+              "|---|---|---|---|---|---|"]
     for name, split in result["time_split"].items():
         lines.append(f"| {name} | {split['matmul']:.2f} | {split['matmul_gflops']:.0f} | "
                      f"{split['matmul_gflops'] / bf16:.2f} | {split['attention']:.2f} | {split['other']:.2f} |")

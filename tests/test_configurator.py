@@ -70,7 +70,7 @@ def test_json_config_lists_and_bools(tmp_path):
     (["--reward_funcs=", "--reward_weights="], {}, "GAIL off: every reward would be 0"),
     (["--reward_weights=0,0"], {}, "GAIL off: every reward would be 0"),
     (["--reward_weights=1,nan"], {}, "reward_weights='1,nan': expected list of float ('nan' is not finite)"),
-    (["--reward_weights=1,abc"], {}, "reward_weights='1,abc': expected list of float (could not convert string to float: 'abc')"),
+    (["--reward_weights=1,abc"], {}, "reward_weights='1,abc': expected list of float (could not convert string"),
     ([], {"GAIL_ALPHA": "-1"}, "gail_alpha=-1.0: must be >= 0"),
     (["--beta=0.04", "--bc_steps=5", "--prompt_mode=answer"], {}, "the KL's reference would be the model before cloning"),
     (["--eval_views=shuffled"], {}, "original among them"),

@@ -107,7 +107,8 @@ def test_metrics_skip_unlabelled_rows_and_stand_beside_every_baseline():
     assert got["no_change_accuracy"] == 0.0
     assert set(got["by_issue"]) == {"gun_control", "minimum_wage"}
     assert got["pooled_issues"] == ["minimum_wage"]  # no training participant: its baselines are pooled
-    assert got["by_issue"]["minimum_wage"]["prior"]["logloss"] == got["by_issue"]["minimum_wage"]["viewpoint"]["logloss"]
+    wage = got["by_issue"]["minimum_wage"]
+    assert wage["prior"]["logloss"] == wage["viewpoint"]["logloss"] == wage["baseline"]["logloss"]
     assert set(got["by_group"]) == {"gun_control / study1", "minimum_wage / study2"}
     assert sum(cell["n"] for cell in got["calibration"]) == 6  # 2 labelled rows x 3 directions
     keys = opinions.headline_keys(got)
