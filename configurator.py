@@ -1,7 +1,8 @@
 """Overrides of a config dataclass's defaults, later sources winning: `--config=FILE` (YAML or JSON;
 also `--config FILE`), the GAIL_*/GRAIL_* environment variables named after its fields (any other
 such variable is a typo and stops the run), then `--key=value` (or `--key value`) arguments; a list
-is `a,b` or `[a,b]`. Unknown keys and malformed values stop the run with a one-line message.
+is `a,b` or `[a,b]`. Unknown keys, a key given twice in one file and malformed values stop the run
+with a one-line message.
 """
 import dataclasses
 import json
@@ -131,7 +132,8 @@ def read_config_file(path, kinds, ignored):
     except OSError as err:
         raise SystemExit(f"[config] cannot read {path}: {err.strerror or err}") from None
     try:
-        loaded = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        loaded = json.loads(text, object_pairs_hook=_unique_keys) if path.endswith(".json") else \
+            yaml.load(text, Loader=_unique_key_loader(yaml))
     except (ValueError, yaml.YAMLError) as err:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -150,6 +152,30 @@ def read_config_file(path, kinds, ignored):
         else:
             raise SystemExit(f"[config] {path}: unknown config key {key!r}")
     return out
+
+
+def _unique_keys(pairs):
+    """A JSON object as a dict, a key given twice refused (json.loads would keep the last silently)."""
+    keys = [key for key, _ in pairs]
+    twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+    if twice is not None:
+        raise ValueError(f"key {twice!r} is given twice")
+    return dict(pairs)
+
+
+def _unique_key_loader(yaml):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: in a recipe that is an edit
+    gone wrong (`bc_steps: 100` added below `bc_steps: 70`), and safe_load would keep the last silently."""
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+            for i, key in enumerate(keys):
+                if key in keys[:i]:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                            node.value[i][0].start_mark)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
 
 
 def check_ranges(config, ranges):

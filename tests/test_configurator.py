@@ -120,6 +120,21 @@ def test_yaml_values_of_the_wrong_kind_stop_with_a_clear_message(tmp_path, line,
     assert str(exit_.value.code).startswith("[config] ") and message in str(exit_.value.code)
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("c.yaml", "seed: 7\nmax_steps: 3\nseed: 9\n", "c.yaml is not valid YAML at line 3, column 1: key 'seed'"),
+    ("c.json", '{"seed": 7, "max_steps": 3, "seed": 9}', "c.json is not valid JSON: key 'seed'"),
+])
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, name, text, message):
+    """A recipe edited by adding a line below an old one would run the last value silently."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(SystemExit) as exit_:
+        tg.parse_config([f"--config={path}"], {})
+    assert message in str(exit_.value.code) and "'seed' is given twice" in str(exit_.value.code)
+    path.write_text(text.replace("seed: 9", "top_p: 0.5").replace('"seed": 9', '"top_p": 0.5'))
+    assert tg.parse_config([f"--config={path}"], {})[0].seed == 7
+
+
 def test_eval_only_takes_the_checkpoints_prompt_over_a_recipe_and_the_environment(tmp_path):
     """`./run.sh --eval_only=CKPT` on a CPU adds the CPU recipe: the checkpoint's prompt and its own
     output folder outrank that file and an exported GRAIL_MAX_HISTORY; the command line outranks all."""
