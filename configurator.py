@@ -154,12 +154,16 @@ def read_config_file(path, kinds, ignored):
     return out
 
 
+def _repeated(keys):
+    """The index of the first key that an earlier one repeats, or None."""
+    return next((i for i, key in enumerate(keys) if key in keys[:i]), None)
+
+
 def _unique_keys(pairs):
     """A JSON object as a dict, a key given twice refused (json.loads would keep the last silently)."""
-    keys = [key for key, _ in pairs]
-    twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+    twice = _repeated([key for key, _ in pairs])
     if twice is not None:
-        raise ValueError(f"key {twice!r} is given twice")
+        raise ValueError(f"key {pairs[twice][0]!r} is given twice")
     return dict(pairs)
 
 
@@ -169,10 +173,10 @@ def _unique_key_loader(yaml):
     class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
-            for i, key in enumerate(keys):
-                if key in keys[:i]:
-                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
-                                                            node.value[i][0].start_mark)
+            twice = _repeated(keys)
+            if twice is not None:
+                raise yaml.constructor.ConstructorError(None, None, f"key {keys[twice]!r} is given twice",
+                                                        node.value[twice][0].start_mark)
             return super().construct_mapping(node, deep)
 
     return UniqueKeyLoader

@@ -64,10 +64,8 @@ def select_rows(train_rows, val_rows, split, max_rows, seed, needed=True):
         raise data.DataError(f"the {split} split is empty ({len(train_rows)} train, {len(val_rows)} validation "
                              "rows): use eval_split=train or all, a larger val_fraction, or more participants")
     if max_rows and max_rows < len(rows):
-        groups = {}
-        for i, row in enumerate(rows):
-            groups.setdefault((str(row.get("issue")), str(row.get("participant_study"))), []).append(i)
-        keep = stratified_sample([groups[key] for key in sorted(groups)], max_rows, random.Random(f"{seed}:eval"))
+        groups = [indices for _, indices in choices.grouped(rows, range(len(rows)), choices.issue_and_study)]
+        keep = stratified_sample(groups, max_rows, random.Random(f"{seed}:eval"))
         rows = [rows[i] for i in keep]
     return rows
 

@@ -178,10 +178,10 @@ def opinion_metrics(rows, distributions, train_rows, method, valid_mass=None):
                 "uniform": opinion_scores(rows_, [uniform] * len(rows_)),
                 "no_change_accuracy": _mean([r["opinion_direction"] == "no_change" for r in rows_])}
 
-    trained = {row.get("issue") for row in participants(train_rows)}
+    # issues no labelled training participant holds: every baseline there is the pooled prior's
+    trained = {str(row.get("issue")) for row in participants(train_rows)}
     return {**scored(labelled), "method": method,
-            # issues no labelled training participant holds: every baseline there is the pooled prior's
-            "pooled_issues": sorted({str(rows[i].get("issue")) for i in labelled} - {str(i) for i in trained}),
+            "pooled_issues": sorted({str(rows[i].get("issue")) for i in labelled} - trained),
             "by_group": {name: scored(idx) for name, idx in choices.grouped(rows, labelled, choices.issue_and_study)},
             "by_issue": {name: scored(idx) for name, idx in choices.grouped(rows, labelled, lambda r: str(r.get("issue")))},
             "calibration": choices.calibration_table([label_index(rows[i]) for i in labelled],
