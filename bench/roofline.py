@@ -17,13 +17,15 @@ distribution is from fp32's (`--model=CHECKPOINT --rows=111`: what bf16 does to 
 held-out score). Last, where the recipe's bf16 phases spend their time: one more pass of each
 (4 rows; one cloning step after a warm-up) under torch.profiler, the ops' own time split into
 matmuls (with the GFLOP/s they reach), attention and everything else (norms, activations, casts,
-the optimizer, the profiler's own overhead).
+the optimizer, the profiler's own overhead); and the CPU recipe's evaluations and cloning in
+TFLOP at these rates, with the minutes they would take at the bf16 limit.
 """
 import platform
 import statistics
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -38,6 +40,9 @@ import rollout
 import train_grail as tg
 from bench.gpu import forward_flops
 from bench.steps import parse_options, trainable_model
+
+
+CPU_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "cpu_default.yaml"
 
 
 def parse_args(argv):
@@ -201,7 +206,8 @@ def precision_scores(dists, rows):
 def run(args):
     world, model, tokenizer = trainable_model(args)
     train_rows, val_rows = data.load_examples("", 0.1, 42, log=lambda msg: None)
-    prompt = prompts.PromptFormat("answer")
+    recipe = tg.parse_config([f"--config={CPU_RECIPE}"], {})[0]
+    prompt = prompts.PromptFormat.of(recipe)
     rows = val_rows[:args["rows"]]
     texts = [prompt.text(tokenizer, row) for row in rows]
     bc_rows = train_rows[:2 * (args["bc_steps"] + 1)]
@@ -234,7 +240,16 @@ def run(args):
     cloning_phase(model, tokenizer, bc_texts[:4], bc_rows[:4], train_rows, 1, True, world, ops=cloning)
     split = {"exact evaluation, bf16": evaluation.split(), "cloning step, bf16": cloning.split()}
     return {"machine": machine(world.device), "prompt_tokens": tokens, "limits_gflops": limits, "phases": phases,
-            "rows": len(rows), "precision": precision_scores(dists, rows), "time_split": split}
+            "rows": len(rows), "precision": precision_scores(dists, rows), "time_split": split,
+            "job": job_budget(recipe, len(val_rows), phases)}
+
+
+def job_budget(recipe, eval_rows, phases):
+    """The CPU recipe's model FLOPs at the measured GFLOP a row: its evaluations of the held-out rows
+    (before and after training) and its cloning rows (GRPO's two steps are left out)."""
+    evaluations, cloned = recipe.eval_on_start + recipe.eval_on_end, recipe.bc_steps * recipe.prompts_per_step
+    gflop = (evaluations * eval_rows * phases["exact evaluation, bf16"][1] + cloned * phases["cloning step, bf16"][1])
+    return {"evaluations": evaluations, "eval_rows": eval_rows, "cloned_rows": cloned, "tflop": gflop / 1e3}
 
 
 def machine(device):
@@ -270,6 +285,10 @@ def table(result):
     for name, split in result["time_split"].items():
         lines.append(f"| {name} | {split['matmul']:.2f} | {split['matmul_gflops']:.0f} | "
                      f"{split['matmul_gflops'] / bf16:.2f} | {split['attention']:.2f} | {split['other']:.2f} |")
+    job = result["job"]
+    lines += ["", f"The CPU recipe's evaluations and cloning ({job['evaluations']} × {job['eval_rows']} held-out rows, "
+              f"{job['cloned_rows']} cloning rows) at these GFLOP a row: {job['tflop']:.1f} TFLOP, "
+              f"{job['tflop'] * 1e3 / bf16 / 60:.1f} min at the bf16 limit."]
     return "\n".join(lines)
 
 

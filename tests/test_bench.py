@@ -58,6 +58,14 @@ def test_roofline_bench_runs_on_a_tiny_model(tiny_model_dir):
     text = roofline.table(result)
     assert "| exact evaluation, fp32 |" in text and "of the bf16 limit" in text and result["machine"] in text
     assert "| bf16, bf16 head |" in text
+    import train_grail as tg
+
+    recipe = tg.parse_config([f"--config={roofline.CPU_RECIPE}"], {})[0]
+    job, cloned = result["job"], recipe.bc_steps * recipe.prompts_per_step  # 2 evaluations, 70 steps of 2 rows
+    assert (job["evaluations"], job["cloned_rows"]) == (2, cloned) and job["eval_rows"] > 0
+    assert job["tflop"] == pytest.approx((2 * job["eval_rows"] * phases["exact evaluation, bf16"][1]
+                                          + cloned * phases["cloning step, bf16"][1]) / 1e3)
+    assert f"{job['tflop']:.1f} TFLOP" in text
     for name, split in result["time_split"].items():  # the shares of the ops' time add up; matmuls did work
         assert split["matmul"] + split["attention"] + split["other"] == pytest.approx(1)
         assert split["matmul"] > 0 and split["matmul_gflops"] > 0 and f"| {name} | {split['matmul']:.2f} |" in text
